@@ -1,0 +1,62 @@
+"""Run configuration: the reference recipe of the book's NiN chapter, and its checks.
+
+The defaults are the book's recipe: SGD with learning rate 0.1, batch 128, 10 epochs,
+Fashion-MNIST resized to 224x224. Run it with `python train.py --workdir runs/reference`.
+Every field is also a flag of `train.py`, documented by the `help` text below.
+"""
+
+import dataclasses
+from typing import Optional
+
+PARALLEL_MODES = ("auto", "jit", "pmap")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; its message is meant for the user."""
+
+
+def _field(default, help_text: str, **extra):
+    return dataclasses.field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: Optional[str] = _field(None, "where metrics, plots and checkpoints go; none: write nothing")
+    num_epochs: int = _field(10, "passes over the training set")
+    batch_size: int = _field(128, "global batch size, split evenly over all devices")
+    learning_rate: float = _field(0.1, "SGD learning rate")
+    resize: int = _field(224, "images are resized (bilinear) to resize x resize; at least 67")
+    seed: int = _field(0, "seed of the initial parameters, the data order and dropout")
+    data_dir: Optional[str] = _field(None, "tensorflow-datasets data directory; none: tfds' own, ~/tensorflow_datasets")
+    manual_dir: Optional[str] = _field(
+        None, "folder holding the four Fashion-MNIST .gz files, for offline use; none: <data_dir>/downloads/manual"
+    )
+    download: bool = _field(False, "let tfds download the four files when they are not on disk (needs internet)")
+    train_examples: int = _field(0, "train on the first N training examples only (0 = all 60,000)")
+    eval_examples: int = _field(0, "evaluate on the first N test examples only (0 = all 10,000)")
+    parallel: str = _field("auto", "auto | jit | pmap: auto uses pmap when there is more than one local device", choices=PARALLEL_MODES)
+    dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
+    dropout_rate: float = _field(0.5, "dropout before the last NiN block")
+
+    def validate(self) -> "Config":
+        """Raises ConfigError for values that cannot work; returns self."""
+        for name in ("num_epochs", "batch_size", "resize"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        from nin_jax.models import MIN_INPUT_SIZE
+
+        if self.resize < MIN_INPUT_SIZE:
+            raise ConfigError(f"--resize must be at least {MIN_INPUT_SIZE} (NiN's pools need it), got {self.resize}")
+        for name in ("train_examples", "eval_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be 0 (all) or positive, got {getattr(self, name)}")
+        if not 0 <= self.dropout_rate < 1:
+            raise ConfigError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return self

@@ -1,0 +1,158 @@
+"""Fashion-MNIST from tensorflow-datasets, held in host memory as uint8, batched for the steps.
+
+The whole dataset is 55 MB as uint8, so it is loaded once into NumPy arrays. Batches leave the
+host as 28x28 uint8 images (784 bytes each); scaling to [0, 1] and the resize to 224x224 happen
+on the accelerator inside the jitted step (`preprocess`), which keeps the host out of the way.
+
+Every batch has the configured global size. A short last batch is padded and carries a `mask`
+that is 0 on padding, so every example is used exactly once per epoch, in training and in
+evaluation, on any number of devices and with a single compiled step.
+"""
+
+import dataclasses
+import os
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DATASET = "fashion_mnist"
+CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SHAPE = (28, 28, 1)
+SOURCE_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+Batch = dict[str, np.ndarray]
+
+
+class DataError(RuntimeError):
+    """The data cannot be had; its message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split in host memory: uint8 images [N, 28, 28, 1] and int32 labels [N]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, num_examples: int) -> "Split":
+        """The first `num_examples` examples (0 = all)."""
+        if num_examples == 0 or num_examples >= len(self):
+            return self
+        return Split(self.images[:num_examples], self.labels[:num_examples])
+
+
+def _default_data_dir() -> str:
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+
+
+def _missing_files(folder: str) -> list[str]:
+    return [name for name in SOURCE_FILES if not os.path.isfile(os.path.join(folder, name))]
+
+
+def _import_tfds():
+    """tfds builds and reads with TensorFlow: TF must stay quiet and must not take the GPU memory
+    that JAX needs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # also silences TF's start-up banner
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    tf.config.set_visible_devices([], "GPU")
+    return tfds
+
+
+def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
+                       download: bool = False) -> dict[str, Split]:
+    """Loads {'train', 'test'}, building the tfds dataset first if this data_dir lacks it.
+
+    The four original files are taken from `manual_dir`, else from tfds' default manual folder
+    (`<data_dir>/downloads/manual`). Only with `download=True` may tfds fetch them from the
+    internet; offline, its retries would take minutes before failing.
+    """
+    tfds = _import_tfds()
+    data_dir = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
+    builder = tfds.builder(DATASET, data_dir=data_dir)
+    if not builder.is_prepared():
+        default_manual_dir = os.path.join(data_dir, "downloads", "manual")
+        manual_dir = os.path.expanduser(manual_dir) if manual_dir else default_manual_dir
+        missing = _missing_files(manual_dir)
+        if missing and not download:
+            raise DataError(
+                f"Fashion-MNIST is not built in {data_dir} and {manual_dir} lacks {', '.join(missing)}. "
+                f"Put the four files {', '.join(SOURCE_FILES)} into {default_manual_dir} "
+                f"or into a folder named by --manual_dir, or pass --download when online."
+            )
+        _build(builder, tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return {split: _read_split(builder, split) for split in ("train", "test")}
+
+
+def _build(builder, download_config) -> None:
+    """Runs tfds' build, turning a checksum mismatch into a message that names the bad file."""
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+    try:
+        builder.download_and_prepare(download_config=download_config)
+    except NonMatchingChecksumError as error:
+        raise DataError(
+            f"a Fashion-MNIST file is damaged or not the published one (checksum mismatch): {error}. "
+            f"Replace it with the original file and run again."
+        ) from error
+
+
+def _read_split(builder, split: str, chunk: int = 10_000) -> Split:
+    import tensorflow_datasets as tfds
+
+    chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=chunk)))
+    return Split(
+        np.concatenate([c["image"] for c in chunks]).astype(np.uint8),
+        np.concatenate([c["label"] for c in chunks]).astype(np.int32),
+    )
+
+
+def _padded_batch(split: Split, indices: np.ndarray, batch_size: int) -> Batch:
+    num_real = len(indices)
+    indices = np.concatenate([indices, np.zeros(batch_size - num_real, indices.dtype)])
+    mask = np.arange(batch_size) < num_real
+    return {
+        "image": split.images[indices] * mask[:, None, None, None].astype(np.uint8),
+        "label": np.where(mask, split.labels[indices], 0).astype(np.int32),
+        "mask": mask.astype(np.float32),
+    }
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    return -(-num_examples // batch_size)
+
+
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+    """The epoch's batches in an order drawn from (seed, epoch): reshuffled every epoch, the same
+    on every run, and resumable from any batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(split))
+    for start in range(start_batch * batch_size, len(split), batch_size):
+        yield _padded_batch(split, order[start : start + batch_size], batch_size)
+
+
+def eval_batches(split: Split, batch_size: int) -> Iterator[Batch]:
+    """The split in order; the last batch is padded and masked, never dropped."""
+    for start in range(0, len(split), batch_size):
+        yield _padded_batch(split, np.arange(start, min(start + batch_size, len(split))), batch_size)
+
+
+def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
+    """uint8 [B, 28, 28, 1] -> `dtype` [B, resize, resize, 1] in [0, 1], resized bilinearly like the
+    book's `transforms.Resize`. Runs inside the jitted step, on the accelerator."""
+    images = images.astype(jnp.float32) / 255.0
+    if images.shape[1:3] != (resize, resize):
+        images = jax.image.resize(images, (images.shape[0], resize, resize, images.shape[3]), "bilinear")
+    return images.astype(dtype)

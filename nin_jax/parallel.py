@@ -1,0 +1,103 @@
+"""How the steps run: `jax.jit` on one device, or `jax.pmap` over every local device.
+
+A strategy owns the compiled steps and the layout of states and batches on its devices, so the
+training loop is the same for both: `put_state`, then `train_step(state, batch)` with global
+NumPy batches, and `get_state` for a host copy.
+"""
+
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+from nin_jax import steps
+from nin_jax.config import Config, ConfigError
+
+AXIS_NAME = "batch"
+
+
+class JitStrategy:
+    """The steps under `jax.jit` on the default device."""
+
+    name = "jit"
+    num_devices = 1
+
+    def __init__(self, config: Config):
+        train_step, eval_step = steps.step_functions(config)
+        self._train = jax.jit(train_step, donate_argnums=0)
+        self._eval = jax.jit(eval_step)
+
+    def put_state(self, state: steps.TrainState) -> steps.TrainState:
+        return jax.device_put(state)
+
+    def get_state(self, state: steps.TrainState) -> steps.TrainState:
+        return jax.device_get(state)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return jax.device_put(batch)
+
+    def metrics_of(self, metrics: steps.Metrics) -> steps.Metrics:
+        return metrics
+
+    def compile(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> float:
+        """Compiles both steps ahead of time for this state and batch layout; returns seconds."""
+        start = time.perf_counter()
+        batch = self.put_batch(batch)
+        self._train = self._train.lower(state, batch).compile()
+        self._eval = self._eval.lower(state, batch).compile()
+        return time.perf_counter() - start
+
+    def train_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> tuple[steps.TrainState, steps.Metrics]:
+        state, metrics = self._train(state, self.put_batch(batch))
+        return state, self.metrics_of(metrics)
+
+    def eval_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> steps.Metrics:
+        return self.metrics_of(self._eval(state, self.put_batch(batch)))
+
+
+class PmapStrategy(JitStrategy):
+    """The steps under `jax.pmap(axis_name='batch')` over all local devices: the state is
+    replicated, every global batch is split into equal per-device shards."""
+
+    name = "pmap"
+
+    def __init__(self, config: Config, devices=None):
+        self.devices = devices or jax.local_devices()
+        self.num_devices = len(self.devices)
+        if config.batch_size % self.num_devices:
+            raise ConfigError(
+                f"--batch_size {config.batch_size} does not split evenly over {self.num_devices} devices; "
+                f"use a multiple of {self.num_devices}"
+            )
+        train_step, eval_step = steps.step_functions(config, axis_name=AXIS_NAME)
+        self._train = jax.pmap(train_step, axis_name=AXIS_NAME, donate_argnums=0, devices=self.devices)
+        self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, devices=self.devices)
+
+    def put_state(self, state):
+        return jax_utils.replicate(state, self.devices)
+
+    def get_state(self, state):
+        return jax.device_get(jax_utils.unreplicate(state))
+
+    def put_batch(self, batch):
+        shard = lambda x: x.reshape((self.num_devices, -1) + x.shape[1:])
+        return jax.tree_util.tree_map(shard, batch)
+
+    def metrics_of(self, metrics):
+        """Metrics are summed over devices inside the step, so every device holds the total."""
+        return jax.tree_util.tree_map(lambda x: x[0], metrics)
+
+
+def create_strategy(config: Config):
+    mode = config.parallel
+    if mode == "auto":
+        mode = "pmap" if jax.local_device_count() > 1 else "jit"
+    return {"jit": JitStrategy, "pmap": PmapStrategy}[mode](config)
+
+
+def describe_devices(strategy) -> str:
+    """'2 cpu devices', '1 gpu device': for the per-epoch line."""
+    platform = jax.local_devices()[0].platform
+    return f"{strategy.num_devices} {platform} device{'s' if strategy.num_devices > 1 else ''}"

@@ -1,0 +1,32 @@
+"""What a run tells its user: the book's per-epoch line and a machine-readable log."""
+
+import json
+import os
+from typing import Any, Optional
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
+    """The book's `train_ch6` summary for one epoch, e.g.
+    'epoch 3/10: loss 0.563, train acc 0.786, test acc 0.790, 3087.6 examples/sec on 2 cpu devices'."""
+    return (
+        f"epoch {record['epoch']}/{num_epochs}: loss {record['train_loss']:.3f}, "
+        f"train acc {record['train_accuracy']:.3f}, test acc {record['test_accuracy']:.3f}, "
+        f"{record['examples_per_sec']:.1f} examples/sec on {record['devices']}"
+    )
+
+
+def append_metrics(workdir: Optional[str], record: dict[str, Any]) -> None:
+    """Appends one JSON object per epoch to <workdir>/metrics.jsonl."""
+    if workdir:
+        with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

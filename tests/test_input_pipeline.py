@@ -1,0 +1,103 @@
+"""Batching, padding, shuffling, preprocessing and loading of Fashion-MNIST."""
+
+import dataclasses
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from nin_jax import input_pipeline, parallel, steps, train
+from nin_jax.config import Config
+
+
+def numbered_split(num_examples: int) -> input_pipeline.Split:
+    """Image i is filled with the value i % 251 + 1 and labelled i % 10, so batches can be traced back."""
+    ids = np.arange(num_examples)
+    images = np.broadcast_to((ids % 251 + 1).astype(np.uint8)[:, None, None, None], (num_examples, 28, 28, 1))
+    return input_pipeline.Split(np.array(images), (ids % 10).astype(np.int32))
+
+
+@pytest.mark.parametrize("num_examples, batch_size", [(10, 4), (12, 4), (1, 8), (129, 128)])
+def test_eval_batches_cover_every_example_once_and_mask_the_padding(num_examples, batch_size):
+    batches = list(input_pipeline.eval_batches(numbered_split(num_examples), batch_size))
+    assert len(batches) == input_pipeline.num_batches(num_examples, batch_size)
+    for batch in batches:
+        chex.assert_shape([batch["image"], batch["label"], batch["mask"]], [(batch_size, 28, 28, 1), (batch_size,), (batch_size,)])
+    mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
+    assert mask.sum() == num_examples
+    values = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])[mask]
+    np.testing.assert_array_equal(values, np.arange(num_examples) % 251 + 1)
+    assert not np.concatenate([b["image"] for b in batches])[~mask].any()  # padding is blank
+
+
+def test_train_batches_are_a_fresh_permutation_each_epoch_and_reproducible():
+    split = numbered_split(50)
+
+    def order(seed, epoch, start_batch=0):
+        batches = list(input_pipeline.train_batches(split, 8, seed, epoch, start_batch))
+        mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
+        return np.concatenate([b["image"][:, 0, 0, 0] for b in batches])[mask]
+
+    epoch1 = order(0, 1)
+    assert sorted(epoch1) == sorted(np.arange(50) % 251 + 1)
+    np.testing.assert_array_equal(epoch1, order(0, 1))
+    assert not np.array_equal(epoch1, order(0, 2))
+    assert not np.array_equal(epoch1, order(1, 1))
+    np.testing.assert_array_equal(order(0, 1, start_batch=3), epoch1[24:])
+
+
+def test_labels_stay_with_their_images():
+    for batch in input_pipeline.train_batches(numbered_split(30), 7, seed=0, epoch=1):
+        real = batch["mask"].astype(bool)
+        ids = batch["image"][real, 0, 0, 0].astype(int) - 1
+        np.testing.assert_array_equal(batch["label"][real], ids % 10)
+
+
+def test_preprocess_scales_to_unit_range_and_resizes_bilinearly():
+    images = np.zeros((2, 28, 28, 1), np.uint8)
+    images[0] = 255
+    images[1, :, 14:] = 255
+    out = input_pipeline.preprocess(images, 96)
+    chex.assert_shape(out, (2, 96, 96, 1))
+    np.testing.assert_allclose(out[0], 1.0)
+    assert float(out.min()) == 0.0 and float(out.max()) == 1.0
+    edge = np.asarray(out[1, 0, 45:51, 0])
+    assert np.all(np.diff(edge) >= 0) and 0 < edge[2] < 1  # a bilinear ramp, not a hard nearest-neighbour edge
+
+
+@pytest.mark.parametrize("num_examples, batch_size, num_devices", [(1, 8, 1), (37, 8, 2), (129, 16, 4), (10, 4, 4)])
+def test_evaluation_counts_every_example_exactly_once(num_examples, batch_size, num_devices):
+    config = Config(resize=67, batch_size=batch_size)
+    strategy = (
+        parallel.JitStrategy(config) if num_devices == 1 else parallel.PmapStrategy(config, jax.local_devices()[:num_devices])
+    )
+    state = strategy.put_state(steps.create_train_state(config))
+    result = train.evaluate(strategy, state, numbered_split(num_examples), batch_size)
+    assert result["examples"] == num_examples
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_take_limits_the_examples():
+    split = numbered_split(20)
+    assert len(split.take(0)) == 20 and len(split.take(7)) == 7 and len(split.take(50)) == 20
+
+
+def test_load_from_tfds_mock_data(mock_data):
+    with mock_data(num_examples=12):
+        datasets = input_pipeline.load_fashion_mnist(data_dir="/nonexistent")
+    for name in ("train", "test"):
+        split = datasets[name]
+        assert len(split) == 12
+        chex.assert_shape(split.images, (12, 28, 28, 1))
+        assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
+        assert split.labels.min() >= 0 and split.labels.max() < input_pipeline.NUM_CLASSES
+
+
+def test_missing_data_names_the_four_files_and_where_to_put_them(tmp_path):
+    with pytest.raises(input_pipeline.DataError) as error:
+        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "empty"))
+    message = str(error.value)
+    for name in input_pipeline.SOURCE_FILES:
+        assert name in message
+    assert str(tmp_path / "tfds" / "downloads" / "manual") in message and "--manual_dir" in message

@@ -1,0 +1,31 @@
+"""A short training run on the real Fashion-MNIST files in ../shared (CI has them)."""
+
+import os
+
+import pytest
+
+from nin_jax import input_pipeline, train
+from nin_jax.config import Config
+
+from conftest import SHARED_FASHION_MNIST
+
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(SHARED_FASHION_MNIST), reason=f"the Fashion-MNIST files are not in {SHARED_FASHION_MNIST}"
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """tfds builds the dataset from the four files once per test session (about 15 s)."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    datasets = input_pipeline.load_fashion_mnist(data_dir=data_dir, manual_dir=SHARED_FASHION_MNIST)
+    assert len(datasets["train"]) == 60_000 and len(datasets["test"]) == 10_000
+    return data_dir
+
+
+def test_real_data_short_run_beats_chance_by_far(data_dir, tmp_path):
+    config = Config(resize=67, num_epochs=1, train_examples=8192, eval_examples=2000, parallel="jit",
+                    data_dir=data_dir)
+    _, records = train.train_and_evaluate(config, str(tmp_path), log=print)
+    assert records[0]["test_examples"] == 2000
+    assert records[0]["test_accuracy"] > 0.5  # chance is 0.1

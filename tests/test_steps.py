@@ -1,0 +1,89 @@
+"""The train and eval steps, under jit and under pmap on 2 and 4 fake CPU devices."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from nin_jax import input_pipeline, parallel, steps
+from nin_jax.config import Config, ConfigError
+
+CONFIG = Config(resize=67, batch_size=16, dropout_rate=0.0)
+
+
+def random_batch(batch_size: int, num_real: int, seed: int = 0) -> input_pipeline.Batch:
+    rng = np.random.default_rng(seed)
+    split = input_pipeline.Split(
+        rng.integers(0, 256, (num_real, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, num_real, dtype=np.int32)
+    )
+    return next(input_pipeline.eval_batches(split, batch_size))
+
+
+def one_step(strategy, batch):
+    state = strategy.put_state(steps.create_train_state(CONFIG))
+    state, metrics = strategy.train_step(state, batch)
+    return strategy.get_state(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+@pytest.mark.parametrize("num_real", [16, 13])
+def test_pmap_step_equals_jit_step(num_devices, num_real):
+    """One pmap step over a global batch gives the jit step's parameters, padded batches included."""
+    batch = random_batch(CONFIG.batch_size, num_real)
+    jit_state, jit_metrics = one_step(parallel.JitStrategy(CONFIG), batch)
+    pmap_state, pmap_metrics = one_step(parallel.PmapStrategy(CONFIG, jax.local_devices()[:num_devices]), batch)
+    assert int(pmap_state.step) == int(jit_state.step) == 1
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pmap_state.params, jit_state.params
+    )
+    assert pmap_metrics["count"] == jit_metrics["count"] == num_real
+    np.testing.assert_allclose(pmap_metrics["loss_sum"], jit_metrics["loss_sum"], rtol=1e-5)
+    assert pmap_metrics["correct"] == jit_metrics["correct"]
+
+
+def test_train_step_is_sgd_on_the_mean_loss_of_real_examples():
+    batch = random_batch(CONFIG.batch_size, num_real=11)
+    state = steps.create_train_state(CONFIG)
+    images = input_pipeline.preprocess(batch["image"][:11], CONFIG.resize)
+
+    def mean_loss(params):
+        logits = state.apply_fn({"params": params}, images)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"][:11]).mean()
+
+    expected = jax.tree_util.tree_map(
+        lambda p, g: p - CONFIG.learning_rate * g, state.params, jax.grad(mean_loss)(state.params)
+    )
+    expected_loss = mean_loss(state.params)
+    new_state, metrics = parallel.JitStrategy(CONFIG).train_step(state, batch)  # donates `state`
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params, expected)
+    np.testing.assert_allclose(metrics["loss_sum"] / metrics["count"], expected_loss, rtol=1e-5)
+
+
+def test_dropout_masks_follow_the_step():
+    """Dropout keys come from (seed, step): two runs agree, and successive steps differ."""
+    config = dataclasses.replace(CONFIG, dropout_rate=0.5)
+    batch = random_batch(config.batch_size, 16)
+    strategy = parallel.JitStrategy(config)
+    first = strategy.train_step(steps.create_train_state(config), batch)[0]
+    again = strategy.train_step(steps.create_train_state(config), batch)[0]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, again.params)
+
+
+def test_eval_step_counts_only_real_examples():
+    batch = random_batch(CONFIG.batch_size, num_real=5)
+    metrics = parallel.JitStrategy(CONFIG).eval_step(steps.create_train_state(CONFIG), batch)
+    assert metrics["count"] == 5
+    assert 0 <= metrics["correct"] <= 5
+
+
+def test_pmap_refuses_a_batch_that_does_not_split_over_the_devices():
+    with pytest.raises(ConfigError, match="does not split evenly over 4 devices"):
+        parallel.PmapStrategy(dataclasses.replace(CONFIG, batch_size=18), jax.local_devices()[:4])
+
+
+def test_auto_picks_pmap_when_there_are_several_devices():
+    assert jax.local_device_count() == 4
+    assert parallel.create_strategy(CONFIG).name == "pmap"
+    assert parallel.create_strategy(dataclasses.replace(CONFIG, parallel="jit")).name == "jit"

@@ -1,0 +1,77 @@
+"""The training loop and the command line, end to end on tfds' mock data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nin_jax import reporting, train
+from nin_jax.config import Config
+
+from conftest import REPO_ROOT
+
+REQUIRED_FIELDS = {"epoch", "train_loss", "train_accuracy", "test_accuracy", "test_examples", "examples_per_sec", "devices"}
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_train_and_evaluate_on_mock_data(mock_data, tmp_path, parallel):
+    config = Config(resize=67, batch_size=8, num_epochs=2, eval_examples=13, parallel=parallel)
+    lines = []
+    with mock_data(num_examples=20):
+        state, records = train.train_and_evaluate(config, str(tmp_path), log=lines.append)
+    assert int(state.step) == 2 * 3  # 20 examples in batches of 8: 3 steps per epoch, the last one padded
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert record["train_examples"] == 20 and record["test_examples"] == 13
+        assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
+    assert records[0]["devices"] == ("4 cpu devices" if parallel == "pmap" else "1 cpu device")
+    logged = reporting.read_metrics(str(tmp_path))
+    assert logged == records and REQUIRED_FIELDS <= set(logged[0])
+    assert lines[-1].startswith("epoch 2/2: loss ") and "examples/sec on" in lines[-1]
+
+
+def run_cli(*args, **env):
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be positive"),
+        (["--num_epochs", "-1"], "--num_epochs must be positive"),
+        (["--learning_rate", "0"], "--learning_rate must be positive"),
+        (["--resize", "66"], "--resize must be at least 67"),
+        (["--resize", "big"], "invalid int value"),
+        (["--parallel", "tpu"], "invalid choice"),
+        (["--no_such_flag"], "unrecognized arguments"),
+    ],
+)
+def test_cli_rejects_bad_flags_with_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_missing_data_is_one_clear_line(tmp_path):
+    result = run_cli("--data_dir", str(tmp_path), "--resize", "67", "--num_epochs", "1")
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "t10k-labels-idx1-ubyte.gz" in error_lines[0]
+    assert result.stderr.strip().splitlines()[-1] == error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_help_documents_every_flag_and_its_default():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag, default in [("--num_epochs", "10"), ("--batch_size", "128"), ("--learning_rate", "0.1"),
+                          ("--resize", "224"), ("--seed", "0"), ("--parallel", "auto"), ("--manual_dir", "None")]:
+        assert flag in result.stdout
+    assert result.stdout.count("(default:") >= len(Config.__dataclass_fields__)
