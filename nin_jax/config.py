@@ -8,7 +8,7 @@ Every field is also a flag of `train.py`, documented by the `help` text below.
 import dataclasses
 from typing import Optional
 
-PARALLEL_MODES = ("auto", "jit", "pmap")
+PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -35,7 +35,7 @@ class Config:
     download: bool = _field(False, "let tfds download the four files when they are not on disk (needs internet)")
     train_examples: int = _field(0, "train on the first N training examples only (0 = all 60,000)")
     eval_examples: int = _field(0, "evaluate on the first N test examples only (0 = all 10,000)")
-    parallel: str = _field("auto", "auto | jit | pmap: auto uses pmap when there is more than one local device", choices=PARALLEL_MODES)
+    parallel: str = _field("auto", "auto | jit | pmap | sharding (jit over a device mesh); auto uses pmap when there is more than one local device", choices=PARALLEL_MODES)
     dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
     dropout_rate: float = _field(0.5, "dropout before the last NiN block")
 

@@ -1,7 +1,8 @@
-"""How the steps run: `jax.jit` on one device, or `jax.pmap` over every local device.
+"""How the steps run: `jax.jit` on one device, `jax.pmap` over every local device, or `jax.jit`
+over a device mesh with sharded batches (`sharding`, the way current JAX recommends).
 
 A strategy owns the compiled steps and the layout of states and batches on its devices, so the
-training loop is the same for both: `put_state`, then `train_step(state, batch)` with global
+training loop is the same for all: `put_state`, then `train_step(state, batch)` with global
 NumPy batches, and `get_state` for a host copy.
 """
 
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import jax_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nin_jax import steps
 from nin_jax.config import Config, ConfigError
@@ -57,6 +59,13 @@ class JitStrategy:
         return self.metrics_of(self._eval(state, self.put_batch(batch)))
 
 
+def _check_batch_splits(batch_size: int, num_devices: int) -> None:
+    if batch_size % num_devices:
+        raise ConfigError(
+            f"--batch_size {batch_size} does not split evenly over {num_devices} devices; use a multiple of {num_devices}"
+        )
+
+
 class PmapStrategy(JitStrategy):
     """The steps under `jax.pmap(axis_name='batch')` over all local devices: the state is
     replicated, every global batch is split into equal per-device shards."""
@@ -66,11 +75,7 @@ class PmapStrategy(JitStrategy):
     def __init__(self, config: Config, devices=None):
         self.devices = devices or jax.local_devices()
         self.num_devices = len(self.devices)
-        if config.batch_size % self.num_devices:
-            raise ConfigError(
-                f"--batch_size {config.batch_size} does not split evenly over {self.num_devices} devices; "
-                f"use a multiple of {self.num_devices}"
-            )
+        _check_batch_splits(config.batch_size, self.num_devices)
         train_step, eval_step = steps.step_functions(config, axis_name=AXIS_NAME)
         self._train = jax.pmap(train_step, axis_name=AXIS_NAME, donate_argnums=0, devices=self.devices)
         self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, devices=self.devices)
@@ -90,11 +95,44 @@ class PmapStrategy(JitStrategy):
         return jax.tree_util.tree_map(lambda x: x[0], metrics)
 
 
+class ShardingStrategy(JitStrategy):
+    """The unchanged single-device steps under `jax.jit` on a one-axis `Mesh` of all devices:
+    batches are sharded along 'batch', the state is replicated, and XLA inserts the cross-device
+    sums that the pmap strategy writes out with `lax.psum`."""
+
+    name = "sharding"
+
+    def __init__(self, config: Config, devices=None):
+        self.devices = devices or jax.devices()
+        self.num_devices = len(self.devices)
+        _check_batch_splits(config.batch_size, self.num_devices)
+        mesh = Mesh(np.array(self.devices), (AXIS_NAME,))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS_NAME))
+        train_step, eval_step = steps.step_functions(config)
+        self._train = jax.jit(
+            train_step,
+            in_shardings=(self._replicated, self._batch_sharding),
+            out_shardings=(self._replicated, self._replicated),
+            donate_argnums=0,
+        )
+        self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._batch_sharding), out_shardings=self._replicated)
+
+    def put_state(self, state):
+        return jax.device_put(state, self._replicated)
+
+    def put_batch(self, batch):
+        return jax.make_array_from_process_local_data(self._batch_sharding, batch)
+
+
+STRATEGIES = {strategy.name: strategy for strategy in (JitStrategy, PmapStrategy, ShardingStrategy)}
+
+
 def create_strategy(config: Config):
     mode = config.parallel
     if mode == "auto":
         mode = "pmap" if jax.local_device_count() > 1 else "jit"
-    return {"jit": JitStrategy, "pmap": PmapStrategy}[mode](config)
+    return STRATEGIES[mode](config)
 
 
 def describe_devices(strategy) -> str:

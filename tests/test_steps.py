@@ -43,6 +43,22 @@ def test_pmap_step_equals_jit_step(num_devices, num_real):
     assert pmap_metrics["correct"] == jit_metrics["correct"]
 
 
+def test_sharding_step_equals_pmap_step_over_a_few_steps():
+    """`--parallel sharding` (jit over a mesh) and `--parallel pmap` agree step after step."""
+    batches = [random_batch(CONFIG.batch_size, num_real, seed) for seed, num_real in enumerate((16, 16, 9))]
+    results = []
+    for strategy in (parallel.PmapStrategy(CONFIG), parallel.ShardingStrategy(CONFIG)):
+        assert strategy.num_devices == 4
+        state = strategy.put_state(steps.create_train_state(CONFIG))
+        for batch in batches:
+            state, metrics = strategy.train_step(state, batch)
+        results.append((strategy.get_state(state).params, jax.device_get(metrics)))
+    (pmap_params, pmap_metrics), (sharded_params, sharded_metrics) = results
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pmap_params, sharded_params)
+    assert pmap_metrics["count"] == sharded_metrics["count"] == 9
+    np.testing.assert_allclose(pmap_metrics["loss_sum"], sharded_metrics["loss_sum"], rtol=1e-5)
+
+
 def test_train_step_is_sgd_on_the_mean_loss_of_real_examples():
     batch = random_batch(CONFIG.batch_size, num_real=11)
     state = steps.create_train_state(CONFIG)

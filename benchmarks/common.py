@@ -1,0 +1,52 @@
+"""Shared pieces of the benchmarks: random batches, timing with medians, peak memory, JSON output."""
+
+import json
+import resource
+import statistics
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from nin_jax import input_pipeline
+
+
+def random_batch(batch_size: int, seed: int = 0) -> input_pipeline.Batch:
+    """A full batch of random 28x28 uint8 images: the step resizes on the device, as in training."""
+    rng = np.random.default_rng(seed)
+    split = input_pipeline.Split(
+        rng.integers(0, 256, (batch_size,) + input_pipeline.IMAGE_SHAPE, dtype=np.uint8),
+        rng.integers(0, input_pipeline.NUM_CLASSES, batch_size, dtype=np.int32),
+    )
+    return next(input_pipeline.eval_batches(split, batch_size))
+
+
+def seconds_per_call(run: Callable[[], object], calls: int) -> float:
+    """Wall time of `calls` calls, waiting for the last result, divided by `calls`."""
+    start = time.perf_counter()
+    result = None
+    for _ in range(calls):
+        result = run()
+    jax.block_until_ready(result)
+    return (time.perf_counter() - start) / calls
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak host RSS, and peak accelerator memory where the backend reports it."""
+    peaks = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        peaks["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    return peaks
+
+
+def write_json(path: str, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {path}")

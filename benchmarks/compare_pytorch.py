@@ -1,0 +1,131 @@
+"""The book's PyTorch NiN training step against nin_jax's, side by side in one process.
+
+    pip install torch==2.13.0            # optional; only this script needs it
+    python benchmarks/compare_pytorch.py --resize 224 --batch_size 128 --threads 2
+
+Both train with SGD (lr 0.1) and cross-entropy on the same batch size and image size. XLA's CPU
+backend uses every core; torch is given as many threads (`--threads`, default: all cores). The timings alternate A B A B so that both see the same machine
+noise; the result is the ratio of the median step times.
+"""
+
+import argparse
+import os
+import sys
+
+
+def book_net(num_classes: int = 10):
+    """The book's PyTorch NiN (d2l chapter 'Network in Network'), with its Xavier init."""
+    from torch import nn
+
+    def nin_block(in_channels, out_channels, kernel_size, strides, padding):
+        return nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size, strides, padding), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, kernel_size=1), nn.ReLU())
+
+    net = nn.Sequential(
+        nin_block(1, 96, kernel_size=11, strides=4, padding=0),
+        nn.MaxPool2d(3, stride=2),
+        nin_block(96, 256, kernel_size=5, strides=1, padding=2),
+        nn.MaxPool2d(3, stride=2),
+        nin_block(256, 384, kernel_size=3, strides=1, padding=1),
+        nn.MaxPool2d(3, stride=2),
+        nn.Dropout(0.5),
+        nin_block(384, num_classes, kernel_size=3, strides=1, padding=1),
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten())
+
+    def init_weights(m):
+        if type(m) in (nn.Linear, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+
+    net.apply(init_weights)
+    return net
+
+
+def torch_step_fn(resize: int, batch_size: int, learning_rate: float):
+    """One training step of the book's `train_ch6` on a fixed batch of already-resized images."""
+    import torch
+
+    net = book_net()
+    net.train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch_size, 1, resize, resize, generator=generator)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator)
+
+    def step():
+        optimizer.zero_grad()
+        loss = loss_fn(net(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str):
+    import jax
+
+    from common import random_batch
+    from nin_jax import parallel, steps
+    from nin_jax.config import Config
+
+    config = Config(resize=resize, batch_size=batch_size, learning_rate=learning_rate, dtype=dtype, parallel="jit")
+    strategy = parallel.JitStrategy(config)
+    batch = random_batch(batch_size)
+    state = strategy.put_state(steps.create_train_state(config))
+    strategy.compile(state, batch)
+    device_batch = strategy.put_batch(batch)
+
+    def step():
+        nonlocal state
+        state, metrics = strategy.train_step(state, device_batch)
+        return jax.block_until_ready(metrics)
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resize", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="nin_jax compute dtype")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")
+    parser.add_argument("--rounds", type=int, default=5, help="A B rounds; medians are reported")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timing")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    args = parser.parse_args()
+    try:
+        import torch
+    except ImportError:
+        sys.exit("compare_pytorch.py needs PyTorch: pip install torch==2.13.0")
+    torch.set_num_threads(args.threads)
+
+    from common import median, seconds_per_call, write_json
+
+    contenders = {
+        "pytorch": torch_step_fn(args.resize, args.batch_size, 0.1),
+        "nin_jax": jax_step_fn(args.resize, args.batch_size, 0.1, args.dtype),
+    }
+    for step in contenders.values():
+        for _ in range(args.warmup):
+            step()
+    times = {name: [] for name in contenders}
+    for _ in range(args.rounds):
+        for name, step in contenders.items():
+            times[name].append(seconds_per_call(step, args.steps))
+    images_per_sec = {name: args.batch_size / median(t) for name, t in times.items()}
+    ratio = images_per_sec["nin_jax"] / images_per_sec["pytorch"]
+    print(f"resize {args.resize}, batch {args.batch_size}, {args.threads} threads, nin_jax dtype {args.dtype}")
+    for name, rate in images_per_sec.items():
+        print(f"  {name:<8} {rate:8.1f} images/s (median of {args.rounds})")
+    print(f"  nin_jax / pytorch = {ratio:.2f}x")
+    write_json(args.out, {"args": vars(args), "step_seconds": times, "images_per_sec": images_per_sec, "ratio": ratio,
+                          "torch_version": torch.__version__})
+
+
+if __name__ == "__main__":
+    main()

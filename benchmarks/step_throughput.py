@@ -1,0 +1,74 @@
+"""Images/s of nin_jax's train and eval steps on in-memory data (no input pipeline involved).
+
+    python benchmarks/step_throughput.py --resize 224 --batch_size 128 --dtype float32
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_throughput.py --parallel pmap
+
+Compilation is timed separately; warm-up steps are excluded; each figure is the median of
+`--repeats` timings of `--steps` steps.
+"""
+
+import argparse
+import dataclasses
+import time
+
+import jax
+
+from nin_jax import parallel, steps
+from nin_jax.config import Config
+
+from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
+
+
+def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
+    strategy = parallel.create_strategy(config)
+    batch = random_batch(config.batch_size)
+    state = strategy.put_state(steps.create_train_state(config))
+    compile_seconds = strategy.compile(state, batch)
+    device_batch = strategy.put_batch(batch)
+
+    def train_once():
+        nonlocal state
+        state, metrics = strategy.train_step(state, device_batch)
+        return metrics
+
+    eval_once = lambda: strategy.eval_step(state, device_batch)  # noqa: E731
+    for _ in range(warmup):
+        jax.block_until_ready((train_once(), eval_once()))
+    train_times = [seconds_per_call(train_once, num_steps) for _ in range(repeats)]
+    eval_times = [seconds_per_call(eval_once, num_steps) for _ in range(repeats)]
+    return {
+        "config": dataclasses.asdict(config),
+        "devices": parallel.describe_devices(strategy),
+        "parallel": strategy.name,
+        "compile_seconds": compile_seconds,
+        "train_step_seconds": train_times,
+        "eval_step_seconds": eval_times,
+        "train_images_per_sec": config.batch_size / median(train_times),
+        "eval_images_per_sec": config.batch_size / median(eval_times),
+        **peak_memory_bytes(),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resize", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--parallel", default="auto", choices=("auto", "jit", "pmap"))
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    args = parser.parse_args()
+    config = Config(resize=args.resize, batch_size=args.batch_size, dtype=args.dtype, parallel=args.parallel).validate()
+    start = time.perf_counter()
+    result = measure(config, args.steps, args.repeats, args.warmup)
+    result["wall_seconds"] = time.perf_counter() - start
+    print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'devices':>14} {'compile s':>9} {'train img/s':>11} {'eval img/s':>10}")
+    print(f"{args.resize:>6} {args.batch_size:>5} {args.dtype:>8} {result['devices']:>14} "
+          f"{result['compile_seconds']:>9.1f} {result['train_images_per_sec']:>11.1f} {result['eval_images_per_sec']:>10.1f}")
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
