@@ -49,7 +49,8 @@ def estimate_line(train_step_seconds: float, eval_step_seconds: float, config: C
     total = config.num_epochs * (train_steps * train_step_seconds + eval_steps * eval_step_seconds)
     return (
         f"no accelerator: on this CPU a training step at {config.resize}x{config.resize} takes "
-        f"{train_step_seconds:.1f}s, so {config.num_epochs} epochs of {train_steps} steps will take about "
+        f"{train_step_seconds:.1f}s, so {config.num_epochs} epoch{'s' if config.num_epochs > 1 else ''} of "
+        f"{train_steps} steps will take about "
         f"{format_duration(total)}; for a quick run try {QUICK_RUN}"
     )
 
