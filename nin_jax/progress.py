@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import jax
 import tqdm
 
-from nin_jax import steps
+from nin_jax import input_pipeline, steps
 
 POSTFIX_EVERY_SECONDS = 5.0
 
@@ -36,7 +36,7 @@ class StepProgress:
                  log_every_steps: int = 0):
         self._desc = desc
         self._num_examples = num_examples
-        self._num_steps = -(-num_examples // batch_size)
+        self._num_steps = input_pipeline.num_batches(num_examples, batch_size)
         self._batch_size = batch_size
         self._log = log
         self._log_every_steps = log_every_steps
