@@ -2,6 +2,7 @@
 
     python train.py --workdir runs/reference                  # the book's recipe (224 px, 10 epochs)
     python train.py --resize 96 --num_epochs 2 --workdir runs/quick   # a quick run on a CPU
+    python train.py --summary --resize 96                     # the layers' output shapes, no training
 
 Offline, point --manual_dir at the four Fashion-MNIST .gz files. `python train.py --help` lists
 every flag with its default.
@@ -41,16 +42,32 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"), **kwargs)
+    parser.add_argument("--summary", action="store_true",
+                        help="print each layer's output shape (NHWC) and parameter count at --resize, then exit "
+                             "without loading data or training")
     return parser
+
+
+def print_summary(config: Config) -> None:
+    """The book's layer-by-layer shape printout, traced abstractly: it takes a second, not a training run."""
+    from nin_jax import models, steps
+
+    print(f"NiN on a batch of one {config.resize}x{config.resize} grayscale image (NHWC):")
+    print(models.format_summary(models.layer_summary(steps.create_model(config), config.resize)))
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    config = Config(**vars(parser.parse_args(argv)))
+    flags = vars(parser.parse_args(argv))
+    summary = flags.pop("summary")
+    config = Config(**flags)
     try:
         config.validate()
     except ConfigError as error:
         parser.error(str(error))
+    if summary:
+        print_summary(config)
+        return 0
     from nin_jax import train
 
     try:

@@ -38,6 +38,9 @@ class Config:
     parallel: str = _field("auto", "auto | jit | pmap | sharding (jit over a device mesh); auto uses pmap when there is more than one local device", choices=PARALLEL_MODES)
     dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
     dropout_rate: float = _field(0.5, "dropout before the last NiN block")
+    log_every_steps: int = _field(
+        0, "every N training steps, log a line with the running loss, accuracy and images/s (0 = off)"
+    )
 
     def validate(self) -> "Config":
         """Raises ConfigError for values that cannot work; returns self."""
@@ -53,6 +56,8 @@ class Config:
         for name in ("train_examples", "eval_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (all) or positive, got {getattr(self, name)}")
+        if self.log_every_steps < 0:
+            raise ConfigError(f"--log_every_steps must be 0 (off) or positive, got {self.log_every_steps}")
         if not 0 <= self.dropout_rate < 1:
             raise ConfigError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.parallel not in PARALLEL_MODES:

@@ -60,15 +60,21 @@ def _missing_files(folder: str) -> list[str]:
     return [name for name in SOURCE_FILES if not os.path.isfile(os.path.join(folder, name))]
 
 
-def _import_tfds():
-    """tfds builds and reads with TensorFlow: TF must stay quiet and must not take the GPU memory
-    that JAX needs."""
+def import_tensorflow():
+    """TensorFlow for tfds and TensorBoard only: quiet, and kept off the GPU memory that JAX needs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # also silences TF's start-up banner
     import tensorflow as tf
-    import tensorflow_datasets as tfds
 
     tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def _import_tfds():
+    """tfds builds and reads with TensorFlow, which must be imported the quiet way first."""
+    import_tensorflow()
+    import tensorflow_datasets as tfds
+
     return tfds
 
 

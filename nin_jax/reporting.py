@@ -1,10 +1,15 @@
-"""What a run tells its user: the book's per-epoch line and a machine-readable log."""
+"""What a run tells its user: the book's per-epoch line and a machine-readable log, and the
+run's configuration for the tools that read the workdir later (`nin_jax.predict`)."""
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
 
+from nin_jax.config import Config
+
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
 
 
 def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
@@ -30,3 +35,15 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_config(workdir: Optional[str], config: Config) -> None:
+    """Writes <workdir>/config.json: every Config field, as the flags of train.py name them."""
+    if workdir:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def read_config(workdir: str) -> Config:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        return Config(**json.load(f))

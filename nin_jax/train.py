@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from nin_jax import input_pipeline, parallel, reporting, steps
+from nin_jax import cpu_estimate, epoch_outputs, input_pipeline, parallel, progress, reporting, steps
 from nin_jax.config import Config
 
 
@@ -16,11 +16,15 @@ def _add(totals: Optional[steps.Metrics], metrics: steps.Metrics) -> steps.Metri
     return metrics if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, metrics)
 
 
-def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, batch_size: int) -> dict[str, float]:
+def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, batch_size: int,
+             desc: str = "test") -> dict[str, float]:
     """Loss, accuracy and the number of examples counted, over every example of `split` once."""
     totals = None
+    bar = progress.StepProgress(desc, len(split), batch_size)
     for batch in input_pipeline.eval_batches(split, batch_size):
         totals = _add(totals, strategy.eval_step(state, batch))
+        bar.update(totals)
+    bar.close()
     totals = jax.device_get(totals)
     count = int(totals["count"])
     return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "examples": count}
@@ -33,6 +37,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     config = config.validate()
     if workdir:
         os.makedirs(workdir, exist_ok=True)
+    reporting.write_config(workdir, config)
     datasets = input_pipeline.load_fashion_mnist(config.data_dir, config.manual_dir, config.download)
     train_split = datasets["train"].take(config.train_examples)
     test_split = datasets["test"].take(config.eval_examples)
@@ -43,17 +48,24 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size))
     compile_seconds = strategy.compile(state, first_batch)
     log(f"compiled the train and eval steps for {devices} ({strategy.name}) in {compile_seconds:.1f}s")
+    if cpu_estimate.applies(config):
+        log(cpu_estimate.measure_and_estimate(strategy, state, first_batch, config, len(train_split), len(test_split)))
+    outputs = epoch_outputs.EpochOutputs(workdir, config)
 
     records = []
     for epoch in range(1, config.num_epochs + 1):
         start = time.perf_counter()
         totals = None
+        bar = progress.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size, log,
+                                    config.log_every_steps)
         for batch in input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch):
             state, metrics = strategy.train_step(state, batch)
             totals = _add(totals, metrics)
+            bar.update(totals)
+        bar.close()
         totals = jax.device_get(totals)
         train_seconds = time.perf_counter() - start
-        test = evaluate(strategy, state, test_split, config.batch_size)
+        test = evaluate(strategy, state, test_split, config.batch_size, desc=f"epoch {epoch}/{config.num_epochs} test")
         record = {
             "epoch": epoch,
             "train_loss": float(totals["loss_sum"] / totals["count"]),
@@ -71,4 +83,6 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
         records.append(record)
         log(reporting.epoch_line(record, config.num_epochs))
         reporting.append_metrics(workdir, record)
+        outputs.write(records)
+    outputs.close()
     return strategy.get_state(state), records

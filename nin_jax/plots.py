@@ -1,0 +1,53 @@
+"""The book's two pictures: the training curves of its Animator and the prediction grid of
+`predict_ch3`, saved as PNG files.
+
+Figures are built with `matplotlib.figure.Figure`, never pyplot, so no window or interactive
+backend is involved: they render with Agg on a headless machine.
+"""
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+# (record key, legend label, line style), the book's Animator legend.
+CURVES = (("train_loss", "train loss", "-"), ("train_accuracy", "train acc", "--"), ("test_accuracy", "test acc", "-."))
+
+
+def _save(figure: Figure, path: str) -> None:
+    """Writes through a temporary file, so a viewer never opens a half-written picture."""
+    temporary = path + ".tmp"
+    figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
+    os.replace(temporary, path)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], num_epochs: int, path: str) -> None:
+    """Train loss, train accuracy and test accuracy against epoch, on axes spanning every epoch."""
+    figure = Figure(figsize=(4.5, 3.2))
+    axes = figure.add_subplot()
+    epochs = [record["epoch"] for record in records]
+    for key, label, style in CURVES:
+        axes.plot(epochs, [record[key] for record in records], style, marker=".", label=label)
+    axes.set_xlabel("epoch")
+    axes.set_xlim(1, max(num_epochs, 2))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylim(bottom=0)
+    axes.grid(True, alpha=0.4)
+    axes.legend()
+    _save(figure, path)
+
+
+def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                     class_names: Sequence[str], path: str, per_row: int = 6) -> None:
+    """A grid of images titled with the true class over the predicted one; mistakes in red."""
+    num_rows = -(-len(images) // per_row)
+    figure = Figure(figsize=(1.5 * per_row, 1.8 * num_rows))
+    for index, (image, label, prediction) in enumerate(zip(images, labels, predictions)):
+        axes = figure.add_subplot(num_rows, per_row, index + 1)
+        axes.imshow(image.squeeze(-1), cmap="gray")
+        axes.set_title(f"{class_names[label]}\n{class_names[prediction]}", fontsize=9,
+                       color="black" if label == prediction else "red")
+        axes.axis("off")
+    _save(figure, path)

@@ -1,0 +1,120 @@
+"""What a trained NiN predicts: the book's `predict_ch3` grid, and per-class accuracy and the
+confusion matrix over every test example.
+
+    python -m nin_jax.predict --workdir runs/quick
+
+writes <workdir>/predictions.png (test images titled true class over predicted class, mistakes
+in red) and prints the accuracy of each class and the confusion matrix.
+"""
+
+import argparse
+import os
+import sys
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nin_jax import input_pipeline, plots, reporting, steps
+from nin_jax.config import Config
+
+CHECKPOINT_DIR = "checkpoints"
+PREDICTIONS_FILE = "predictions.png"
+
+Params = Any
+
+
+class CheckpointError(FileNotFoundError):
+    """The workdir holds no trained model; the message says what to do."""
+
+
+def restore_params(workdir: str) -> tuple[Config, Params]:
+    """The run's Config (<workdir>/config.json) and the parameters of its latest checkpoint, an
+    orbax CheckpointManager step under <workdir>/checkpoints that holds {'params': ...}."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    if not os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)) or not os.path.isdir(directory):
+        raise CheckpointError(f"{workdir} holds no trained model; train one first with "
+                              f"`python train.py --workdir {workdir}`")
+    config = reporting.read_config(workdir)
+    images = jax.ShapeDtypeStruct((1, config.resize, config.resize, 1), jnp.float32)
+    abstract_params = jax.eval_shape(steps.create_model(config).init, jax.random.key(0), images)["params"]
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{directory} holds no finished checkpoint")
+        restored = manager.restore(step, args=ocp.args.StandardRestore({"params": abstract_params}))
+    return config, restored["params"]
+
+
+def predict_classes(config: Config, params: Params, split: input_pipeline.Split, batch_size: int) -> np.ndarray:
+    """The predicted class of every example of `split`, in order (eval batches: padding is dropped)."""
+    model = steps.create_model(config)
+
+    @jax.jit
+    def predict(params, images):
+        images = input_pipeline.preprocess(images, config.resize, jnp.dtype(config.dtype))
+        return jnp.argmax(model.apply({"params": params}, images), -1)
+
+    predictions, masks = [], []
+    for batch in input_pipeline.eval_batches(split, batch_size):
+        predictions.append(predict(params, batch["image"]))
+        masks.append(batch["mask"].astype(bool))
+    return np.concatenate(jax.device_get(predictions))[np.concatenate(masks)]
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """[true class, predicted class] -> number of examples."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def format_report(matrix: np.ndarray, class_names: tuple[str, ...] = input_pipeline.CLASS_NAMES) -> str:
+    """Per-class accuracy, then the confusion matrix with classes numbered as in the first table."""
+    total, correct = matrix.sum(), np.trace(matrix)
+    lines = [f"accuracy on {total:,} test images: {correct / total:.3f}", "", "per-class accuracy:"]
+    for index, (name, row) in enumerate(zip(class_names, matrix)):
+        lines.append(f"  {index} {name:<11} {row[index] / max(row.sum(), 1):.3f}  ({row[index]}/{row.sum()})")
+    lines += ["", "confusion matrix (rows: true class, columns: predicted class):",
+              " " * 15 + "".join(f"{index:>6}" for index in range(len(class_names)))]
+    for index, (name, row) in enumerate(zip(class_names, matrix)):
+        lines.append(f"  {index} {name:<11}" + "".join(f"{count:>6}" for count in row))
+    return "\n".join(lines)
+
+
+def predict_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
+                    num_images: int = 18) -> np.ndarray:
+    """Writes <workdir>/predictions.png for the first `num_images` test images; returns the
+    confusion matrix over the whole test set."""
+    config, params = restore_params(workdir)
+    test = input_pipeline.load_fashion_mnist(data_dir or config.data_dir, manual_dir or config.manual_dir,
+                                             config.download)["test"]
+    predictions = predict_classes(config, params, test, config.batch_size)
+    shown = test.take(num_images)
+    plots.plot_predictions(shown.images, shown.labels, predictions[:num_images], input_pipeline.CLASS_NAMES,
+                           os.path.join(workdir, PREDICTIONS_FILE))
+    return confusion_matrix(test.labels, predictions, input_pipeline.NUM_CLASSES)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="the workdir of a training run (train.py --workdir)")
+    parser.add_argument("--data_dir", help="tensorflow-datasets data directory; none: the one the run used")
+    parser.add_argument("--manual_dir", help="folder of the four Fashion-MNIST .gz files; none: the one the run used")
+    parser.add_argument("--num_images", type=int, default=18, help="test images shown in predictions.png")
+    args = parser.parse_args(argv)
+    try:
+        matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
+    except (CheckpointError, input_pipeline.DataError) as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+    print(format_report(matrix))
+    print(f"\nwrote {os.path.join(args.workdir, PREDICTIONS_FILE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""What people coming from the book see: --summary, step lines, curves.png, TensorBoard events,
+the CPU estimate and the predict command, on tfds' mock data."""
+
+import os
+import re
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from nin_jax import cpu_estimate, epoch_outputs, predict, reporting, train
+from nin_jax.config import Config
+
+from conftest import mock_fashion_mnist
+from test_train import run_cli
+
+NUM_EXAMPLES = 20  # per split: 3 steps of 8 per epoch, the last one padded
+CONFIG = Config(resize=67, batch_size=8, num_epochs=2, parallel="jit", log_every_steps=2)
+
+
+def save_params(workdir: str, step: int, params) -> None:
+    """A checkpoint as predict.restore_params reads it."""
+    with ocp.CheckpointManager(os.path.join(workdir, predict.CHECKPOINT_DIR)) as manager:
+        manager.save(step, args=ocp.args.StandardSave({"params": params}))
+        manager.wait_until_finished()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short run, with the CPU estimate switched on at its small resize, and its final
+    parameters saved as a checkpoint."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    lines = []
+    with mock_fashion_mnist(NUM_EXAMPLES), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_estimate, "ESTIMATE_FROM_RESIZE", CONFIG.resize)
+        state, records = train.train_and_evaluate(CONFIG, workdir, log=lines.append)
+    save_params(workdir, int(state.step), state.params)
+    return {"workdir": workdir, "state": state, "records": records, "lines": lines}
+
+
+def test_summary_flag_prints_the_layers_and_exits_without_data():
+    result = run_cli("--summary", "--resize", "96", "--data_dir", "/nonexistent")
+    assert result.returncode == 0, result.stderr
+    assert "(NHWC)" in result.stdout
+    assert re.search(r"^block1 +\(1, 22, 22, 96\) +30,336$", result.stdout, re.MULTILINE)
+    assert re.search(r"^flatten +\(1, 10\) +0$", result.stdout, re.MULTILINE)
+    assert re.search(r"^total +1,992,166$", result.stdout, re.MULTILINE)
+    assert "compiled" not in result.stdout and "epoch" not in result.stdout
+
+
+def test_step_lines_every_log_every_steps(trained_run):
+    step_lines = [line for line in trained_run["lines"] if re.match(r"epoch \d+/\d+ step ", line)]
+    assert len(step_lines) == CONFIG.num_epochs  # step 2 of 3 in each epoch
+    for epoch, line in enumerate(step_lines, start=1):
+        assert re.fullmatch(rf"epoch {epoch}/2 step 2/3: loss \d+\.\d{{3}}, acc [01]\.\d{{3}}, [\d.]+ images/s", line)
+
+
+def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run):
+    lines = trained_run["lines"]
+    (estimate,) = [i for i, line in enumerate(lines) if line.startswith("no accelerator")]
+    assert estimate < min(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
+    assert "2 epochs of 3 steps will take about" in lines[estimate] and cpu_estimate.QUICK_RUN in lines[estimate]
+    assert int(trained_run["state"].step) == CONFIG.num_epochs * 3
+
+
+def test_curves_png_is_written(trained_run):
+    with Image.open(os.path.join(trained_run["workdir"], epoch_outputs.CURVES_FILE)) as image:
+        assert image.format == "PNG" and image.width > 200 and image.height > 150
+
+
+def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(trained_run["workdir"])
+    events.Reload()
+    assert set(events.Tags()["tensors"]) == set(epoch_outputs.SCALARS) | {"learning_rate"}
+    for tag, key in epoch_outputs.SCALARS.items():
+        logged = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+        expected = [(r["epoch"], r[key]) for r in trained_run["records"]]
+        np.testing.assert_allclose(logged, expected, rtol=1e-6)
+
+
+def test_config_json_reads_back_as_the_run_config(trained_run):
+    assert reporting.read_config(trained_run["workdir"]) == CONFIG
+
+
+def test_predict_counts_every_test_example_once_with_the_trained_parameters(trained_run):
+    workdir = trained_run["workdir"]
+    with mock_fashion_mnist(NUM_EXAMPLES):
+        matrix = predict.predict_workdir(workdir, num_images=8)
+    assert matrix.shape == (10, 10) and matrix.sum() == NUM_EXAMPLES
+    # eval_examples=0: the run's last evaluation saw the same 20 test images with the same parameters.
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(trained_run["records"][-1]["test_accuracy"])
+    with Image.open(os.path.join(workdir, predict.PREDICTIONS_FILE)) as image:
+        assert image.format == "PNG"
+
+
+def test_predict_without_a_checkpoint_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--workdir", str(tmp_path)])
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "holds no trained model" in message and "train.py --workdir" in message
+
+
+def test_report_lists_per_class_accuracy_and_the_confusion_matrix():
+    matrix = np.diag([3, 4]) + np.array([[0, 1], [0, 0]])
+    text = predict.format_report(matrix, ("cat", "dog"))
+    assert "accuracy on 8 test images: 0.875" in text
+    assert re.search(r"0 cat +0\.750  \(3/4\)", text) and re.search(r"1 dog +1\.000  \(4/4\)", text)
+    assert re.search(r"0 cat +3 +1$", text, re.MULTILINE) and re.search(r"1 dog +0 +4$", text, re.MULTILINE)
+
+
+@pytest.mark.parametrize("train_s, eval_s, epochs, expected",
+                         [(2.0, 0.5, 10, "10 epochs of 469 steps will take about 2.7 hours;"),
+                          (0.2, 0.0, 1, "1 epoch of 469 steps will take about 1.6 minutes;")])
+def test_estimate_adds_up_train_and_eval_steps_of_every_epoch(train_s, eval_s, epochs, expected):
+    config = Config(num_epochs=epochs)  # 469 train and 79 test batches of 128
+    assert expected in cpu_estimate.estimate_line(train_s, eval_s, config, 60_000, 10_000)
+
+
+def test_estimate_only_for_the_reference_resolution_on_a_cpu():
+    assert cpu_estimate.applies(Config(resize=224))
+    assert not cpu_estimate.applies(Config(resize=96))
