@@ -10,6 +10,7 @@ from typing import Optional
 
 PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
 DTYPES = ("float32", "bfloat16")
+WEIGHT_INITS = ("kaiming", "xavier")
 
 
 class ConfigError(ValueError):
@@ -35,9 +36,17 @@ class Config:
     download: bool = _field(False, "let tfds download the four files when they are not on disk (needs internet)")
     train_examples: int = _field(0, "train on the first N training examples only (0 = all 60,000)")
     eval_examples: int = _field(0, "evaluate on the first N test examples only (0 = all 10,000)")
-    parallel: str = _field("auto", "auto | jit | pmap | sharding (jit over a device mesh); auto uses pmap when there is more than one local device", choices=PARALLEL_MODES)
+    parallel: str = _field(
+        "auto",
+        "auto, jit, pmap or sharding (jit over a device mesh); auto is pmap when there is more than one local device",
+        choices=PARALLEL_MODES,
+    )
     dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
     dropout_rate: float = _field(0.5, "dropout before the last NiN block")
+    weight_init: str = _field(
+        "kaiming", "initial weights: kaiming (He fan-out, class layer starting alive; never stalled) or xavier (the book's)",
+        choices=WEIGHT_INITS,
+    )
     log_every_steps: int = _field(
         0, "every N training steps, log a line with the running loss, accuracy and images/s (0 = off)"
     )
@@ -62,6 +71,8 @@ class Config:
             raise ConfigError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ConfigError(f"--weight_init must be one of {', '.join(WEIGHT_INITS)}, got {self.weight_init!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self

@@ -33,7 +33,8 @@ class TrainState(train_state.TrainState):
 
 
 def create_model(config: Config) -> NiN:
-    return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype))
+    return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
+               weight_init=config.weight_init)
 
 
 def create_optimizer(config: Config) -> optax.GradientTransformation:

@@ -114,3 +114,19 @@ def test_bad_inputs_fail_with_a_clear_error(shape, dtype, message):
     model = models.NiN()
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, dtype))
+
+
+@pytest.mark.parametrize("weight_init", sorted(models.INITS))
+def test_every_class_score_can_learn_from_the_first_step(weight_init):
+    """With 'kaiming' no class starts dead (its ReLU off for every image); with the book's 'xavier'
+    some do, which is why the book's recipe can sit at chance."""
+    images = jax.random.uniform(jax.random.key(1), (64, 96, 96, 1))
+    model = models.NiN(weight_init=weight_init)
+    variables = model.init(jax.random.key(0), images)
+    logits = model.apply(variables, images)
+    dead_classes = int((logits.max(axis=0) == 0).sum())
+    if weight_init == "kaiming":
+        assert dead_classes == 0
+        np.testing.assert_allclose(logits, 1.0)  # zero class kernels, bias 1: equal, alive scores
+    else:
+        assert dead_classes > 0
