@@ -38,7 +38,7 @@ class Config:
     eval_examples: int = _field(0, "evaluate on the first N test examples only (0 = all 10,000)")
     parallel: str = _field(
         "auto",
-        "auto, jit, pmap or sharding (jit over a device mesh); auto is pmap when there is more than one local device",
+        "auto, jit, pmap or sharding (jit over a device mesh); auto is pmap when there is more than one device",
         choices=PARALLEL_MODES,
     )
     dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
@@ -47,6 +47,14 @@ class Config:
         "kaiming", "initial weights: kaiming (He fan-out, class layer starting alive; never stalled) or xavier (the book's)",
         choices=WEIGHT_INITS,
     )
+    distributed: bool = _field(
+        False, "start jax.distributed from the environment (TPU pod slices, SLURM, ...), one process per host"
+    )
+    coordinator_address: Optional[str] = _field(
+        None, "host:port of process 0, to start jax.distributed by hand with --num_processes and --process_id"
+    )
+    num_processes: int = _field(1, "with --coordinator_address: how many processes take part")
+    process_id: int = _field(0, "with --coordinator_address: this process's rank, 0 .. num_processes-1")
     log_every_steps: int = _field(
         0, "every N training steps, log a line with the running loss, accuracy and images/s (0 = off)"
     )
@@ -71,6 +79,8 @@ class Config:
             raise ConfigError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.parallel not in PARALLEL_MODES:
             raise ConfigError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.coordinator_address and not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"--process_id must be in [0, {self.num_processes}), got {self.process_id}")
         if self.weight_init not in WEIGHT_INITS:
             raise ConfigError(f"--weight_init must be one of {', '.join(WEIGHT_INITS)}, got {self.weight_init!r}")
         if self.dtype not in DTYPES:

@@ -126,10 +126,23 @@ def _read_split(builder, split: str, chunk: int = 10_000) -> Split:
     )
 
 
-def _padded_batch(split: Split, indices: np.ndarray, batch_size: int) -> Batch:
-    num_real = len(indices)
-    indices = np.concatenate([indices, np.zeros(batch_size - num_real, indices.dtype)])
-    mask = np.arange(batch_size) < num_real
+@dataclasses.dataclass(frozen=True)
+class ProcessSlice:
+    """Which part of every global batch this process loads: with several processes (hosts) each
+    reads only its own contiguous slice, and together they read the whole batch."""
+
+    index: int = 0
+    count: int = 1
+
+    def of(self, values: np.ndarray) -> np.ndarray:
+        size = len(values) // self.count
+        return values[self.index * size : (self.index + 1) * size]
+
+
+def _padded_batch(split: Split, indices: np.ndarray, batch_size: int, process: ProcessSlice) -> Batch:
+    """This process's slice of the global batch `indices`, padded to `batch_size` globally."""
+    mask = process.of(np.arange(batch_size) < len(indices))
+    indices = process.of(np.concatenate([indices, np.zeros(batch_size - len(indices), indices.dtype)]))
     return {
         "image": split.images[indices] * mask[:, None, None, None].astype(np.uint8),
         "label": np.where(mask, split.labels[indices], 0).astype(np.int32),
@@ -141,18 +154,19 @@ def num_batches(num_examples: int, batch_size: int) -> int:
     return -(-num_examples // batch_size)
 
 
-def train_batches(split: Split, batch_size: int, seed: int, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+def train_batches(split: Split, batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+                  process: ProcessSlice = ProcessSlice()) -> Iterator[Batch]:
     """The epoch's batches in an order drawn from (seed, epoch): reshuffled every epoch, the same
-    on every run, and resumable from any batch."""
+    on every run and for any number of processes, and resumable from any batch."""
     order = np.random.default_rng([seed, epoch]).permutation(len(split))
     for start in range(start_batch * batch_size, len(split), batch_size):
-        yield _padded_batch(split, order[start : start + batch_size], batch_size)
+        yield _padded_batch(split, order[start : start + batch_size], batch_size, process)
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[Batch]:
+def eval_batches(split: Split, batch_size: int, process: ProcessSlice = ProcessSlice()) -> Iterator[Batch]:
     """The split in order; the last batch is padded and masked, never dropped."""
     for start in range(0, len(split), batch_size):
-        yield _padded_batch(split, np.arange(start, min(start + batch_size, len(split))), batch_size)
+        yield _padded_batch(split, np.arange(start, min(start + batch_size, len(split))), batch_size, process)
 
 
 def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:

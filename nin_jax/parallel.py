@@ -27,6 +27,8 @@ class JitStrategy:
     num_devices = 1
 
     def __init__(self, config: Config):
+        if jax.process_count() > 1:
+            raise ConfigError("--parallel jit runs on one device; with several processes use pmap or sharding")
         train_step, eval_step = steps.step_functions(config)
         self._train = jax.jit(train_step, donate_argnums=0)
         self._eval = jax.jit(eval_step)
@@ -68,13 +70,14 @@ def _check_batch_splits(batch_size: int, num_devices: int) -> None:
 
 class PmapStrategy(JitStrategy):
     """The steps under `jax.pmap(axis_name='batch')` over all local devices: the state is
-    replicated, every global batch is split into equal per-device shards."""
+    replicated, every batch is split into equal per-device shards. With several processes, each
+    runs this on its own devices and slice of the batch, and `psum` spans all of them."""
 
     name = "pmap"
 
     def __init__(self, config: Config, devices=None):
         self.devices = devices or jax.local_devices()
-        self.num_devices = len(self.devices)
+        self.num_devices = len(self.devices) * jax.process_count()
         _check_batch_splits(config.batch_size, self.num_devices)
         train_step, eval_step = steps.step_functions(config, axis_name=AXIS_NAME)
         self._train = jax.pmap(train_step, axis_name=AXIS_NAME, donate_argnums=0, devices=self.devices)
@@ -87,7 +90,7 @@ class PmapStrategy(JitStrategy):
         return jax.device_get(jax_utils.unreplicate(state))
 
     def put_batch(self, batch):
-        shard = lambda x: x.reshape((self.num_devices, -1) + x.shape[1:])
+        shard = lambda x: x.reshape((len(self.devices), -1) + x.shape[1:])  # noqa: E731
         return jax.tree_util.tree_map(shard, batch)
 
     def metrics_of(self, metrics):
@@ -122,6 +125,7 @@ class ShardingStrategy(JitStrategy):
         return jax.device_put(state, self._replicated)
 
     def put_batch(self, batch):
+        """Each process hands over its own slice; together they form the global batch."""
         return jax.make_array_from_process_local_data(self._batch_sharding, batch)
 
 
@@ -131,11 +135,12 @@ STRATEGIES = {strategy.name: strategy for strategy in (JitStrategy, PmapStrategy
 def create_strategy(config: Config):
     mode = config.parallel
     if mode == "auto":
-        mode = "pmap" if jax.local_device_count() > 1 else "jit"
+        mode = "pmap" if jax.device_count() > 1 else "jit"
     return STRATEGIES[mode](config)
 
 
 def describe_devices(strategy) -> str:
-    """'2 cpu devices', '1 gpu device': for the per-epoch line."""
+    """'2 cpu devices', '1 gpu device', '4 cpu devices in 2 processes': for the per-epoch line."""
     platform = jax.local_devices()[0].platform
-    return f"{strategy.num_devices} {platform} device{'s' if strategy.num_devices > 1 else ''}"
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    return f"{strategy.num_devices} {platform} device{'s' if strategy.num_devices > 1 else ''}{processes}"

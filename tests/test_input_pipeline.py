@@ -101,3 +101,19 @@ def test_missing_data_names_the_four_files_and_where_to_put_them(tmp_path):
     for name in input_pipeline.SOURCE_FILES:
         assert name in message
     assert str(tmp_path / "tfds" / "downloads" / "manual") in message and "--manual_dir" in message
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_processes_read_disjoint_slices_that_make_up_the_global_batch(num_processes):
+    split = numbered_split(45)
+    whole = list(input_pipeline.train_batches(split, 8, seed=3, epoch=2))
+    parts = [
+        list(input_pipeline.train_batches(split, 8, seed=3, epoch=2, process=input_pipeline.ProcessSlice(i, num_processes)))
+        for i in range(num_processes)
+    ]
+    for step, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), batch[key])
+    eval_parts = [list(input_pipeline.eval_batches(split, 8, input_pipeline.ProcessSlice(i, num_processes)))
+                  for i in range(num_processes)]
+    assert sum(b["mask"].sum() for part in eval_parts for b in part) == 45
