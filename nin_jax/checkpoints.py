@@ -79,11 +79,6 @@ def _make_writable(workdir: str) -> None:
         raise WorkdirError(f"cannot write to --workdir {workdir}: {error.strerror or error}") from error
 
 
-def _one_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
 class Checkpoints:
     """The checkpoints of the run in `workdir`; saves are asynchronous, `close` waits for them."""
 
@@ -129,7 +124,7 @@ class Checkpoints:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # orbax, tensorstore and json each raise their own kinds
-            raise self._damaged(step, f"it cannot be read ({_one_line(error)})") from error
+            raise self._damaged(step, f"its files are incomplete or damaged (reading them raised {type(error).__name__})") from error
 
     def _check_compatible(self, step: int, saved: dict[str, Any]) -> None:
         differences = [
