@@ -57,11 +57,11 @@ class Progress:
         return {"train_state": {**state, "step": np.asarray(state["step"], np.int32)}, "epoch_totals": self.epoch_totals}
 
 
-def resume_record(config: Config) -> dict[str, Any]:
+def _resume_record(config: Config) -> dict[str, Any]:
     return {**{name: getattr(config, name) for name in RESUME_FIELDS}, "num_classes": input_pipeline.NUM_CLASSES}
 
 
-def fingerprint(tree: Any) -> str:
+def _fingerprint(tree: Any) -> str:
     """SHA-256 over every array of `tree` with its path, dtype and shape."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -72,6 +72,8 @@ def fingerprint(tree: Any) -> str:
 
 
 def _make_writable(workdir: str) -> None:
+    """Creates `workdir` and writes a file there: better a clear message now than a failed save
+    after an epoch of training."""
     try:
         os.makedirs(workdir, exist_ok=True)
         tempfile.TemporaryFile(dir=workdir).close()
@@ -85,7 +87,7 @@ class Checkpoints:
     def __init__(self, workdir: str, config: Config):
         _make_writable(workdir)
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-        self._record = resume_record(config)
+        self._record = _resume_record(config)
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "run"))
 
@@ -99,8 +101,10 @@ class Checkpoints:
         self._manager.close()
 
     def save(self, progress: Progress) -> None:
+        """Starts saving in the background; `progress` must hold host copies, which the next
+        steps cannot change."""
         arrays = progress.saved_arrays()
-        run = {"config": self._record, "epoch_seconds": progress.epoch_seconds, "fingerprint": fingerprint(arrays)}
+        run = {"config": self._record, "epoch_seconds": progress.epoch_seconds, "fingerprint": _fingerprint(arrays)}
         self._manager.save(
             int(progress.state.step), args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), run=ocp.args.JsonSave(run))
         )
@@ -112,10 +116,10 @@ class Checkpoints:
         if step is None:
             return None
         run = self._restore(step, run=ocp.args.JsonRestore())["run"]
-        self._check_compatible(step, run["config"])
+        self._check_compatible(step, run.get("config", {}))
         template = Progress.start(initial_state).saved_arrays()
         arrays = self._restore(step, arrays=ocp.args.StandardRestore(template))["arrays"]
-        if fingerprint(arrays) != run["fingerprint"]:
+        if _fingerprint(arrays) != run.get("fingerprint"):
             raise self._damaged(step, "its arrays do not match the checksum saved with them")
         state = serialization.from_state_dict(initial_state, arrays["train_state"])
         return Progress(state, arrays["epoch_totals"], run["epoch_seconds"])

@@ -46,6 +46,8 @@ def run_cli(*args, **env):
         (["--batch_size", "0"], "--batch_size must be positive"),
         (["--num_epochs", "-1"], "--num_epochs must be positive"),
         (["--learning_rate", "0"], "--learning_rate must be positive"),
+        (["--learning_rate", "inf"], "--learning_rate must be positive and finite, got inf"),
+        (["--checkpoint_every_steps", "-1"], "--checkpoint_every_steps must be 0 (epoch ends only) or positive"),
         (["--resize", "66"], "--resize must be at least 67"),
         (["--resize", "big"], "invalid int value"),
         (["--parallel", "tpu"], "invalid choice"),
