@@ -38,7 +38,7 @@ class WorkdirError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Progress:
+class Snapshot:
     """Where a run stands: its host train state, and the running train-metric sums and training
     seconds of the epoch it is in."""
 
@@ -47,7 +47,7 @@ class Progress:
     epoch_seconds: float = 0.0
 
     @classmethod
-    def start(cls, state: steps.TrainState) -> "Progress":
+    def start(cls, state: steps.TrainState) -> "Snapshot":
         return cls(state, steps.zero_metrics())
 
     def saved_arrays(self) -> dict[str, Any]:
@@ -100,29 +100,29 @@ class Checkpoints:
     def close(self) -> None:
         self._manager.close()
 
-    def save(self, progress: Progress) -> None:
-        """Starts saving in the background; `progress` must hold host copies, which the next
+    def save(self, snapshot: Snapshot) -> None:
+        """Starts saving in the background; `snapshot` must hold host copies, which the next
         steps cannot change."""
-        arrays = progress.saved_arrays()
-        run = {"config": self._record, "epoch_seconds": progress.epoch_seconds, "fingerprint": _fingerprint(arrays)}
+        arrays = snapshot.saved_arrays()
+        run = {"config": self._record, "epoch_seconds": snapshot.epoch_seconds, "fingerprint": _fingerprint(arrays)}
         self._manager.save(
-            int(progress.state.step), args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), run=ocp.args.JsonSave(run))
+            int(snapshot.state.step), args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), run=ocp.args.JsonSave(run))
         )
 
-    def restore_latest(self, initial_state: steps.TrainState) -> Optional[Progress]:
-        """The latest checkpoint's progress, None when there is none. Refuses, and leaves the
+    def restore_latest(self, initial_state: steps.TrainState) -> Optional[Snapshot]:
+        """The latest checkpoint's snapshot, None when there is none. Refuses, and leaves the
         checkpoint as it is, when it is unreadable, damaged or from an incompatible config."""
         step = self._manager.latest_step()
         if step is None:
             return None
         run = self._restore(step, run=ocp.args.JsonRestore())["run"]
         self._check_compatible(step, run.get("config", {}))
-        template = Progress.start(initial_state).saved_arrays()
+        template = Snapshot.start(initial_state).saved_arrays()
         arrays = self._restore(step, arrays=ocp.args.StandardRestore(template))["arrays"]
         if _fingerprint(arrays) != run.get("fingerprint"):
             raise self._damaged(step, "its arrays do not match the checksum saved with them")
         state = serialization.from_state_dict(initial_state, arrays["train_state"])
-        return Progress(state, arrays["epoch_totals"], run["epoch_seconds"])
+        return Snapshot(state, arrays["epoch_totals"], run.get("epoch_seconds", 0.0))
 
     def _restore(self, step: int, **items) -> Any:
         try:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import jax
 
 from nin_jax import input_pipeline, parallel, reporting, steps
-from nin_jax.checkpoints import Checkpoints, Progress
+from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.divergence import LossWatch
 from nin_jax.interrupts import Interrupted, stop_requests
@@ -33,9 +33,9 @@ def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, bat
     return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "examples": count}
 
 
-def _start_or_resume(config: Config, checkpoints: Optional[Checkpoints]) -> Progress:
-    """The latest checkpoint's progress if there is one, else a fresh start from `config.seed`."""
-    initial = Progress.start(steps.create_train_state(config))
+def _start_or_resume(config: Config, checkpoints: Optional[Checkpoints]) -> Snapshot:
+    """The latest checkpoint's snapshot if there is one, else a fresh start from `config.seed`."""
+    initial = Snapshot.start(steps.create_train_state(config))
     return (checkpoints.restore_latest(initial.state) if checkpoints else None) or initial
 
 
@@ -57,24 +57,24 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
 
 def _train(config: Config, strategy, checkpoints: Optional[Checkpoints], workdir: Optional[str],
            log: Callable[[str], None]) -> tuple[steps.TrainState, list[dict[str, Any]]]:
-    progress = _start_or_resume(config, checkpoints)
+    snapshot = _start_or_resume(config, checkpoints)
     datasets = input_pipeline.load_fashion_mnist(config.data_dir, config.manual_dir, config.download)
     train_split = datasets["train"].take(config.train_examples)
     test_split = datasets["test"].take(config.eval_examples)
     steps_per_epoch = input_pipeline.num_batches(len(train_split), config.batch_size)
-    step = int(progress.state.step)
+    step = int(snapshot.state.step)
     done_epochs, start_batch = divmod(step, steps_per_epoch)
     records = reporting.keep_epochs(workdir, done_epochs) if workdir else []
     if done_epochs >= config.num_epochs:
         log(f"the run in {workdir} is finished: its checkpoint has all {done_epochs} epochs ({step} steps); "
             f"raise --num_epochs to train on")
-        return progress.state, records
+        return snapshot.state, records
     if step:
         log(f"resuming from the checkpoint of step {step} in {checkpoints.directory}: "
             f"epoch {done_epochs + 1}, batch {start_batch + 1} of {steps_per_epoch} is next")
 
     devices = parallel.describe_devices(strategy)
-    state = strategy.put_state(progress.state)
+    state = strategy.put_state(snapshot.state)
     first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size))
     compile_seconds = strategy.compile(state, first_batch)
     log(f"compiled the train and eval steps for {devices} ({strategy.name}) in {compile_seconds:.1f}s")
@@ -85,7 +85,7 @@ def _train(config: Config, strategy, checkpoints: Optional[Checkpoints], workdir
         """Checkpoints `state` once its losses are known to be finite: a diverged state is never saved."""
         loss_watch.check()
         if checkpoints:
-            checkpoints.save(Progress(strategy.get_state(state), jax.device_get(totals), epoch_seconds))
+            checkpoints.save(Snapshot(strategy.get_state(state), jax.device_get(totals), epoch_seconds))
 
     def stop_if_requested(step: int) -> None:
         if stop.signum:
@@ -93,7 +93,7 @@ def _train(config: Config, strategy, checkpoints: Optional[Checkpoints], workdir
                       if checkpoints else "nothing was saved (no --workdir)")
             raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}: {resume}")
 
-    epoch_totals, epoch_seconds = progress.epoch_totals, progress.epoch_seconds
+    epoch_totals, epoch_seconds = snapshot.epoch_totals, snapshot.epoch_seconds
     with stop_requests() as stop:
         for epoch in range(done_epochs + 1, config.num_epochs + 1):
             start = time.perf_counter() - epoch_seconds

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 from typing import Optional
 
 import jax
@@ -10,7 +11,7 @@ import pytest
 from flax import serialization
 
 from nin_jax import steps
-from nin_jax.checkpoints import Checkpoints, Progress, WorkdirError
+from nin_jax.checkpoints import Checkpoints, Snapshot, WorkdirError
 from nin_jax.config import Config
 
 CONFIG = Config(resize=67, batch_size=8, keep_checkpoints=2)
@@ -21,26 +22,26 @@ def initial_state() -> steps.TrainState:
     return jax.device_get(steps.create_train_state(CONFIG))
 
 
-def progress_at(state: steps.TrainState, step: int) -> Progress:
+def snapshot_at(state: steps.TrainState, step: int) -> Snapshot:
     """A state that differs from the initial one in every array."""
     moved = state.replace(step=step, params=jax.tree_util.tree_map(lambda p: p + step, state.params),
                           dropout_key=state.dropout_key + step)
     totals = {name: np.asarray(step * 1.5, np.float32) for name in steps.zero_metrics()}
-    return Progress(moved, totals, epoch_seconds=step / 3)
+    return Snapshot(moved, totals, epoch_seconds=step / 3)
 
 
-def save(workdir, config: Config, *progresses: Progress) -> None:
+def save(workdir, config: Config, *snapshots: Snapshot) -> None:
     with Checkpoints(str(workdir), config) as checkpoints:
-        for progress in progresses:
-            checkpoints.save(progress)
+        for snapshot in snapshots:
+            checkpoints.save(snapshot)
 
 
-def restore(workdir, config: Config, initial_state: steps.TrainState) -> Optional[Progress]:
+def restore(workdir, config: Config, initial_state: steps.TrainState) -> Optional[Snapshot]:
     with Checkpoints(str(workdir), config) as checkpoints:
         return checkpoints.restore_latest(initial_state)
 
 
-def assert_same(a: Progress, b: Progress) -> None:
+def assert_same(a: Snapshot, b: Snapshot) -> None:
     jax.tree_util.tree_map(np.testing.assert_array_equal, serialization.to_state_dict(a.state),
                            serialization.to_state_dict(b.state))
     jax.tree_util.tree_map(np.testing.assert_array_equal, a.epoch_totals, b.epoch_totals)
@@ -57,7 +58,7 @@ def files_of(workdir) -> dict[str, bytes]:
 
 
 def test_restores_the_latest_checkpoint_bit_for_bit_and_keeps_the_last_few(tmp_path, initial_state):
-    saved = [progress_at(initial_state, step) for step in (3, 4, 5)]
+    saved = [snapshot_at(initial_state, step) for step in (3, 4, 5)]
     save(tmp_path, CONFIG, *saved)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "5"]  # keep_checkpoints=2
     # Flags that change neither shapes nor data order may differ on resume.
@@ -78,7 +79,7 @@ def test_an_empty_workdir_has_nothing_to_resume(tmp_path, initial_state):
     ],
 )
 def test_refuses_a_checkpoint_of_another_configuration(tmp_path, initial_state, change, message):
-    save(tmp_path, CONFIG, progress_at(initial_state, 3))
+    save(tmp_path, CONFIG, snapshot_at(initial_state, 3))
     before = files_of(tmp_path)
     with pytest.raises(WorkdirError, match="refusing to resume from the checkpoint .*checkpoints/3: ") as error:
         restore(tmp_path, dataclasses.replace(CONFIG, **change), initial_state)
@@ -86,37 +87,42 @@ def test_refuses_a_checkpoint_of_another_configuration(tmp_path, initial_state, 
     assert files_of(tmp_path) == before
 
 
-def overwrite_the_middle_of_the_largest_file(step_dir: str) -> None:
-    path = max((os.path.join(folder, name) for folder, _, names in os.walk(step_dir) for name in names),
-               key=os.path.getsize)  # a kernel
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        f.write(b"\0" * 64)
+def swap_in_the_arrays_of_another_checkpoint(step_dir: str, other_step_dir: str) -> None:
+    """Readable arrays that are not the ones saved: orbax itself would restore them."""
+    shutil.rmtree(os.path.join(step_dir, "arrays"))
+    shutil.copytree(os.path.join(other_step_dir, "arrays"), os.path.join(step_dir, "arrays"))
 
 
-def garble_the_run_record(step_dir: str) -> None:
-    # (A truncated array file fails alike, but tensorstore then leaves an asyncio callback behind
-    # that pytest reports as an unraisable exception in a later test.)
+def delete_the_arrays(step_dir: str, other_step_dir: str) -> None:
+    shutil.rmtree(os.path.join(step_dir, "arrays"))
+
+
+def garble_the_run_record(step_dir: str, other_step_dir: str) -> None:
     with open(os.path.join(step_dir, "run", "metadata"), "w") as f:
         f.write("{garbled")
 
 
+# (Truncated array files are refused alike, but tensorstore then leaves an asyncio callback behind
+# that pytest reports as an unraisable exception in a later test.)
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (overwrite_the_middle_of_the_largest_file, "its arrays do not match the checksum saved with them"),  # orbax would not notice
+        (swap_in_the_arrays_of_another_checkpoint, "its arrays do not match the checksum saved with them"),
+        (delete_the_arrays, "its files are incomplete or damaged (reading them raised KeyError)"),
         (garble_the_run_record, "its files are incomplete or damaged (reading them raised JSONDecodeError)"),
     ],
 )
 def test_refuses_a_damaged_checkpoint(tmp_path, initial_state, damage, message):
-    save(tmp_path, CONFIG, progress_at(initial_state, 3))
-    damage(str(tmp_path / "checkpoints" / "3"))
-    before = files_of(tmp_path)
+    workdir, other_workdir = tmp_path / "run", tmp_path / "other"
+    save(workdir, CONFIG, snapshot_at(initial_state, 3))
+    save(other_workdir, CONFIG, snapshot_at(initial_state, 4))
+    damage(str(workdir / "checkpoints" / "3"), str(other_workdir / "checkpoints" / "4"))
+    before = files_of(workdir)
     with pytest.raises(WorkdirError) as error:
-        restore(tmp_path, CONFIG, initial_state)
+        restore(workdir, CONFIG, initial_state)
     assert message in str(error.value) and "move that folder away" in str(error.value)
     assert len(str(error.value).splitlines()) == 1
-    assert files_of(tmp_path) == before
+    assert files_of(workdir) == before
 
 
 def test_a_workdir_that_cannot_be_written_is_refused_at_once(tmp_path):
