@@ -13,10 +13,14 @@ import dataclasses
 import sys
 import typing
 
+from nin_jax.checkpoints import WorkdirError
 from nin_jax.config import Config, ConfigError
+from nin_jax.divergence import Diverged
 from nin_jax.input_pipeline import DataError
+from nin_jax.interrupts import Interrupted
 
-USER_ERRORS = (ConfigError, DataError)
+# Errors whose message is all the user needs: printed as one line, without a traceback.
+USER_ERRORS = (DataError, WorkdirError, Diverged)
 
 
 def _flag_type(field: dataclasses.Field):
@@ -72,8 +76,14 @@ def main(argv=None) -> int:
 
     try:
         train.train_and_evaluate(config, config.workdir)
+    except ConfigError as error:  # found once the devices are known, e.g. a batch that does not split over them
+        parser.error(str(error))
     except USER_ERRORS as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
+    except Interrupted as stop:
+        parser.exit(stop.exit_code, f"{parser.prog}: {stop}\n")
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        parser.exit(130, f"{parser.prog}: interrupted; the same command resumes from the latest checkpoint, if any\n")
     return 0
 
 

@@ -6,6 +6,7 @@ Every field is also a flag of `train.py`, documented by the `help` text below.
 """
 
 import dataclasses
+import math
 from typing import Optional
 
 PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
@@ -58,14 +59,18 @@ class Config:
     log_every_steps: int = _field(
         0, "every N training steps, log a line with the running loss, accuracy and images/s (0 = off)"
     )
+    checkpoint_every_steps: int = _field(
+        0, "also checkpoint every N steps within an epoch (0 = at the end of each epoch only); needs --workdir"
+    )
+    keep_checkpoints: int = _field(3, "how many of the latest checkpoints to keep in <workdir>/checkpoints")
 
     def validate(self) -> "Config":
         """Raises ConfigError for values that cannot work; returns self."""
-        for name in ("num_epochs", "batch_size", "resize"):
+        for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0 < self.learning_rate < math.inf:
+            raise ConfigError(f"--learning_rate must be positive and finite, got {self.learning_rate}")
         from nin_jax.models import MIN_INPUT_SIZE
 
         if self.resize < MIN_INPUT_SIZE:
@@ -75,6 +80,10 @@ class Config:
                 raise ConfigError(f"--{name} must be 0 (all) or positive, got {getattr(self, name)}")
         if self.log_every_steps < 0:
             raise ConfigError(f"--log_every_steps must be 0 (off) or positive, got {self.log_every_steps}")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(
+                f"--checkpoint_every_steps must be 0 (epoch ends only) or positive, got {self.checkpoint_every_steps}"
+            )
         if not 0 <= self.dropout_rate < 1:
             raise ConfigError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.parallel not in PARALLEL_MODES:

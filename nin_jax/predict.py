@@ -17,36 +17,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from nin_jax import input_pipeline, plots, reporting, steps
+from nin_jax.checkpoints import Checkpoints, WorkdirError
 from nin_jax.config import Config
 
-CHECKPOINT_DIR = "checkpoints"
 PREDICTIONS_FILE = "predictions.png"
 
 Params = Any
 
 
-class CheckpointError(FileNotFoundError):
-    """The workdir holds no trained model; the message says what to do."""
-
-
 def restore_params(workdir: str) -> tuple[Config, Params]:
-    """The run's Config (<workdir>/config.json) and the parameters of its latest checkpoint, an
-    orbax CheckpointManager step under <workdir>/checkpoints that holds {'params': ...}."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    if not os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)) or not os.path.isdir(directory):
-        raise CheckpointError(f"{workdir} holds no trained model; train one first with "
-                              f"`python train.py --workdir {workdir}`")
+    """The run's Config (<workdir>/config.json) and the parameters of its latest checkpoint."""
+    if not os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)):
+        raise WorkdirError(f"{workdir} holds no trained model; train one first with `python train.py --workdir {workdir}`")
     config = reporting.read_config(workdir)
-    images = jax.ShapeDtypeStruct((1, config.resize, config.resize, 1), jnp.float32)
-    abstract_params = jax.eval_shape(steps.create_model(config).init, jax.random.key(0), images)["params"]
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise CheckpointError(f"{directory} holds no finished checkpoint")
-        restored = manager.restore(step, args=ocp.args.StandardRestore({"params": abstract_params}))
-    return config, restored["params"]
+    with Checkpoints(workdir, config) as checkpoints:
+        snapshot = checkpoints.restore_latest(steps.create_train_state(config))
+        if snapshot is None:
+            raise WorkdirError(f"{checkpoints.directory} holds no finished checkpoint; train first")
+    return config, snapshot.state.params
 
 
 def predict_classes(config: Config, params: Params, split: input_pipeline.Split, batch_size: int) -> np.ndarray:
@@ -109,7 +97,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
-    except (CheckpointError, input_pipeline.DataError) as error:
+    except (WorkdirError, input_pipeline.DataError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(format_report(matrix))
     print(f"\nwrote {os.path.join(args.workdir, PREDICTIONS_FILE)}")

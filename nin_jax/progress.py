@@ -33,19 +33,19 @@ class StepProgress:
     """Call `update(totals)` after dispatching each step with the running sums, `close()` at the end."""
 
     def __init__(self, desc: str, num_examples: int, batch_size: int, log: Callable[[str], None] = print,
-                 log_every_steps: int = 0):
+                 log_every_steps: int = 0, start_batch: int = 0):
         self._desc = desc
         self._num_examples = num_examples
         self._num_steps = input_pipeline.num_batches(num_examples, batch_size)
         self._batch_size = batch_size
         self._log = log
         self._log_every_steps = log_every_steps
-        self._bar = tqdm.tqdm(total=num_examples, desc=desc, unit="img", unit_scale=True, leave=False,
-                              disable=None, dynamic_ncols=True)
+        self._steps_done = start_batch  # a resumed epoch starts part-way
+        self._examples_done = min(start_batch * batch_size, num_examples)
+        self._bar = tqdm.tqdm(total=num_examples, initial=self._examples_done, desc=desc, unit="img", unit_scale=True,
+                              leave=False, disable=None if jax.process_index() == 0 else True, dynamic_ncols=True)
         self._pending: Optional[steps.Metrics] = None
-        self._steps_done = 0
-        self._examples_done = 0
-        self._last_log = (0, time.perf_counter())  # (examples done, time) at the last step line
+        self._last_log = (self._examples_done, time.perf_counter())  # (examples done, time) at the last step line
         self._last_postfix_time = time.perf_counter()
 
     def update(self, totals: steps.Metrics) -> None:

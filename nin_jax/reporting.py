@@ -29,6 +29,21 @@ def append_metrics(workdir: Optional[str], record: dict[str, Any]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def keep_epochs(workdir: str, num_epochs: int) -> list[dict[str, Any]]:
+    """Drops the records of epochs after `num_epochs` from metrics.jsonl and returns the rest. A
+    resumed run calls it with its checkpoint's finished epochs: the later ones run again and would
+    otherwise be logged twice. The kept lines stay byte for byte as they were."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= num_epochs]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)  # atomic: a kill leaves the old file or the new one
+    return [json.loads(line) for line in kept]
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -59,6 +60,11 @@ def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Me
         "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
         "count": jnp.sum(mask),
     }
+
+
+def zero_metrics() -> Metrics:
+    """Where a running sum of step metrics starts; float32 like the steps' own sums."""
+    return {name: np.zeros((), np.float32) for name in ("loss_sum", "correct", "count")}
 
 
 def _sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:

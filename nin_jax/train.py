@@ -1,27 +1,35 @@
-"""The training loop: `train_and_evaluate(config, workdir)`, the book's `train_ch6` in JAX."""
+"""The training loop: `train_and_evaluate(config, workdir)`, the book's `train_ch6` in JAX.
 
-import os
+With a workdir, the loop checkpoints at the end of every epoch (and every
+`--checkpoint_every_steps` steps), and the same call resumes from the latest checkpoint; the
+resumed run ends exactly where an uninterrupted one would have. With several processes, each
+trains on its slice of every batch and only process 0 logs and writes files.
+"""
+
+import contextlib
 import time
 from typing import Any, Callable, Optional
 
 import jax
-import numpy as np
 
-from nin_jax import cpu_estimate, epoch_outputs, input_pipeline, parallel, progress, reporting, steps
+from nin_jax import cpu_estimate, distributed, epoch_outputs, input_pipeline, parallel, progress, reporting, steps
+from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
+from nin_jax.divergence import LossWatch
+from nin_jax.interrupts import Interrupted, stop_requests
 
 
-def _add(totals: Optional[steps.Metrics], metrics: steps.Metrics) -> steps.Metrics:
+def _add(totals: steps.Metrics, metrics: steps.Metrics) -> steps.Metrics:
     """Running sums stay on the device, so the loop never waits for a step to finish."""
-    return metrics if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, metrics)
+    return jax.tree_util.tree_map(lambda a, b: a + b, totals, metrics)
 
 
-def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, batch_size: int,
-             desc: str = "test") -> dict[str, float]:
+def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, batch_size: int, desc: str = "test",
+             process: input_pipeline.ProcessSlice = input_pipeline.ProcessSlice()) -> dict[str, float]:
     """Loss, accuracy and the number of examples counted, over every example of `split` once."""
-    totals = None
+    totals = steps.zero_metrics()
     bar = progress.StepProgress(desc, len(split), batch_size)
-    for batch in input_pipeline.eval_batches(split, batch_size):
+    for batch in input_pipeline.eval_batches(split, batch_size, process):
         totals = _add(totals, strategy.eval_step(state, batch))
         bar.update(totals)
     bar.close()
@@ -30,59 +38,116 @@ def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, bat
     return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "examples": count}
 
 
+def _start_or_resume(config: Config, checkpoints: Optional[Checkpoints]) -> Snapshot:
+    """The latest checkpoint's snapshot if there is one, else a fresh start from `config.seed`."""
+    initial = Snapshot.start(steps.create_train_state(config))
+    return (checkpoints.restore_latest(initial.state) if checkpoints else None) or initial
+
+
 def train_and_evaluate(config: Config, workdir: Optional[str] = None,
                        log: Callable[[str], None] = print) -> tuple[steps.TrainState, list[dict[str, Any]]]:
     """Trains NiN on Fashion-MNIST as `config` says; returns the final state (on the host) and one
-    metrics record per epoch. With a `workdir`, the records are appended to metrics.jsonl there."""
+    metrics record per epoch. With a `workdir`, it resumes from the latest checkpoint there, and
+    the records are also in metrics.jsonl there.
+
+    Raises `Interrupted` after saving a checkpoint when SIGINT or SIGTERM asked it to stop, and
+    `Diverged` at a non-finite training loss, without saving the bad state.
+    """
     config = config.validate()
-    if workdir:
-        os.makedirs(workdir, exist_ok=True)
-    reporting.write_config(workdir, config)
+    process = distributed.initialize(config)
+    strategy = parallel.create_strategy(config)  # refuses a batch that does not split over the devices
+    checkpoints = Checkpoints(workdir, config) if workdir else None
+    if not distributed.is_main_process():
+        workdir, log = None, lambda line: None  # checkpoints are saved by every process, together
+    with checkpoints or contextlib.nullcontext():
+        return _train(config, strategy, process, checkpoints, workdir, log)
+
+
+def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, checkpoints: Optional[Checkpoints],
+           workdir: Optional[str], log: Callable[[str], None]) -> tuple[steps.TrainState, list[dict[str, Any]]]:
+    snapshot = _start_or_resume(config, checkpoints)
     datasets = input_pipeline.load_fashion_mnist(config.data_dir, config.manual_dir, config.download)
     train_split = datasets["train"].take(config.train_examples)
     test_split = datasets["test"].take(config.eval_examples)
+    steps_per_epoch = input_pipeline.num_batches(len(train_split), config.batch_size)
+    step = int(snapshot.state.step)
+    done_epochs, start_batch = divmod(step, steps_per_epoch)
+    records = reporting.keep_epochs(workdir, done_epochs) if workdir else []
+    if done_epochs >= config.num_epochs:
+        log(f"the run in {workdir} is finished: its checkpoint has all {done_epochs} epochs ({step} steps); "
+            f"raise --num_epochs to train on")
+        return snapshot.state, records
+    if step:
+        log(f"resuming from the checkpoint of step {step} in {checkpoints.directory}: "
+            f"epoch {done_epochs + 1}, batch {start_batch + 1} of {steps_per_epoch} is next")
+    reporting.write_config(workdir, config)
 
-    strategy = parallel.create_strategy(config)
-    devices = parallel.describe_devices(strategy)
-    state = strategy.put_state(steps.create_train_state(config))
-    first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size))
-    compile_seconds = strategy.compile(state, first_batch)
-    log(f"compiled the train and eval steps for {devices} ({strategy.name}) in {compile_seconds:.1f}s")
-    if cpu_estimate.applies(config):
-        log(cpu_estimate.measure_and_estimate(strategy, state, first_batch, config, len(train_split), len(test_split)))
     outputs = epoch_outputs.EpochOutputs(workdir, config)
+    with stop_requests() as stop, contextlib.closing(outputs):  # from here on, a first Ctrl-C saves, then stops
+        devices = parallel.describe_devices(strategy)
+        state = strategy.put_state(snapshot.state)
+        first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size, process))
+        compile_seconds = strategy.compile(state, first_batch)
+        log(f"compiled the train and eval steps for {devices} ({strategy.name}) in {compile_seconds:.1f}s")
+        if cpu_estimate.applies(config):
+            log(cpu_estimate.measure_and_estimate(strategy, state, first_batch, config, len(train_split),
+                                                  len(test_split)))
+        loss_watch = LossWatch(step, steps_per_epoch, config.learning_rate)
 
-    records = []
-    for epoch in range(1, config.num_epochs + 1):
-        start = time.perf_counter()
-        totals = None
-        bar = progress.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size, log,
-                                    config.log_every_steps)
-        for batch in input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch):
-            state, metrics = strategy.train_step(state, batch)
-            totals = _add(totals, metrics)
-            bar.update(totals)
-        bar.close()
-        totals = jax.device_get(totals)
-        train_seconds = time.perf_counter() - start
-        test = evaluate(strategy, state, test_split, config.batch_size, desc=f"epoch {epoch}/{config.num_epochs} test")
-        record = {
-            "epoch": epoch,
-            "train_loss": float(totals["loss_sum"] / totals["count"]),
-            "train_accuracy": float(totals["correct"] / totals["count"]),
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "train_examples": int(totals["count"]),
-            "test_examples": test["examples"],
-            "examples_per_sec": float(totals["count"]) / train_seconds,
-            "train_seconds": train_seconds,
-            "compile_seconds": compile_seconds,
-            "devices": devices,
-            "parallel": strategy.name,
-        }
-        records.append(record)
-        log(reporting.epoch_line(record, config.num_epochs))
-        reporting.append_metrics(workdir, record)
-        outputs.write(records)
-    outputs.close()
+        def save(state: steps.TrainState, totals: steps.Metrics, epoch_seconds: float) -> None:
+            """Checkpoints `state` once its losses are known to be finite: a diverged state is never saved."""
+            loss_watch.check()
+            if checkpoints:
+                checkpoints.save(Snapshot(strategy.get_state(state), jax.device_get(totals), epoch_seconds))
+
+        def stop_if_requested(step: int) -> None:
+            if stop.signum:
+                resume = (f"saved a checkpoint in {checkpoints.directory}; run the same command to resume"
+                          if checkpoints else "nothing was saved (no --workdir)")
+                raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}: {resume}")
+
+        epoch_totals, epoch_seconds = snapshot.epoch_totals, snapshot.epoch_seconds
+        for epoch in range(done_epochs + 1, config.num_epochs + 1):
+            start = time.perf_counter() - epoch_seconds
+            bar = progress.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size,
+                                        log, config.log_every_steps, start_batch)
+            batches = input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch, start_batch,
+                                                   process)
+            for batch in batches:
+                state, metrics = strategy.train_step(state, batch)
+                epoch_totals = _add(epoch_totals, metrics)
+                bar.update(epoch_totals)
+                loss_watch.add(metrics["loss_sum"])
+                step += 1
+                checkpoint_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                if step % steps_per_epoch and (checkpoint_due or stop.signum):  # an epoch's end is saved below
+                    save(state, epoch_totals, time.perf_counter() - start)
+                    stop_if_requested(step)
+            bar.close()
+            loss_watch.check()
+            totals = jax.device_get(epoch_totals)
+            train_seconds = time.perf_counter() - start
+            test = evaluate(strategy, state, test_split, config.batch_size, f"epoch {epoch}/{config.num_epochs} test",
+                            process)
+            record = {
+                "epoch": epoch,
+                "train_loss": float(totals["loss_sum"] / totals["count"]),
+                "train_accuracy": float(totals["correct"] / totals["count"]),
+                "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"],
+                "train_examples": int(totals["count"]),
+                "test_examples": test["examples"],
+                "examples_per_sec": float(totals["count"]) / train_seconds,
+                "train_seconds": train_seconds,
+                "compile_seconds": compile_seconds,
+                "devices": devices,
+                "parallel": strategy.name,
+            }
+            records.append(record)
+            log(reporting.epoch_line(record, config.num_epochs))
+            reporting.append_metrics(workdir, record)
+            outputs.write(records)
+            epoch_totals, epoch_seconds, start_batch = steps.zero_metrics(), 0.0, 0
+            save(state, epoch_totals, epoch_seconds)
+            stop_if_requested(step)
     return strategy.get_state(state), records

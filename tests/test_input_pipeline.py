@@ -117,3 +117,16 @@ def test_processes_read_disjoint_slices_that_make_up_the_global_batch(num_proces
     eval_parts = [list(input_pipeline.eval_batches(split, 8, input_pipeline.ProcessSlice(i, num_processes)))
                   for i in range(num_processes)]
     assert sum(b["mask"].sum() for part in eval_parts for b in part) == 45
+
+
+def test_a_damaged_data_file_is_named_before_tfds_builds_anything(tmp_path):
+    manual_dir = tmp_path / "manual"
+    manual_dir.mkdir()
+    for name in input_pipeline.SOURCE_FILES:
+        (manual_dir / name).write_bytes(b"not the published file")
+    with pytest.raises(input_pipeline.DataError) as error:
+        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual_dir))
+    message = str(error.value)
+    assert message.startswith("4 Fashion-MNIST files damaged or altered, with another SHA-256 than the published one: ")
+    assert f"{manual_dir / 'train-labels-idx1-ubyte.gz'} (22 bytes, the original has 29,515)" in message
+    assert len(message.splitlines()) == 1

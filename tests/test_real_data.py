@@ -1,6 +1,7 @@
 """A short training run on the real Fashion-MNIST files in ../shared (CI has them)."""
 
 import os
+import shutil
 
 import pytest
 
@@ -30,3 +31,16 @@ def test_real_data_short_run_beats_chance_by_far(data_dir, tmp_path):
     _, records = train.train_and_evaluate(config, str(tmp_path), log=print)
     assert records[0]["test_examples"] == 2000
     assert records[0]["test_accuracy"] > 0.4  # chance is 0.1; this run measured 0.56
+
+
+def test_a_truncated_file_is_named_in_one_line(tmp_path):
+    manual_dir = tmp_path / "manual"
+    shutil.copytree(SHARED_FASHION_MNIST, manual_dir)
+    labels = manual_dir / "t10k-labels-idx1-ubyte.gz"
+    os.truncate(labels, 1000)
+    with pytest.raises(input_pipeline.DataError) as error:
+        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual_dir))
+    assert str(error.value) == (
+        f"a Fashion-MNIST file damaged or altered, with another SHA-256 than the published one: {labels} "
+        f"(1,000 bytes, the original has 5,148). Replace it with the original and run again."
+    )

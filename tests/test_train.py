@@ -46,6 +46,8 @@ def run_cli(*args, **env):
         (["--batch_size", "0"], "--batch_size must be positive"),
         (["--num_epochs", "-1"], "--num_epochs must be positive"),
         (["--learning_rate", "0"], "--learning_rate must be positive"),
+        (["--learning_rate", "inf"], "--learning_rate must be positive and finite, got inf"),
+        (["--checkpoint_every_steps", "-1"], "--checkpoint_every_steps must be 0 (epoch ends only) or positive"),
         (["--resize", "66"], "--resize must be at least 67"),
         (["--resize", "big"], "invalid int value"),
         (["--parallel", "tpu"], "invalid choice"),
@@ -75,3 +77,22 @@ def test_cli_help_documents_every_flag_and_its_default():
                           ("--resize", "224"), ("--seed", "0"), ("--parallel", "auto"), ("--manual_dir", "None")]:
         assert flag in result.stdout
     assert result.stdout.count("(default:") >= len(Config.__dataclass_fields__)
+
+
+def test_cli_batch_that_does_not_split_over_the_devices_is_one_line():
+    result = run_cli("--batch_size", "18", "--resize", "67", "--parallel", "pmap")  # 4 devices, see conftest
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "train.py: error: --batch_size 18 does not split evenly over 4 devices; use a multiple of 4 (see --help)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_unwritable_workdir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")  # tests run as root, which chmod does not stop
+    result = run_cli("--resize", "67", "--workdir", str(tmp_path / "file" / "run"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: cannot write to --workdir {tmp_path}/file/run: Not a directory"
+    )
+    assert "Traceback" not in result.stderr

@@ -5,7 +5,6 @@ import os
 import re
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -19,23 +18,14 @@ NUM_EXAMPLES = 20  # per split: 3 steps of 8 per epoch, the last one padded
 CONFIG = Config(resize=67, batch_size=8, num_epochs=2, parallel="jit", log_every_steps=2)
 
 
-def save_params(workdir: str, step: int, params) -> None:
-    """A checkpoint as predict.restore_params reads it."""
-    with ocp.CheckpointManager(os.path.join(workdir, predict.CHECKPOINT_DIR)) as manager:
-        manager.save(step, args=ocp.args.StandardSave({"params": params}))
-        manager.wait_until_finished()
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """One short run, with the CPU estimate switched on at its small resize, and its final
-    parameters saved as a checkpoint."""
+    """One short run, with the CPU estimate switched on at its small resize; it leaves checkpoints."""
     workdir = str(tmp_path_factory.mktemp("run"))
     lines = []
     with mock_fashion_mnist(NUM_EXAMPLES), pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_estimate, "ESTIMATE_FROM_RESIZE", CONFIG.resize)
         state, records = train.train_and_evaluate(CONFIG, workdir, log=lines.append)
-    save_params(workdir, int(state.step), state.params)
     return {"workdir": workdir, "state": state, "records": records, "lines": lines}
 
 

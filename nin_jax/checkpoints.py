@@ -1,0 +1,149 @@
+"""Checkpoints in <workdir>/checkpoints, written with orbax, so that a run killed at any step
+continues exactly when the same command is run again.
+
+A checkpoint holds everything the rest of the run depends on:
+  * the host copy of the train state: parameters, optimizer state, step and dropout key (every
+    step's dropout key is derived from the step, see `steps.TrainState`);
+  * the running train-metric sums and training seconds of the unfinished epoch;
+  * the config fields that fix the shapes, the data order or what a step does (`RESUME_FIELDS`);
+  * a SHA-256 of the saved arrays: orbax restores damaged bytes without noticing.
+The data order needs no saving: the step gives the epoch and the batch within it, and
+`input_pipeline.train_batches` draws an epoch's order from (seed, epoch).
+
+orbax writes each checkpoint into a temporary folder and renames it once complete, so a run
+killed while saving leaves the earlier checkpoints intact.
+"""
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from nin_jax import input_pipeline, steps
+from nin_jax.config import Config
+
+CHECKPOINT_DIR = "checkpoints"
+# A run resumed under other values of these would not continue the run that was checkpointed.
+RESUME_FIELDS = (
+    "resize", "dtype", "batch_size", "learning_rate", "dropout_rate", "seed", "train_examples", "weight_init"
+)
+
+
+class WorkdirError(RuntimeError):
+    """The workdir or a checkpoint in it cannot be used; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Where a run stands: its host train state, and the running train-metric sums and training
+    seconds of the epoch it is in."""
+
+    state: steps.TrainState
+    epoch_totals: steps.Metrics
+    epoch_seconds: float = 0.0
+
+    @classmethod
+    def start(cls, state: steps.TrainState) -> "Snapshot":
+        return cls(state, steps.zero_metrics())
+
+    def saved_arrays(self) -> dict[str, Any]:
+        """The arrays to save. The step, an int in a fresh state, is always saved as an int32 array,
+        so that the template a checkpoint is restored into has the saved dtypes."""
+        state = serialization.to_state_dict(self.state)
+        return {"train_state": {**state, "step": np.asarray(state["step"], np.int32)}, "epoch_totals": self.epoch_totals}
+
+
+def _resume_record(config: Config) -> dict[str, Any]:
+    return {**{name: getattr(config, name) for name in RESUME_FIELDS}, "num_classes": input_pipeline.NUM_CLASSES}
+
+
+def _fingerprint(tree: Any) -> str:
+    """SHA-256 over every array of `tree` with its path, dtype and shape."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        leaf = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.dtype} {leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+def _make_writable(workdir: str) -> None:
+    """Creates `workdir` and writes a file there: better a clear message now than a failed save
+    after an epoch of training."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        tempfile.TemporaryFile(dir=workdir).close()
+    except OSError as error:
+        raise WorkdirError(f"cannot write to --workdir {workdir}: {error.strerror or error}") from error
+
+
+class Checkpoints:
+    """The checkpoints of the run in `workdir`; saves are asynchronous, `close` waits for them."""
+
+    def __init__(self, workdir: str, config: Config):
+        _make_writable(workdir)
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self._record = _resume_record(config)
+        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "run"))
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def save(self, snapshot: Snapshot) -> None:
+        """Starts saving in the background; `snapshot` must hold host copies, which the next
+        steps cannot change."""
+        arrays = snapshot.saved_arrays()
+        run = {"config": self._record, "epoch_seconds": snapshot.epoch_seconds, "fingerprint": _fingerprint(arrays)}
+        self._manager.save(
+            int(snapshot.state.step), args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), run=ocp.args.JsonSave(run))
+        )
+
+    def restore_latest(self, initial_state: steps.TrainState) -> Optional[Snapshot]:
+        """The latest checkpoint's snapshot, None when there is none. Refuses, and leaves the
+        checkpoint as it is, when it is unreadable, damaged or from an incompatible config."""
+        step = self._manager.latest_step()
+        if step is None:
+            return None
+        run = self._restore(step, run=ocp.args.JsonRestore())["run"]
+        self._check_compatible(step, run.get("config", {}))
+        template = Snapshot.start(initial_state).saved_arrays()
+        arrays = self._restore(step, arrays=ocp.args.StandardRestore(template))["arrays"]
+        if _fingerprint(arrays) != run.get("fingerprint"):
+            raise self._damaged(step, "its arrays do not match the checksum saved with them")
+        state = serialization.from_state_dict(initial_state, arrays["train_state"])
+        return Snapshot(state, arrays["epoch_totals"], run.get("epoch_seconds", 0.0))
+
+    def _restore(self, step: int, **items) -> Any:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # orbax, tensorstore and json each raise their own kinds
+            raise self._damaged(step, f"its files are incomplete or damaged (reading them raised {type(error).__name__})") from error
+
+    def _check_compatible(self, step: int, saved: dict[str, Any]) -> None:
+        differences = [
+            f"{name} {saved.get(name)} (this run: {value})" for name, value in self._record.items() if saved.get(name) != value
+        ]
+        if differences:
+            raise self._refusal(step, f"it comes from a run with {', '.join(differences)}", "rerun with that run's flags")
+
+    def _damaged(self, step: int, reason: str) -> WorkdirError:
+        return self._refusal(step, reason, "move that folder away to resume from the checkpoint before it")
+
+    def _refusal(self, step: int, reason: str, advice: str) -> WorkdirError:
+        return WorkdirError(
+            f"refusing to resume from the checkpoint {os.path.join(self.directory, str(step))}: {reason}; "
+            f"{advice}, or use another --workdir. The checkpoint was left as it is."
+        )

@@ -1,0 +1,17 @@
+"""`train.py` on `conftest.fake_fashion_mnist` data, for tests that need training in a process of
+its own, to kill or interrupt it:
+
+    python tests/fake_data_train.py NUM_EXAMPLES [train.py flags]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tree's nin_jax and train.py
+
+import train  # noqa: E402
+from conftest import fake_fashion_mnist  # noqa: E402
+
+if __name__ == "__main__":
+    with fake_fashion_mnist(int(sys.argv[1])):
+        sys.exit(train.main(sys.argv[2:]))
