@@ -80,8 +80,18 @@ class PmapStrategy(JitStrategy):
         self.num_devices = len(self.devices) * jax.process_count()
         _check_batch_splits(config.batch_size, self.num_devices)
         train_step, eval_step = steps.step_functions(config, axis_name=AXIS_NAME)
-        self._train = jax.pmap(train_step, axis_name=AXIS_NAME, donate_argnums=0, devices=self.devices)
-        self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, devices=self.devices)
+        # Naming devices confines pmap to them; unnamed, it spans the devices of every process.
+        self._train = jax.pmap(train_step, axis_name=AXIS_NAME, donate_argnums=0, devices=devices)
+        self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, devices=devices)
+
+    def compile(self, state, batch):
+        """With several processes, pmap's ahead-of-time executables want global arrays; so the
+        steps are compiled by running each once, the train step on a throwaway copy of `state`.
+        The seconds returned include those two runs."""
+        start = time.perf_counter()
+        jax.block_until_ready(self.train_step(self.put_state(self.get_state(state)), batch))
+        jax.block_until_ready(self.eval_step(state, batch))
+        return time.perf_counter() - start
 
     def put_state(self, state):
         return jax_utils.replicate(state, self.devices)
