@@ -45,7 +45,7 @@ class Config:
     dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
     dropout_rate: float = _field(0.5, "dropout before the last NiN block")
     weight_init: str = _field(
-        "kaiming", "initial weights: kaiming (He fan-out, class layer starting alive; never stalled) or xavier (the book's)",
+        "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier (the book's, which can stall)",
         choices=WEIGHT_INITS,
     )
     distributed: bool = _field(

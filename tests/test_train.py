@@ -96,3 +96,10 @@ def test_cli_unwritable_workdir_is_one_line(tmp_path):
         f"train.py: error: cannot write to --workdir {tmp_path}/file/run: Not a directory"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_readme_documents_every_flag():
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = f.read()
+    missing = [name for name in Config.__dataclass_fields__ if f"`--{name}`" not in readme]
+    assert not missing, f"README.md's flag table lacks {missing}"
