@@ -2,8 +2,9 @@
 over a device mesh with sharded batches (`sharding`, the way current JAX recommends).
 
 A strategy owns the compiled steps and the layout of states and batches on its devices, so the
-training loop is the same for all: `put_state`, then `train_step(state, batch)` with global
-NumPy batches, and `get_state` for a host copy.
+training loop is the same for all: `put_state`, then `train_step(state, batch)` with this
+process's NumPy batches (the whole global batch when there is one process), and `get_state` for
+a host copy.
 """
 
 import time
