@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import jax
 import tqdm
 
-from nin_jax import input_pipeline, steps
+from nin_jax import distributed, input_pipeline, steps
 
 POSTFIX_EVERY_SECONDS = 5.0
 
@@ -43,7 +43,7 @@ class StepProgress:
         self._steps_done = start_batch  # a resumed epoch starts part-way
         self._examples_done = min(start_batch * batch_size, num_examples)
         self._bar = tqdm.tqdm(total=num_examples, initial=self._examples_done, desc=desc, unit="img", unit_scale=True,
-                              leave=False, disable=None if jax.process_index() == 0 else True, dynamic_ncols=True)
+                              leave=False, disable=None if distributed.is_main_process() else True, dynamic_ncols=True)
         self._pending: Optional[steps.Metrics] = None
         self._last_log = (self._examples_done, time.perf_counter())  # (examples done, time) at the last step line
         self._last_postfix_time = time.perf_counter()

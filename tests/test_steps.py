@@ -78,7 +78,7 @@ def test_train_step_is_sgd_on_the_mean_loss_of_real_examples():
 
 
 def test_dropout_masks_follow_the_step():
-    """Dropout keys come from (seed, step): two runs agree, and successive steps differ."""
+    """Dropout keys come from (seed, step), not from hidden state: two runs of the same step agree."""
     config = dataclasses.replace(CONFIG, dropout_rate=0.5)
     batch = random_batch(config.batch_size, 16)
     strategy = parallel.JitStrategy(config)
