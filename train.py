@@ -2,6 +2,7 @@
 
     python train.py --workdir runs/reference                  # the book's recipe (224 px, 10 epochs)
     python train.py --resize 96 --num_epochs 2 --workdir runs/quick   # a quick run on a CPU
+    python train.py --recipe strong --resize 96 --workdir runs/strong_96   # the stronger recipe
     python train.py --summary --resize 96                     # the layers' output shapes, no training
 
 Offline, point --manual_dir at the four Fashion-MNIST .gz files. `python train.py --help` lists
@@ -13,6 +14,7 @@ import dataclasses
 import sys
 import typing
 
+from nin_jax import recipes
 from nin_jax.checkpoints import WorkdirError
 from nin_jax.config import Config, ConfigError
 from nin_jax.divergence import Diverged
@@ -60,11 +62,26 @@ def print_summary(config: Config) -> None:
     print(models.format_summary(models.layer_summary(steps.create_model(config), config.resize)))
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
+def _apply_recipe(parser: argparse.ArgumentParser, argv) -> None:
+    """Makes the --recipe's values the defaults, so that flags given explicitly still win."""
+    first_pass = _Parser(add_help=False)  # so that --help shows the recipe's defaults
+    first_pass.add_argument("--recipe", choices=tuple(recipes.RECIPES), default="reference")
+    recipe = first_pass.parse_known_args(argv)[0].recipe
+    parser.set_defaults(**recipes.RECIPES[recipe])
+
+
+def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, bool]:
+    """The Config that the flags ask for (the recipe's values, then the flags given), and whether
+    --summary was given."""
+    _apply_recipe(parser, argv)
     flags = vars(parser.parse_args(argv))
     summary = flags.pop("summary")
-    config = Config(**flags)
+    return Config(**flags), summary
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    config, summary = parse_config(parser, argv)
     try:
         config.validate()
     except ConfigError as error:

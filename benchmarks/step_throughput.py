@@ -1,6 +1,7 @@
 """Images/s of nin_jax's train and eval steps on in-memory data (no input pipeline involved).
 
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 --dtype float32
+    python benchmarks/step_throughput.py --resize 224 --batch_size 128 256 512 --dtype float32 bfloat16
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_throughput.py --parallel pmap
 
 Compilation is timed separately; warm-up steps are excluded; each figure is the median of
@@ -52,22 +53,27 @@ def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resize", type=int, default=224)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[128], help="one or more global batch sizes")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
+                        help="one or more compute dtypes")
     parser.add_argument("--parallel", default="auto", choices=("auto", "jit", "pmap"))
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
-    config = Config(resize=args.resize, batch_size=args.batch_size, dtype=args.dtype, parallel=args.parallel).validate()
-    start = time.perf_counter()
-    result = measure(config, args.steps, args.repeats, args.warmup)
-    result["wall_seconds"] = time.perf_counter() - start
     print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'devices':>14} {'compile s':>9} {'train img/s':>11} {'eval img/s':>10}")
-    print(f"{args.resize:>6} {args.batch_size:>5} {args.dtype:>8} {result['devices']:>14} "
-          f"{result['compile_seconds']:>9.1f} {result['train_images_per_sec']:>11.1f} {result['eval_images_per_sec']:>10.1f}")
-    write_json(args.out, result)
+    results = []
+    for dtype in args.dtype:
+        for batch_size in args.batch_size:
+            config = Config(resize=args.resize, batch_size=batch_size, dtype=dtype, parallel=args.parallel).validate()
+            start = time.perf_counter()
+            result = measure(config, args.steps, args.repeats, args.warmup)
+            result["wall_seconds"] = time.perf_counter() - start
+            results.append(result)
+            print(f"{args.resize:>6} {batch_size:>5} {dtype:>8} {result['devices']:>14} {result['compile_seconds']:>9.1f} "
+                  f"{result['train_images_per_sec']:>11.1f} {result['eval_images_per_sec']:>10.1f}", flush=True)
+    write_json(args.out, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

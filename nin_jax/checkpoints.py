@@ -31,7 +31,8 @@ from nin_jax.config import Config
 CHECKPOINT_DIR = "checkpoints"
 # A run resumed under other values of these would not continue the run that was checkpointed.
 RESUME_FIELDS = (
-    "resize", "dtype", "batch_size", "learning_rate", "dropout_rate", "seed", "train_examples", "weight_init"
+    "resize", "dtype", "batch_size", "learning_rate", "dropout_rate", "seed", "train_examples", "weight_init",
+    "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "label_smoothing", "augment", "batch_norm",
 )
 
 
@@ -60,7 +61,10 @@ class Snapshot:
 
 
 def _resume_record(config: Config) -> dict[str, Any]:
-    return {**{name: getattr(config, name) for name in RESUME_FIELDS}, "num_classes": input_pipeline.NUM_CLASSES}
+    record = {**{name: getattr(config, name) for name in RESUME_FIELDS}, "num_classes": input_pipeline.NUM_CLASSES}
+    if config.lr_schedule != "constant":  # the schedule's length is the run's length
+        record["num_epochs"] = config.num_epochs
+    return record
 
 
 def _fingerprint(tree: Any) -> str:
@@ -133,6 +137,8 @@ class Checkpoints:
             raise self._damaged(step, f"its files are incomplete or damaged (reading them raised {type(error).__name__})") from error
 
     def _check_compatible(self, step: int, saved: dict[str, Any]) -> None:
+        defaults = _resume_record(Config())  # what a checkpoint from before a field existed ran with
+        saved = {**defaults, **saved}
         differences = [
             f"{name} {saved.get(name)} (this run: {value})" for name, value in self._record.items() if saved.get(name) != value
         ]

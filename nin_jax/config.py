@@ -2,14 +2,19 @@
 
 The defaults are the book's recipe: SGD with learning rate 0.1, batch 128, 10 epochs,
 Fashion-MNIST resized to 224x224. Run it with `python train.py --workdir runs/reference`.
-Every field is also a flag of `train.py`, documented by the `help` text below.
+Every field is also a flag of `train.py`, documented by the `help` text below. Named recipes
+(`nin_jax.recipes`) change some defaults: `Config.from_recipe('strong', resize=96)`, or
+`python train.py --recipe strong --resize 96`.
 """
 
 import dataclasses
 import math
 from typing import Optional
 
+from nin_jax import recipes
+
 PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
+LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 WEIGHT_INITS = ("kaiming", "xavier")
 
@@ -24,10 +29,27 @@ def _field(default, help_text: str, **extra):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    recipe: str = _field(
+        "reference", "a named set of defaults for the flags below, which override it: reference (the book's) or "
+        "strong (see nin_jax/recipes.py)", choices=tuple(recipes.RECIPES),
+    )
     workdir: Optional[str] = _field(None, "where metrics, plots and checkpoints go; none: write nothing")
     num_epochs: int = _field(10, "passes over the training set")
     batch_size: int = _field(128, "global batch size, split evenly over all devices")
-    learning_rate: float = _field(0.1, "SGD learning rate")
+    learning_rate: float = _field(0.1, "SGD learning rate; with --lr_schedule cosine, the peak")
+    lr_schedule: str = _field(
+        "constant", "constant, or cosine: linear warm-up from 0 over --warmup_epochs, then cosine decay to 0",
+        choices=LR_SCHEDULES,
+    )
+    warmup_epochs: float = _field(0.0, "with --lr_schedule cosine: epochs of linear warm-up")
+    momentum: float = _field(0.0, "SGD momentum (0 = plain SGD, the book's)")
+    nesterov: bool = _field(False, "Nesterov momentum; needs --momentum")
+    weight_decay: float = _field(0.0, "L2 weight decay on the kernels, added to the gradient (0 = off)")
+    label_smoothing: float = _field(0.0, "training targets put this much probability evenly on all classes (0 = off)")
+    augment: bool = _field(
+        False, "random crops (shifts of up to 2 px, zero-padded) and left-right flips of the training images"
+    )
+    batch_norm: bool = _field(False, "batch normalisation after every convolution: a NiN variant, not the book's")
     resize: int = _field(224, "images are resized (bilinear) to resize x resize; at least 67")
     seed: int = _field(0, "seed of the initial parameters, the data order and dropout")
     data_dir: Optional[str] = _field(None, "tensorflow-datasets data directory; none: tfds' own, ~/tensorflow_datasets")
@@ -35,6 +57,10 @@ class Config:
         None, "folder holding the four Fashion-MNIST .gz files, for offline use; none: <data_dir>/downloads/manual"
     )
     download: bool = _field(False, "let tfds download the four files when they are not on disk (needs internet)")
+    data_arrays: Optional[str] = _field(
+        None, "read the data from this .npz, written by `python -m nin_jax.export_arrays` from tfds, instead of "
+        "from tfds: for machines without TensorFlow"
+    )
     train_examples: int = _field(0, "train on the first N training examples only (0 = all 60,000)")
     eval_examples: int = _field(0, "evaluate on the first N test examples only (0 = all 10,000)")
     parallel: str = _field(
@@ -64,6 +90,13 @@ class Config:
     )
     keep_checkpoints: int = _field(3, "how many of the latest checkpoints to keep in <workdir>/checkpoints")
 
+    @classmethod
+    def from_recipe(cls, name: str, **overrides) -> "Config":
+        """The named recipe's config, with `overrides` on top."""
+        if name not in recipes.RECIPES:
+            raise ConfigError(f"--recipe must be one of {', '.join(recipes.RECIPES)}, got {name!r}")
+        return cls(**{**recipes.RECIPES[name], "recipe": name, **overrides})
+
     def validate(self) -> "Config":
         """Raises ConfigError for values that cannot work; returns self."""
         for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints"):
@@ -92,6 +125,20 @@ class Config:
             raise ConfigError(f"--process_id must be in [0, {self.num_processes}), got {self.process_id}")
         if self.weight_init not in WEIGHT_INITS:
             raise ConfigError(f"--weight_init must be one of {', '.join(WEIGHT_INITS)}, got {self.weight_init!r}")
+        if self.recipe not in recipes.RECIPES:
+            raise ConfigError(f"--recipe must be one of {', '.join(recipes.RECIPES)}, got {self.recipe!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_epochs <= self.num_epochs:
+            raise ConfigError(f"--warmup_epochs must be in [0, --num_epochs={self.num_epochs}], got {self.warmup_epochs}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and not self.momentum:
+            raise ConfigError("--nesterov needs a --momentum above 0")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight_decay must be 0 (off) or positive, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self

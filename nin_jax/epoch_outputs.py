@@ -17,32 +17,41 @@ SCALARS = {
     "train/images_per_sec": "examples_per_sec",
     "test/loss": "test_loss",
     "test/accuracy": "test_accuracy",
+    "train/learning_rate": "learning_rate",
 }
+
+
+def _tensorboard_writer(workdir: str):
+    """flax's TensorBoard writer, or None where TensorFlow, which it imports, is not installed
+    (as on an accelerator machine that reads `--data_arrays`)."""
+    try:
+        input_pipeline.import_tensorflow()
+    except ImportError:
+        return None
+    from flax.metrics import tensorboard
+
+    return tensorboard.SummaryWriter(workdir, auto_flush=False)
 
 
 class EpochOutputs:
     """Call `write(records)` after every epoch and `close()` after the last; without a workdir
-    both do nothing."""
+    both do nothing. Without TensorFlow, the TensorBoard events are left out."""
 
     def __init__(self, workdir: Optional[str], config: Config):
         self._workdir = workdir
         self._config = config
-        self._writer = None
-        if workdir:
-            input_pipeline.import_tensorflow()  # flax's writer imports TensorFlow
-            from flax.metrics import tensorboard
-
-            self._writer = tensorboard.SummaryWriter(workdir, auto_flush=False)
+        self._writer = _tensorboard_writer(workdir) if workdir else None
 
     def write(self, records: list[dict[str, Any]]) -> None:
         """Redraws curves.png from all epochs so far and adds the last epoch's scalars."""
-        if not self._writer:
+        if not self._workdir:
             return
         plots.plot_curves(records, self._config.num_epochs, os.path.join(self._workdir, CURVES_FILE))
+        if not self._writer:
+            return
         record = records[-1]
         for tag, key in SCALARS.items():
             self._writer.scalar(tag, record[key], record["epoch"])
-        self._writer.scalar("learning_rate", self._config.learning_rate, record["epoch"])
         self._writer.flush()
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ DATASET = "fashion_mnist"
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28, 1)
+TRAIN_SIZE = 60_000  # examples in the published training split
 SOURCE_FILES = (
     "train-images-idx3-ubyte.gz",
     "train-labels-idx1-ubyte.gz",
@@ -104,6 +105,36 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
             _check_source_files(builder, manual_dir)
         _build(builder, tfds.download.DownloadConfig(manual_dir=manual_dir))
     return {split: _read_split(builder, split) for split in ("train", "test")}
+
+
+def load_datasets(config) -> dict[str, Split]:
+    """{'train', 'test'} as the config says: from an exported .npz (`--data_arrays`), else from tfds."""
+    if config.data_arrays:
+        return load_arrays(config.data_arrays)
+    return load_fashion_mnist(config.data_dir, config.manual_dir, config.download)
+
+
+def save_arrays(datasets: dict[str, Split], path: str) -> None:
+    """Writes the splits to one compressed .npz (about 30 MB), for machines without TensorFlow."""
+    arrays = {f"{split}_{name}": getattr(datasets[split], name) for split in ("train", "test") for name in ("images", "labels")}
+    np.savez_compressed(path, **arrays)
+
+
+def load_arrays(path: str) -> dict[str, Split]:
+    """The splits that `save_arrays` wrote; a missing or foreign file is a one-line DataError."""
+    try:
+        with np.load(os.path.expanduser(path)) as arrays:
+            datasets = {split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in ("train", "test")}
+    except (OSError, KeyError, ValueError) as error:
+        raise DataError(
+            f"cannot read Fashion-MNIST arrays from --data_arrays {path} ({type(error).__name__}: {error}); "
+            f"write them with `python -m nin_jax.export_arrays --out {path}` on a machine with tensorflow-datasets"
+        ) from error
+    for split, data in datasets.items():
+        if data.images.dtype != np.uint8 or data.images.shape[1:] != IMAGE_SHAPE or len(data.images) != len(data.labels):
+            raise DataError(f"--data_arrays {path}: the {split} split holds images of shape {data.images.shape} "
+                            f"({data.images.dtype}) and {len(data.labels)} labels, not uint8 28x28x1 images with a label each")
+    return datasets
 
 
 def _sha256(path: str) -> str:

@@ -12,6 +12,7 @@ average pool turns each channel into a logit.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -64,26 +65,28 @@ class NiNBlock(nn.Module):
     kernel_init: Initializer = INITS["xavier"].kernel
     last_kernel_init: Initializer = INITS["xavier"].kernel
     last_bias_init: Initializer = nn.initializers.zeros
+    batch_norm: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         pad = (self.padding, self.padding)
-        x = nn.Conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            strides=(self.strides, self.strides),
+        conv = functools.partial(
+            nn.Conv, kernel_size=(self.kernel_size, self.kernel_size), strides=(self.strides, self.strides),
             padding=(pad, pad),
-            dtype=self.dtype,
-            kernel_init=self.kernel_init,
-            name="conv",
-        )(x)
-        x = nn.relu(x)
-        x = nn.relu(nn.Dense(self.features, dtype=self.dtype, kernel_init=self.kernel_init, name="conv1x1_1")(x))
-        x = nn.Dense(
-            self.features, dtype=self.dtype, kernel_init=self.last_kernel_init, bias_init=self.last_bias_init,
-            name="conv1x1_2",
-        )(x)
-        return nn.relu(x)
+        )
+        layers = (
+            ("conv", conv, self.kernel_init, nn.initializers.zeros),
+            ("conv1x1_1", nn.Dense, self.kernel_init, nn.initializers.zeros),
+            ("conv1x1_2", nn.Dense, self.last_kernel_init, self.last_bias_init),
+        )
+        for name, layer, kernel_init, bias_init in layers:
+            if self.batch_norm:  # the bias would be cancelled by the normalisation's mean
+                x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, use_bias=False, name=name)(x)
+                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"{name}_bn")(x)
+            else:
+                x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)(x)
+            x = nn.relu(x)
+        return x
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -120,6 +123,7 @@ class NiN(nn.Module):
     dtype: Any = jnp.float32
     in_channels: int = 1
     weight_init: str = "kaiming"  # a key of INITS
+    batch_norm: bool = False  # batch normalisation after every convolution: a variant, not the book's NiN
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -127,10 +131,12 @@ class NiN(nn.Module):
         init = INITS[self.weight_init]
 
         def block(name, features, kernel_size, strides, padding, classes=False):
-            last_kernel, last_bias = (init.class_kernel, init.class_bias) if classes else (init.kernel, nn.initializers.zeros)
-            return NiNBlock(
-                features, kernel_size, strides, padding, self.dtype, init.kernel, last_kernel, last_bias, name=name
-            )
+            # Under batch norm a zero class kernel would normalise to zero, where ReLU passes no gradient.
+            special = classes and not self.batch_norm
+            last_kernel, last_bias = (init.class_kernel, init.class_bias) if special else (init.kernel, nn.initializers.zeros)
+            module = NiNBlock(features, kernel_size, strides, padding, self.dtype, init.kernel, last_kernel, last_bias,
+                              self.batch_norm, name=name)
+            return functools.partial(module, train=train)
 
         layers = (
             ("block1", block("block1", 96, 11, 4, 0)),

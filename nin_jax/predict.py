@@ -8,6 +8,7 @@ in red) and prints the accuracy of each class and the confusion matrix.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any, Optional
@@ -22,11 +23,12 @@ from nin_jax.config import Config
 
 PREDICTIONS_FILE = "predictions.png"
 
-Params = Any
+Variables = Any
 
 
-def restore_params(workdir: str) -> tuple[Config, Params]:
-    """The run's Config (<workdir>/config.json) and the parameters of its latest checkpoint."""
+def restore_variables(workdir: str) -> tuple[Config, Variables]:
+    """The run's Config (<workdir>/config.json) and the model variables of its latest checkpoint:
+    the parameters, and the batch-norm statistics where the model has them."""
     if not os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)):
         raise WorkdirError(f"{workdir} holds no trained model; train one first with `python train.py --workdir {workdir}`")
     config = reporting.read_config(workdir)
@@ -34,21 +36,21 @@ def restore_params(workdir: str) -> tuple[Config, Params]:
         snapshot = checkpoints.restore_latest(steps.create_train_state(config))
         if snapshot is None:
             raise WorkdirError(f"{checkpoints.directory} holds no finished checkpoint; train first")
-    return config, snapshot.state.params
+    return config, {"params": snapshot.state.params, "batch_stats": snapshot.state.batch_stats}
 
 
-def predict_classes(config: Config, params: Params, split: input_pipeline.Split, batch_size: int) -> np.ndarray:
+def predict_classes(config: Config, variables: Variables, split: input_pipeline.Split, batch_size: int) -> np.ndarray:
     """The predicted class of every example of `split`, in order (eval batches: padding is dropped)."""
     model = steps.create_model(config)
 
     @jax.jit
-    def predict(params, images):
+    def predict(variables, images):
         images = input_pipeline.preprocess(images, config.resize, jnp.dtype(config.dtype))
-        return jnp.argmax(model.apply({"params": params}, images), -1)
+        return jnp.argmax(model.apply(variables, images), -1)
 
     predictions, masks = [], []
     for batch in input_pipeline.eval_batches(split, batch_size):
-        predictions.append(predict(params, batch["image"]))
+        predictions.append(predict(variables, batch["image"]))
         masks.append(batch["mask"].astype(bool))
     return np.concatenate(jax.device_get(predictions))[np.concatenate(masks)]
 
@@ -77,10 +79,10 @@ def predict_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir: Op
                     num_images: int = 18) -> np.ndarray:
     """Writes <workdir>/predictions.png for the first `num_images` test images; returns the
     confusion matrix over the whole test set."""
-    config, params = restore_params(workdir)
-    test = input_pipeline.load_fashion_mnist(data_dir or config.data_dir, manual_dir or config.manual_dir,
-                                             config.download)["test"]
-    predictions = predict_classes(config, params, test, config.batch_size)
+    config, variables = restore_variables(workdir)
+    config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, manual_dir=manual_dir or config.manual_dir)
+    test = input_pipeline.load_datasets(config)["test"]
+    predictions = predict_classes(config, variables, test, config.batch_size)
     shown = test.take(num_images)
     plots.plot_predictions(shown.images, shown.labels, predictions[:num_images], input_pipeline.CLASS_NAMES,
                            os.path.join(workdir, PREDICTIONS_FILE))

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from nin_jax import input_pipeline
+from nin_jax import augment, input_pipeline, optim
 from nin_jax.config import Config
 from nin_jax.models import NiN
 
@@ -24,37 +24,40 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the key that dropout masks are derived from.
+    """Flax's TrainState plus the key that dropout masks and augmentations are derived from, and
+    the batch-norm running statistics (an empty dict for the book's NiN, which has none).
 
-    Each step's dropout key is `fold_in(dropout_key, step)`: a pure function of the state, so a
-    resumed run draws exactly the masks an uninterrupted one would.
+    Each step's random key is `fold_in(dropout_key, step)`: a pure function of the state, so a
+    resumed run draws exactly the masks and crops an uninterrupted one would.
     """
 
     dropout_key: jax.Array
+    batch_stats: Any
 
 
 def create_model(config: Config) -> NiN:
     return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
-               weight_init=config.weight_init)
+               weight_init=config.weight_init, batch_norm=config.batch_norm)
 
 
-def create_optimizer(config: Config) -> optax.GradientTransformation:
-    return optax.sgd(config.learning_rate)
-
-
-def create_train_state(config: Config, model: Optional[nn.Module] = None) -> TrainState:
-    """Initial parameters, optimizer state and dropout key, all drawn from `config.seed`."""
+def create_train_state(config: Config, model: Optional[nn.Module] = None,
+                       steps_per_epoch: Optional[int] = None) -> TrainState:
+    """Initial parameters, optimizer state and random key, all drawn from `config.seed`.
+    `steps_per_epoch` sets the length of a learning-rate schedule (default: the published split's)."""
     model = model or create_model(config)
     params_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     images = jnp.zeros((1, config.resize, config.resize, 1), jnp.float32)
-    params = jax.jit(model.init)(params_key, images)["params"]
-    return TrainState.create(
-        apply_fn=model.apply, params=params, tx=create_optimizer(config), dropout_key=jax.random.key_data(dropout_key)
-    )
+    variables = jax.jit(model.init)(params_key, images)
+    tx = optim.create_optimizer(config, steps_per_epoch or optim.default_steps_per_epoch(config))
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             dropout_key=jax.random.key_data(dropout_key), batch_stats=variables.get("batch_stats", {}))
 
 
-def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Metrics:
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> Metrics:
+    """Sums over the batch's real examples. With label smoothing the loss is against the smoothed
+    targets, the loss that training minimises; accuracy is always against the labels."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
     return {
         "loss_sum": jnp.sum(losses * mask),
         "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
@@ -72,33 +75,46 @@ def _sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:
 
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dtype: Any = jnp.float32,
+               augment_images: bool = False, label_smoothing: float = 0.0,
                axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
-    """One SGD step on the mean cross-entropy of the batch's real (unmasked) examples."""
-    dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
+    """One optimizer step on the mean cross-entropy of the batch's real (unmasked) examples.
+
+    Batch-norm statistics are those of each device's shard; their running averages are averaged
+    over the devices after every step, so every replica keeps the same state.
+    """
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
     if axis_name is not None:
-        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
-    images = input_pipeline.preprocess(batch["image"], resize, dtype)
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    dropout_key, augment_key = jax.random.split(key)
+    images = batch["image"]
+    if augment_images:
+        images = augment.random_crop_and_flip(augment_key, images)
+    images = input_pipeline.preprocess(images, resize, dtype)
 
     def summed_loss(params):
-        logits = state.apply_fn({"params": params}, images, train=True, rngs={"dropout": dropout_key})
-        metrics = _summed_metrics(logits, batch["label"], batch["mask"])
-        return metrics["loss_sum"], metrics
+        logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                                         rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        metrics = _summed_metrics(logits, batch["label"], batch["mask"], label_smoothing)
+        return metrics["loss_sum"], (metrics, updates.get("batch_stats", state.batch_stats))
 
-    grads, metrics = jax.grad(summed_loss, has_aux=True)(state.params)
+    grads, (metrics, batch_stats) = jax.grad(summed_loss, has_aux=True)(state.params)
     grads, metrics = _sum_over_devices((grads, metrics), axis_name)
+    if axis_name is not None:
+        batch_stats = jax.lax.pmean(batch_stats, axis_name)
     grads = jax.tree_util.tree_map(lambda g: g / metrics["count"], grads)
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 def eval_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dtype: Any = jnp.float32,
               axis_name: Optional[str] = None) -> Metrics:
     """Summed loss, correct predictions and real-example count of one padded batch."""
     images = input_pipeline.preprocess(batch["image"], resize, dtype)
-    logits = state.apply_fn({"params": state.params}, images, train=False)
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
     return _sum_over_devices(_summed_metrics(logits, batch["label"], batch["mask"]), axis_name)
 
 
 def step_functions(config: Config, axis_name: Optional[str] = None):
-    """`train_step` and `eval_step` bound to the config's resize and dtype."""
+    """`train_step` and `eval_step` bound to the config's resize, dtype and training options."""
     kwargs = dict(resize=config.resize, dtype=jnp.dtype(config.dtype), axis_name=axis_name)
-    return functools.partial(train_step, **kwargs), functools.partial(eval_step, **kwargs)
+    train_kwargs = dict(augment_images=config.augment, label_smoothing=config.label_smoothing)
+    return functools.partial(train_step, **kwargs, **train_kwargs), functools.partial(eval_step, **kwargs)

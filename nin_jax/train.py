@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from nin_jax import cpu_estimate, distributed, epoch_outputs, input_pipeline, parallel, progress, reporting, steps
+from nin_jax import cpu_estimate, distributed, epoch_outputs, input_pipeline, optim, parallel, progress, reporting, steps
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.divergence import LossWatch
@@ -38,9 +38,9 @@ def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, bat
     return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "examples": count}
 
 
-def _start_or_resume(config: Config, checkpoints: Optional[Checkpoints]) -> Snapshot:
+def _start_or_resume(config: Config, checkpoints: Optional[Checkpoints], steps_per_epoch: int) -> Snapshot:
     """The latest checkpoint's snapshot if there is one, else a fresh start from `config.seed`."""
-    initial = Snapshot.start(steps.create_train_state(config))
+    initial = Snapshot.start(steps.create_train_state(config, steps_per_epoch=steps_per_epoch))
     return (checkpoints.restore_latest(initial.state) if checkpoints else None) or initial
 
 
@@ -65,11 +65,11 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
 
 def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, checkpoints: Optional[Checkpoints],
            workdir: Optional[str], log: Callable[[str], None]) -> tuple[steps.TrainState, list[dict[str, Any]]]:
-    snapshot = _start_or_resume(config, checkpoints)
-    datasets = input_pipeline.load_fashion_mnist(config.data_dir, config.manual_dir, config.download)
+    datasets = input_pipeline.load_datasets(config)
     train_split = datasets["train"].take(config.train_examples)
     test_split = datasets["test"].take(config.eval_examples)
     steps_per_epoch = input_pipeline.num_batches(len(train_split), config.batch_size)
+    snapshot = _start_or_resume(config, checkpoints, steps_per_epoch)
     step = int(snapshot.state.step)
     done_epochs, start_batch = divmod(step, steps_per_epoch)
     records = reporting.keep_epochs(workdir, done_epochs) if workdir else []
@@ -93,6 +93,7 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
             log(cpu_estimate.measure_and_estimate(strategy, state, first_batch, config, len(train_split),
                                                   len(test_split)))
         loss_watch = LossWatch(step, steps_per_epoch, config.learning_rate)
+        learning_rate = optim.learning_rate_schedule(config, steps_per_epoch)
 
         def save(state: steps.TrainState, totals: steps.Metrics, epoch_seconds: float) -> None:
             """Checkpoints `state` once its losses are known to be finite: a diverged state is never saved."""
@@ -137,6 +138,7 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
                 "test_accuracy": test["accuracy"],
                 "train_examples": int(totals["count"]),
                 "test_examples": test["examples"],
+                "learning_rate": float(learning_rate(step - 1)),  # that of the epoch's last step
                 "examples_per_sec": float(totals["count"]) / train_seconds,
                 "train_seconds": train_seconds,
                 "compile_seconds": compile_seconds,

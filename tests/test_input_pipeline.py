@@ -130,3 +130,38 @@ def test_a_damaged_data_file_is_named_before_tfds_builds_anything(tmp_path):
     assert message.startswith("4 Fashion-MNIST files damaged or altered, with another SHA-256 than the published one: ")
     assert f"{manual_dir / 'train-labels-idx1-ubyte.gz'} (22 bytes, the original has 29,515)" in message
     assert len(message.splitlines()) == 1
+
+
+def test_exported_arrays_train_like_tfds_data_without_tensorflow(mock_data, tmp_path):
+    """export_arrays writes what tfds gives; --data_arrays reads it back and trains on it."""
+    from nin_jax import export_arrays
+
+    path = str(tmp_path / "fashion_mnist.npz")
+    with mock_data(24):
+        export_arrays.main(["--out", path, "--data_dir", str(tmp_path / "tfds")])
+        from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"))
+    from_arrays = input_pipeline.load_arrays(path)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(from_arrays[split].images, from_tfds[split].images)
+        np.testing.assert_array_equal(from_arrays[split].labels, from_tfds[split].labels)
+    config = Config(resize=67, batch_size=8, num_epochs=1, parallel="jit", data_arrays=path, data_dir="/nonexistent")
+    _, records = train.train_and_evaluate(config, log=lambda line: None)
+    assert records[-1]["train_examples"] == records[-1]["test_examples"] == 24
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "No such file"),
+    (b"not an npz", "cannot read Fashion-MNIST arrays"),
+    ({"train_images": np.zeros((3, 28, 28, 1), np.uint8)}, "KeyError"),
+    ({f"{s}_{n}": np.zeros((3, 28, 28) if n == "images" else 3, np.uint8) for s in ("train", "test")
+      for n in ("images", "labels")}, "the train split holds images of shape (3, 28, 28)"),
+])
+def test_bad_data_arrays_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "arrays.npz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        np.savez(path, **content)
+    with pytest.raises(input_pipeline.DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        input_pipeline.load_arrays(str(path))
+    assert "\n" not in str(error.value)

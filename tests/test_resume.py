@@ -95,34 +95,42 @@ def wait_until(condition, process, log_path) -> None:
         time.sleep(0.02)
 
 
-def uninterrupted_run(workdir, parallel: str):
+def uninterrupted_run(workdir, parallel: str, **changes):
     """The reference: a run of SETTINGS in this process, never stopped."""
     from conftest import fake_fashion_mnist
 
     with fake_fashion_mnist(NUM_EXAMPLES):
-        return train.train_and_evaluate(config(parallel=parallel), str(workdir), log=lambda line: None)
+        return train.train_and_evaluate(config(parallel=parallel, **changes), str(workdir), log=lambda line: None)
 
 
-def resume(workdir, parallel: str, fake_data) -> tuple[steps.TrainState, list[dict], list[str]]:
+def resume(workdir, parallel: str, fake_data, **changes) -> tuple[steps.TrainState, list[dict], list[str]]:
     """The same run again, in this process: the state, the records and the lines it logs."""
     lines = []
     with fake_data(NUM_EXAMPLES):
-        state, records = train.train_and_evaluate(config(parallel=parallel), str(workdir), log=lines.append)
+        state, records = train.train_and_evaluate(config(parallel=parallel, **changes), str(workdir), log=lines.append)
     return state, records, lines
 
 
-def test_resuming_mid_epoch_ends_like_the_uninterrupted_run_and_a_finished_run_stays_finished(fake_data, tmp_path):
-    full_state, full_records = uninterrupted_run(tmp_path, "jit")
+# Every option of the strong recipe, and batch norm: momentum, schedule, augmentation keys and
+# running statistics must all continue where they stopped.
+STRONG = dict(recipe="strong", learning_rate=0.02, momentum=0.9, nesterov=True, lr_schedule="cosine", warmup_epochs=1.0,
+              weight_decay=5e-4, label_smoothing=0.1, augment=True, batch_norm=True)
+
+
+@pytest.mark.parametrize("changes", [{}, STRONG], ids=["reference", "strong_with_batch_norm"])
+def test_resuming_mid_epoch_ends_like_the_uninterrupted_run_and_a_finished_run_stays_finished(fake_data, tmp_path,
+                                                                                               changes):
+    full_state, full_records = uninterrupted_run(tmp_path, "jit", **changes)
     assert saved_steps(tmp_path) == [8, 9, 10]
     for step in (9, 10):  # as if the run had died after step 8: epoch 2, 3 of 5 batches done
         shutil.rmtree(tmp_path / CHECKPOINT_DIR / str(step))
 
-    state, records, lines = resume(tmp_path, "jit", fake_data)
+    state, records, lines = resume(tmp_path, "jit", fake_data, **changes)
     assert lines[0] == f"resuming from the checkpoint of step 8 in {tmp_path / CHECKPOINT_DIR}: epoch 2, batch 4 of 5 is next"
     assert_same_state(state, full_state)
     assert deterministic(reporting.read_metrics(str(tmp_path))) == deterministic(records) == deterministic(full_records)
 
-    state, records, lines = resume(tmp_path, "jit", fake_data)
+    state, records, lines = resume(tmp_path, "jit", fake_data, **changes)
     assert lines == [f"the run in {tmp_path} is finished: its checkpoint has all 2 epochs (10 steps); raise --num_epochs to train on"]
     assert_same_state(state, full_state)
     assert deterministic(records) == deterministic(full_records)

@@ -3,12 +3,13 @@ the CPU estimate and the predict command, on tfds' mock data."""
 
 import os
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import cpu_estimate, epoch_outputs, predict, reporting, train
+from nin_jax import cpu_estimate, epoch_outputs, input_pipeline, predict, reporting, train
 from nin_jax.config import Config
 
 from conftest import mock_fashion_mnist
@@ -65,11 +66,22 @@ def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
 
     events = event_accumulator.EventAccumulator(trained_run["workdir"])
     events.Reload()
-    assert set(events.Tags()["tensors"]) == set(epoch_outputs.SCALARS) | {"learning_rate"}
+    assert set(events.Tags()["tensors"]) == set(epoch_outputs.SCALARS)
     for tag, key in epoch_outputs.SCALARS.items():
         logged = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
         expected = [(r["epoch"], r[key]) for r in trained_run["records"]]
         np.testing.assert_allclose(logged, expected, rtol=1e-6)
+
+
+def test_without_tensorflow_the_curves_are_drawn_and_the_events_left_out(trained_run, tmp_path):
+    def no_tensorflow():
+        raise ImportError("No module named 'tensorflow'")
+
+    with mock.patch.object(input_pipeline, "import_tensorflow", no_tensorflow):
+        outputs = epoch_outputs.EpochOutputs(str(tmp_path), CONFIG)
+        outputs.write(trained_run["records"])
+        outputs.close()
+    assert os.listdir(tmp_path) == [epoch_outputs.CURVES_FILE]
 
 
 def test_config_json_reads_back_as_the_run_config(trained_run):
