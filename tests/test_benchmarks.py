@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from nin_jax import input_pipeline
 
@@ -32,13 +33,30 @@ def test_step_throughput_measures_every_batch_size_and_dtype(tmp_path):
     assert len(result.stdout.strip().splitlines()) == 1 + 4 + 1  # header, 4 rows, "wrote ..."
 
 
-def test_gpu_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_path):
-    """benchmarks/gpu.sh, at 67 px on 32 examples: what a lent GPU would run at 224 on all the data."""
+def random_arrays(path, train_examples: int, test_examples: int) -> None:
     rng = np.random.default_rng(0)
     split = lambda n: input_pipeline.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),  # noqa: E731
                                            rng.integers(0, 10, n, dtype=np.int32))
+    input_pipeline.save_arrays({"train": split(train_examples), "test": split(test_examples)}, str(path))
+
+
+def test_epoch_overhead_compares_the_real_loop_with_the_step_alone(tmp_path):
+    data, out = tmp_path / "arrays.npz", tmp_path / "overhead.json"
+    random_arrays(data, 40, 8)
+    result = run_script(sys.executable, "benchmarks/epoch_overhead.py", "--resize", "67", "--batch_size", "8",
+                        "--train_examples", "40", "--data_arrays", str(data), "--repeats", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["num_steps"] == 5 and len(report["step_seconds_before"]) == len(report["step_seconds_after"]) == 2
+    step = np.median(report["step_seconds_before"] + report["step_seconds_after"])
+    assert report["overhead"] == pytest.approx(report["epoch_seconds"] / (5 * step) - 1)
+    assert "epoch of 40 examples at 67 px (5 steps of 8)" in result.stdout and "overhead" in result.stdout
+
+
+def test_gpu_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_path):
+    """benchmarks/gpu.sh, at 67 px on 32 examples: what a lent GPU would run at 224 on all the data."""
     data = tmp_path / "arrays.npz"
-    input_pipeline.save_arrays({"train": split(32), "test": split(16)}, str(data))
+    random_arrays(data, 32, 16)
     out = tmp_path / "out"
     env = dict(OUT=str(out), RESIZE="67", BATCH_SIZES="8", EPOCHS="2", DATA=str(data), PYTHON=sys.executable)
     result = run_script("bash", "benchmarks/gpu.sh", env=env)
@@ -50,3 +68,14 @@ def test_gpu_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_path):
         assert [r["epoch"] for r in records] == [1, 2]
         assert records[-1]["train_examples"] == 32 and records[-1]["test_examples"] == 16
         assert f"{recipe} recipe: 2 epochs at 67 px, evaluation included, in " in (out / "log.txt").read_text()
+
+
+def test_conv_levers_checks_every_variant_against_xla_and_times_it(tmp_path):
+    out = tmp_path / "levers.json"
+    result = run_script(sys.executable, "benchmarks/conv_levers.py", "--batch_size", "1", "--repeats", "1",
+                        "--layers", "stem", "conv3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    timings = json.loads(out.read_text())["ms"]
+    expected = {"stem/xla", "stem/im2col", "stem/space_to_depth", "stem/im2col_dW", "conv3/xla", "conv3/im2col"}
+    assert expected <= set(timings)
+    assert set(timings["conv3/xla"]) == {"fwd", "dW", "dx"} and set(timings["stem/xla"]) == {"fwd", "dW"}

@@ -1,5 +1,7 @@
 """Shapes, parameter count and input checks of the NiN model."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -130,3 +132,55 @@ def test_every_class_score_can_learn_from_the_first_step(weight_init):
         np.testing.assert_allclose(logits, 1.0)  # zero class kernels, bias 1: equal, alive scores
     else:
         assert dead_classes > 0
+
+
+class ConvNiN(nn.Module):
+    """The book's NiN written the straightforward way, every convolution an `nn.Conv` (the 1x1
+    ones too): what `models.NiN` must compute, whatever it does to be fast."""
+
+    @nn.compact
+    def __call__(self, x):
+        def block(x, name, features, kernel_size, strides, padding):
+            pad = ((padding, padding), (padding, padding))
+            x = nn.relu(nn.Conv(features, (kernel_size,) * 2, (strides,) * 2, pad, name=f"{name}/conv")(x))
+            x = nn.relu(nn.Conv(features, (1, 1), name=f"{name}/conv1x1_1")(x))
+            return nn.relu(nn.Conv(features, (1, 1), name=f"{name}/conv1x1_2")(x))
+
+        x = models.max_pool(block(x, "block1", 96, 11, 4, 0))
+        x = models.max_pool(block(x, "block2", 256, 5, 1, 2))
+        x = models.max_pool(block(x, "block3", 384, 3, 1, 1))
+        return block(x, "block4", 10, 3, 1, 1).mean(axis=(1, 2))
+
+
+def as_conv_params(params):
+    """models.NiN's parameters under ConvNiN's names, 1x1 kernels reshaped to [1, 1, in, out]."""
+    return {
+        f"{block}/{layer}": {name: value.reshape((1, 1) + value.shape) if name == "kernel" and value.ndim == 2 else value
+                             for name, value in leaves.items()}
+        for block, layers in params.items() for layer, leaves in layers.items()
+    }
+
+
+def test_the_fast_model_computes_the_straightforward_convolutional_nin():
+    """Same weights, same outputs and same gradients, to float32 rounding, as plain nn.Conv layers."""
+    images = jax.random.uniform(jax.random.key(1), (4, 67, 67, 1))
+    params = models.NiN().init(jax.random.key(0), images)["params"]
+    keys = iter(jax.random.split(jax.random.key(2), 100))
+    # Every parameter nonzero (the default class layer starts at zero), so every gradient path is live.
+    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
+    cotangent = jax.random.normal(jax.random.key(3), (4, 10))
+
+    def fast(params):
+        return models.NiN().apply({"params": params}, images)
+
+    def straightforward(params):
+        return ConvNiN().apply({"params": as_conv_params(params)}, images)
+
+    logits, fast_vjp = jax.vjp(fast, params)
+    expected, straightforward_vjp = jax.vjp(straightforward, params)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    grads, expected_grads = fast_vjp(cotangent)[0], straightforward_vjp(cotangent)[0]
+    for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        expected_grad = functools.reduce(lambda tree, key: tree[key.key], path, expected_grads)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * np.abs(expected_grad).max(),
+                                   err_msg=jax.tree_util.keystr(path))
