@@ -79,3 +79,25 @@ def test_conv_levers_checks_every_variant_against_xla_and_times_it(tmp_path):
     expected = {"stem/xla", "stem/im2col", "stem/space_to_depth", "stem/im2col_dW", "conv3/xla", "conv3/im2col"}
     assert expected <= set(timings)
     assert set(timings["conv3/xla"]) == {"fwd", "dW", "dx"} and set(timings["stem/xla"]) == {"fwd", "dW"}
+
+
+# A None in sys.modules is how Python marks a module as absent: importing it raises
+# ModuleNotFoundError and importlib.util.find_spec returns None, as where it is not installed.
+BLOCK_TENSORFLOW = """
+import runpy, sys
+
+sys.modules.update(tensorflow=None, tensorflow_datasets=None)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_training_from_data_arrays_needs_neither_tensorflow_nor_tfds(tmp_path):
+    """What a lent GPU machine without TensorFlow runs: train.py --data_arrays with a workdir."""
+    data, workdir = tmp_path / "arrays.npz", tmp_path / "run"
+    random_arrays(data, 16, 8)
+    result = run_script(sys.executable, "-c", BLOCK_TENSORFLOW, "train.py", "--data_arrays", str(data), "--resize", "67",
+                        "--batch_size", "8", "--num_epochs", "1", "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/1: loss" in result.stdout
+    assert {"metrics.jsonl", "config.json", "curves.png", "checkpoints"} == set(os.listdir(workdir))
