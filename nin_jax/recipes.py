@@ -7,7 +7,9 @@ reference
         python train.py --workdir runs/reference                       # 224 px, on an accelerator
         python train.py --resize 96 --workdir runs/reference_96        # the CPU-sized twin
 
-    Expected at 96 px: see README "Results" (measured on a 2-core CPU).
+    Measured at 96 px, seed 0, on a 2-core CPU: test accuracy 0.904 after 10 epochs (0.582 after
+    the first; over seeds 0-4 the first epoch gave 0.567 to 0.692). About 6 minutes an epoch on
+    2 cores alone; at 224 px it wants an accelerator.
 
 strong
     The same network with standard training improvements: SGD with Nesterov momentum 0.9 and
@@ -17,7 +19,10 @@ strong
 
         python train.py --recipe strong --resize 96 --workdir runs/strong_96
 
-    Expected at 96 px: see README "Results" (measured on a 2-core CPU).
+    Measured at 96 px, seed 0, on a 2-core CPU: test accuracy 0.907 after 10 epochs (0.721
+    after the first), train accuracy 0.909: under-trained rather than over-fitted. The 10 epochs
+    took 1 h 56 min on 2 cores shared with other runs (not timed alone). Its step is the
+    reference's plus momentum and the crops and flips, all on the device.
 """
 
 RECIPES: dict[str, dict] = {
