@@ -3,7 +3,7 @@
     python benchmarks/conv_levers.py --batch_size 32
     XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/conv_levers.py --batch_size 32 --layers conv5
 
-For the stem (11x11/4 on 1 channel), the 5x5 and the first 3x3 convolution at 224 px, it times the
+For the stem (11x11/4 on 1 channel), the 5x5, the first 3x3 and a 1x1 convolution at 224 px, it times the
 forward pass, the weight gradient (dW) and the input gradient (dx) of:
   * xla: `lax.conv_general_dilated`, what `nn.Conv` runs;
   * im2col: the patches cut with slices (not a convolution) and one matrix product;
@@ -26,7 +26,8 @@ from common import write_json
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # name: (input size, in channels, out channels, kernel, stride, padding) at 224 px.
-LAYERS = {"stem": (224, 1, 96, 11, 4, 0), "conv5": (26, 96, 256, 5, 1, 2), "conv3": (12, 256, 384, 3, 1, 1)}
+LAYERS = {"stem": (224, 1, 96, 11, 4, 0), "conv5": (26, 96, 256, 5, 1, 2), "conv3": (12, 256, 384, 3, 1, 1),
+          "conv1x1": (54, 96, 96, 1, 1, 0)}  # block 1's 1x1 convolutions: there im2col is a plain dot, i.e. nn.Dense
 
 
 def xla_conv(x, w, stride, pad):

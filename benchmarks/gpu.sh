@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# nin_jax on a lent accelerator (an H100 or H200 through this workplace's `device` tool), in one
-# call of under 10 minutes. That machine has JAX (CUDA), flax, optax, chex, orbax, numpy and pillow,
+# nin_jax on a lent accelerator (an H100 or H200 through this workplace's `device` tool), meant for
+# one call (at most 10 minutes; not yet run on one). That machine has JAX (CUDA), flax, optax, chex, orbax, numpy and pillow,
 # but neither TensorFlow nor tfds, so the data travels as an .npz exported here first:
 #
 #   python -m nin_jax.export_arrays --manual_dir ../shared/data/fashion_mnist --out .data/fashion_mnist.npz
