@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from nin_jax import input_pipeline
+from nin_jax import input_pipeline, xla_cpu
 
 
 def random_batch(batch_size: int, seed: int = 0) -> input_pipeline.Batch:
@@ -34,6 +34,30 @@ def seconds_per_call(run: Callable[[], object], calls: int) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def median_ms(fn: Callable, args: tuple, repeats: int, cpu_kernels: str = "tuned") -> float:
+    """Median wall time of `jax.jit(fn)(*args)` in ms, compiled for `--cpu_kernels`, compilation excluded."""
+    fn = jax.jit(fn, compiler_options=xla_cpu.compiler_options(cpu_kernels))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1000 * median(times)
+
+
+def torch_median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Median wall time of fn() in ms, after the few warm-up calls torch needs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * median(times)
 
 
 def peak_memory_bytes() -> dict[str, int]:

@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from nin_jax.config import CPU_KERNELS
+
 
 def book_net(num_classes: int = 10):
     """The book's PyTorch NiN (d2l chapter 'Network in Network'), with its Xavier init."""
@@ -65,14 +67,15 @@ def torch_step_fn(resize: int, batch_size: int, learning_rate: float):
     return step
 
 
-def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str):
+def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, cpu_kernels: str = "tuned"):
     import jax
 
     from common import random_batch
     from nin_jax import parallel, steps
     from nin_jax.config import Config
 
-    config = Config(resize=resize, batch_size=batch_size, learning_rate=learning_rate, dtype=dtype, parallel="jit")
+    config = Config(resize=resize, batch_size=batch_size, learning_rate=learning_rate, dtype=dtype, parallel="jit",
+                    cpu_kernels=cpu_kernels)
     strategy = parallel.JitStrategy(config)
     batch = random_batch(batch_size)
     state = strategy.put_state(steps.create_train_state(config))
@@ -93,6 +96,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="nin_jax compute dtype")
+    parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS,
+                        help="nin_jax's --cpu_kernels (nin_jax/xla_cpu.py)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")
     parser.add_argument("--rounds", type=int, default=5, help="A B rounds; medians are reported")
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
@@ -108,7 +113,7 @@ def main():
 
     contenders = {
         "pytorch": torch_step_fn(args.resize, args.batch_size, 0.1),
-        "nin_jax": jax_step_fn(args.resize, args.batch_size, 0.1, args.dtype),
+        "nin_jax": jax_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.cpu_kernels),
     }
     for step in contenders.values():
         for _ in range(args.warmup):
@@ -119,7 +124,8 @@ def main():
             times[name].append(seconds_per_call(step, args.steps))
     images_per_sec = {name: args.batch_size / median(t) for name, t in times.items()}
     ratio = images_per_sec["nin_jax"] / images_per_sec["pytorch"]
-    print(f"resize {args.resize}, batch {args.batch_size}, {args.threads} threads, nin_jax dtype {args.dtype}")
+    print(f"resize {args.resize}, batch {args.batch_size}, {args.threads} threads, nin_jax dtype {args.dtype}, "
+          f"cpu kernels {args.cpu_kernels}")
     for name, rate in images_per_sec.items():
         print(f"  {name:<8} {rate:8.1f} images/s (median of {args.rounds})")
     print(f"  nin_jax / pytorch = {ratio:.2f}x")

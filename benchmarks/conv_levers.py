@@ -1,11 +1,12 @@
 """Where XLA's CPU time goes in NiN's k x k convolutions, and what the levers tried for them did.
 
     python benchmarks/conv_levers.py --batch_size 32
-    XLA_FLAGS=--xla_cpu_use_onednn=true python benchmarks/conv_levers.py --batch_size 32 --layers conv5
+    python benchmarks/conv_levers.py --batch_size 32 --layers conv5 --cpu_kernels default
 
 For the stem (11x11/4 on 1 channel), the 5x5, the first 3x3 and a 1x1 convolution at 224 px, it times the
 forward pass, the weight gradient (dW) and the input gradient (dx) of:
-  * xla: `lax.conv_general_dilated`, what `nn.Conv` runs;
+  * xla: `lax.conv_general_dilated`, what `nn.Conv` runs, compiled for `--cpu_kernels`
+    (tuned: XLA's Eigen kernels; default: XLA's choice, YNNPACK in jaxlib 0.10);
   * im2col: the patches cut with slices (not a convolution) and one matrix product;
   * for the stem, also space-to-depth (a 3x3 convolution over 4x4 blocks, 16 channels) and the
     XLA forward with an im2col weight gradient (custom VJP);
@@ -14,15 +15,14 @@ Each figure is the median of several timings, in ms; every variant is checked ag
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from common import write_json
+from common import median_ms, torch_median_ms, write_json
+from nin_jax.config import CPU_KERNELS
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # name: (input size, in channels, out channels, kernel, stride, padding) at 224 px.
@@ -80,25 +80,14 @@ def im2col_weight_grad(stride, pad):
     return lambda x, w, stride_, pad_: conv(x, w)
 
 
-def median_ms(fn, args, repeats: int) -> float:
-    fn = jax.jit(fn)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def time_variant(conv, x, w, g, stride, pad, repeats: int) -> dict[str, float]:
+def time_variant(conv, x, w, g, stride, pad, repeats: int, cpu_kernels: str) -> dict[str, float]:
     f = lambda x, w: conv(x, w, stride, pad)  # noqa: E731
     result = {
-        "fwd": median_ms(f, (x, w), repeats),
-        "dW": median_ms(lambda x, w, g: jax.vjp(lambda w: f(x, w), w)[1](g)[0], (x, w, g), repeats),
+        "fwd": median_ms(f, (x, w), repeats, cpu_kernels),
+        "dW": median_ms(lambda x, w, g: jax.vjp(lambda w: f(x, w), w)[1](g)[0], (x, w, g), repeats, cpu_kernels),
     }
     if x.shape[-1] > 1:  # the stem's input is the image, whose gradient training never needs
-        result["dx"] = median_ms(lambda x, w, g: jax.vjp(lambda x: f(x, w), x)[1](g)[0], (x, w, g), repeats)
+        result["dx"] = median_ms(lambda x, w, g: jax.vjp(lambda x: f(x, w), x)[1](g)[0], (x, w, g), repeats, cpu_kernels)
     return result
 
 
@@ -120,17 +109,7 @@ def time_torch(layer, batch_size: int, threads: int, repeats: int) -> dict[str, 
         x.grad = None
         conv(x).backward(g)
 
-    result = {}
-    for name, fn in (("fwd", forward), ("fwd+dW+dx", forward_backward)):
-        for _ in range(3):  # torch needs a few warm-up calls
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        result[name] = 1000 * statistics.median(times)
-    return result
+    return {"fwd": torch_median_ms(forward, repeats), "fwd+dW+dx": torch_median_ms(forward_backward, repeats)}
 
 
 def main():
@@ -138,6 +117,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=tuple(LAYERS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS, help="train.py's --cpu_kernels")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
@@ -159,7 +139,7 @@ def main():
             dw = jax.grad(lambda w: jnp.vdot(conv(x, w, stride, pad), g))(w)
             np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
             np.testing.assert_allclose(dw, expected_dw, rtol=1e-3, atol=1e-4 * float(jnp.abs(expected_dw).max()))
-            results[f"{layer}/{name}"] = time_variant(conv, x, w, g, stride, pad, args.repeats)
+            results[f"{layer}/{name}"] = time_variant(conv, x, w, g, stride, pad, args.repeats, args.cpu_kernels)
             print(f"{layer:<6} {name:<15} " + "  ".join(f"{k} {v:8.1f}" for k, v in results[f"{layer}/{name}"].items()),
                   flush=True)
         try:

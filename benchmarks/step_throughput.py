@@ -2,6 +2,7 @@
 
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 --dtype float32
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 256 512 --dtype float32 bfloat16
+    python benchmarks/step_throughput.py --resize 224 --batch_size 128 --cpu_kernels tuned default
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_throughput.py --parallel pmap
 
 Compilation is timed separately; warm-up steps are excluded; each figure is the median of
@@ -10,12 +11,13 @@ Compilation is timed separately; warm-up steps are excluded; each figure is the 
 
 import argparse
 import dataclasses
+import itertools
 import time
 
 import jax
 
 from nin_jax import parallel, steps
-from nin_jax.config import Config
+from nin_jax.config import CPU_KERNELS, Config
 
 from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
 
@@ -56,23 +58,27 @@ def main():
     parser.add_argument("--batch_size", type=int, nargs="+", default=[128], help="one or more global batch sizes")
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
                         help="one or more compute dtypes")
+    parser.add_argument("--cpu_kernels", nargs="+", default=["tuned"], choices=CPU_KERNELS,
+                        help="one or more of train.py's --cpu_kernels (nin_jax/xla_cpu.py)")
     parser.add_argument("--parallel", default="auto", choices=("auto", "jit", "pmap"))
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
-    print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'devices':>14} {'compile s':>9} {'train img/s':>11} {'eval img/s':>10}")
+    print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'cpu kernels':>11} {'devices':>14} {'compile s':>9} "
+          f"{'train img/s':>11} {'eval img/s':>10}")
     results = []
-    for dtype in args.dtype:
-        for batch_size in args.batch_size:
-            config = Config(resize=args.resize, batch_size=batch_size, dtype=dtype, parallel=args.parallel).validate()
-            start = time.perf_counter()
-            result = measure(config, args.steps, args.repeats, args.warmup)
-            result["wall_seconds"] = time.perf_counter() - start
-            results.append(result)
-            print(f"{args.resize:>6} {batch_size:>5} {dtype:>8} {result['devices']:>14} {result['compile_seconds']:>9.1f} "
-                  f"{result['train_images_per_sec']:>11.1f} {result['eval_images_per_sec']:>10.1f}", flush=True)
+    for dtype, batch_size, cpu_kernels in itertools.product(args.dtype, args.batch_size, args.cpu_kernels):
+        config = Config(resize=args.resize, batch_size=batch_size, dtype=dtype, parallel=args.parallel,
+                        cpu_kernels=cpu_kernels).validate()
+        start = time.perf_counter()
+        result = measure(config, args.steps, args.repeats, args.warmup)
+        result["wall_seconds"] = time.perf_counter() - start
+        results.append(result)
+        print(f"{args.resize:>6} {batch_size:>5} {dtype:>8} {cpu_kernels:>11} {result['devices']:>14} "
+              f"{result['compile_seconds']:>9.1f} {result['train_images_per_sec']:>11.1f} "
+              f"{result['eval_images_per_sec']:>10.1f}", flush=True)
     write_json(args.out, {"args": vars(args), "results": results})
 
 

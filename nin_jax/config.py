@@ -17,6 +17,7 @@ PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 WEIGHT_INITS = ("kaiming", "xavier")
+CPU_KERNELS = ("tuned", "default")  # see nin_jax/xla_cpu.py
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,11 @@ class Config:
         choices=PARALLEL_MODES,
     )
     dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
+    cpu_kernels: str = _field(
+        "tuned", "on a CPU: tuned (XLA's own convolutions and dots, YNNPACK's reductions: measured fastest for NiN, "
+        "see nin_jax/xla_cpu.py) or default (XLA's choice); no effect on GPU, TPU or with --parallel pmap",
+        choices=CPU_KERNELS,
+    )
     dropout_rate: float = _field(0.5, "dropout before the last NiN block")
     weight_init: str = _field(
         "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier (the book's, which can stall)",

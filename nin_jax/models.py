@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nin_jax import pooling
+
 # With 11x11/4 then three 3x3/2 max-pools, 67x67 is the smallest input that leaves a 1x1 map.
 MIN_INPUT_SIZE = 67
 
@@ -90,8 +92,8 @@ class NiNBlock(nn.Module):
 
 
 def max_pool(x: jax.Array) -> jax.Array:
-    """The book's `nn.MaxPool2d(3, stride=2)`: 3x3 window, stride 2, no padding."""
-    return nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
+    """The book's `nn.MaxPool2d(3, stride=2)`: 3x3 window, stride 2, no padding (see `pooling`)."""
+    return pooling.max_pool(x, 3, 2)
 
 
 def check_images(x: jax.Array, in_channels: int) -> None:

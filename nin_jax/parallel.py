@@ -15,7 +15,7 @@ import numpy as np
 from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nin_jax import steps
+from nin_jax import steps, xla_cpu
 from nin_jax.config import Config, ConfigError
 
 AXIS_NAME = "batch"
@@ -31,8 +31,9 @@ class JitStrategy:
         if jax.process_count() > 1:
             raise ConfigError("--parallel jit runs on one device; with several processes use pmap or sharding")
         train_step, eval_step = steps.step_functions(config)
-        self._train = jax.jit(train_step, donate_argnums=0)
-        self._eval = jax.jit(eval_step)
+        options = xla_cpu.compiler_options(config.cpu_kernels)
+        self._train = jax.jit(train_step, donate_argnums=0, compiler_options=options)
+        self._eval = jax.jit(eval_step, compiler_options=options)
 
     def put_state(self, state: steps.TrainState) -> steps.TrainState:
         return jax.device_put(state)
@@ -72,7 +73,9 @@ def _check_batch_splits(batch_size: int, num_devices: int) -> None:
 class PmapStrategy(JitStrategy):
     """The steps under `jax.pmap(axis_name='batch')` over all local devices: the state is
     replicated, every batch is split into equal per-device shards. With several processes, each
-    runs this on its own devices and slice of the batch, and `psum` spans all of them."""
+    runs this on its own devices and slice of the batch, and `psum` spans all of them.
+    `jax.pmap` takes no compiler options: on CPU devices it runs XLA's default kernels
+    (`--cpu_kernels` applies to jit and sharding)."""
 
     name = "pmap"
 
@@ -124,13 +127,16 @@ class ShardingStrategy(JitStrategy):
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS_NAME))
         train_step, eval_step = steps.step_functions(config)
+        options = xla_cpu.compiler_options(config.cpu_kernels)
         self._train = jax.jit(
             train_step,
             in_shardings=(self._replicated, self._batch_sharding),
             out_shardings=(self._replicated, self._replicated),
             donate_argnums=0,
+            compiler_options=options,
         )
-        self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._batch_sharding), out_shardings=self._replicated)
+        self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._batch_sharding), out_shardings=self._replicated,
+                             compiler_options=options)
 
     def put_state(self, state):
         return jax.device_put(state, self._replicated)

@@ -134,9 +134,13 @@ def test_every_class_score_can_learn_from_the_first_step(weight_init):
         assert dead_classes > 0
 
 
+def pool(x):
+    return nn.max_pool(x, (3, 3), (2, 2), "VALID")
+
+
 class ConvNiN(nn.Module):
     """The book's NiN written the straightforward way, every convolution an `nn.Conv` (the 1x1
-    ones too): what `models.NiN` must compute, whatever it does to be fast."""
+    ones too) and every pool `nn.max_pool`: what `models.NiN` must compute, whatever it does to be fast."""
 
     @nn.compact
     def __call__(self, x):
@@ -146,9 +150,9 @@ class ConvNiN(nn.Module):
             x = nn.relu(nn.Conv(features, (1, 1), name=f"{name}/conv1x1_1")(x))
             return nn.relu(nn.Conv(features, (1, 1), name=f"{name}/conv1x1_2")(x))
 
-        x = models.max_pool(block(x, "block1", 96, 11, 4, 0))
-        x = models.max_pool(block(x, "block2", 256, 5, 1, 2))
-        x = models.max_pool(block(x, "block3", 384, 3, 1, 1))
+        x = pool(block(x, "block1", 96, 11, 4, 0))
+        x = pool(block(x, "block2", 256, 5, 1, 2))
+        x = pool(block(x, "block3", 384, 3, 1, 1))
         return block(x, "block4", 10, 3, 1, 1).mean(axis=(1, 2))
 
 

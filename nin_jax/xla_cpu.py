@@ -1,0 +1,37 @@
+"""The XLA compiler option that makes NiN's training step fast on a CPU: a measured choice.
+
+jaxlib 0.10's XLA hands convolutions, dots, reductions and elementwise work to the YNNPACK
+library on the CPU. For NiN its backward convolutions there are slow: on a 2-core AVX-512 CPU at
+224 px, batch 128, the 5x5 layer's forward, weight and input gradients took 147 / 162 / 195 ms
+(batch 32) in YNNPACK against 129 / 147 / 143 ms in XLA's own Eigen kernels, while YNNPACK's
+reductions (the bias gradients) are several times faster than XLA's. Handing YNNPACK the
+reductions only made the whole training step 32.7 images/s against 24.1 with XLA's default
+choice (benchmarks/step_throughput.py --cpu_kernels tuned default). The option changes which
+kernels compute the same function, not the function.
+
+`--cpu_kernels default` keeps XLA's own choice. GPUs and TPUs never see the option; nor does an
+XLA that does not know it (the option is experimental), which then runs its default.
+"""
+
+import functools
+from typing import Optional
+
+import jax
+
+TUNED_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(cpu_kernels: str) -> Optional[dict[str, str]]:
+    """The `compiler_options` for `jax.jit` that `--cpu_kernels` asks for on this backend."""
+    if cpu_kernels == "default" or jax.default_backend() != "cpu" or not _xla_knows_tuned_options():
+        return None
+    return dict(TUNED_OPTIONS)
+
+
+@functools.cache
+def _xla_knows_tuned_options() -> bool:
+    try:
+        jax.jit(lambda: 0, compiler_options=TUNED_OPTIONS).lower().compile()
+    except (RuntimeError, TypeError):  # unknown option or value; a jax.jit without compiler_options
+        return False
+    return True

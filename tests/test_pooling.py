@@ -1,0 +1,55 @@
+"""`pooling.max_pool` is `nn.max_pool`: the same outputs, and gradients routed to the same elements."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nin_jax import pooling
+
+
+def reference(x, window, stride):
+    return nn.max_pool(x, (window, window), (stride, stride), "VALID")
+
+
+def check_against_reference(x, window, stride):
+    pooled, pool_vjp = jax.vjp(lambda x: pooling.max_pool(x, window, stride), x)
+    expected, reference_vjp = jax.vjp(lambda x: reference(x, window, stride), x)
+    cotangent = jax.random.normal(jax.random.key(1), expected.shape, x.dtype)
+    np.testing.assert_array_equal(pooled, expected)
+    # Overlapping windows add their contributions in another order: equal to float32 rounding.
+    np.testing.assert_allclose(pool_vjp(cotangent)[0], reference_vjp(cotangent)[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, window, stride", [
+    ((2, 54, 54, 3), 3, 2),  # pool1's geometry at 224 px
+    ((2, 13, 13, 4), 3, 2),
+    ((2, 12, 12, 4), 3, 2),  # even sizes leave the last row and column out of every window
+    ((1, 9, 11, 2), 2, 2),  # non-overlapping, non-square
+    ((1, 10, 10, 2), 3, 1),  # maximal overlap
+])
+def test_matches_nn_max_pool_on_random_inputs(shape, window, stride):
+    check_against_reference(jax.random.normal(jax.random.key(0), shape), window, stride)
+
+
+def test_ties_route_the_gradient_to_the_first_maximum_like_nn_max_pool():
+    """After a ReLU most windows hold several zeros: every tie must go where XLA sends it."""
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 26, 26, 8)) - 1.0)
+    assert float((x == 0).mean()) > 0.8
+    check_against_reference(x, 3, 2)
+    constant = jnp.ones((1, 7, 7, 1))
+    grad = jax.grad(lambda x: pooling.max_pool(x, 3, 2).sum())(constant)[0, :, :, 0]
+    expected = np.zeros((7, 7))
+    expected[0:5:2, 0:5:2] = 1.0  # each of the 3x3 windows gives its gradient to its top-left element
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_bfloat16_and_jit():
+    x = jax.random.normal(jax.random.key(0), (2, 26, 26, 4), jnp.bfloat16)
+    pooled = jax.jit(pooling.max_pool, static_argnums=(1, 2))(x, 3, 2)
+    assert pooled.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(pooled, reference(x, 3, 2))
+    grad = jax.jit(jax.grad(lambda x: pooling.max_pool(x, 3, 2).astype(jnp.float32).sum()))(x)
+    expected = jax.grad(lambda x: reference(x, 3, 2).astype(jnp.float32).sum())(x)
+    np.testing.assert_array_equal(grad, expected)
