@@ -60,6 +60,33 @@ def torch_median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> 
     return 1000 * median(times)
 
 
+def torch_module_ms(module, x, g, repeats: int, backward_name: str) -> dict[str, float]:
+    """Median ms of a torch module's forward pass, and of forward + backward with cotangent g."""
+    import torch
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    def forward_backward():
+        module.zero_grad()
+        x.grad = None
+        module(x).backward(g)
+
+    return {"fwd": torch_median_ms(forward, repeats), backward_name: torch_median_ms(forward_backward, repeats)}
+
+
+def add_layer_timing_flags(parser) -> None:
+    """The flags the per-layer benchmarks (conv_levers, pool_levers) share."""
+    from nin_jax.config import CPU_KERNELS
+
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS, help="train.py's --cpu_kernels")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+
+
 def peak_memory_bytes() -> dict[str, int]:
     """Peak host RSS, and peak accelerator memory where the backend reports it."""
     peaks = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

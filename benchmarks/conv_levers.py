@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from common import median_ms, torch_median_ms, write_json
-from nin_jax.config import CPU_KERNELS
+from common import add_layer_timing_flags, median_ms, torch_module_ms, write_json
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # name: (input size, in channels, out channels, kernel, stride, padding) at 224 px.
@@ -98,28 +97,13 @@ def time_torch(layer, batch_size: int, threads: int, repeats: int) -> dict[str, 
     size, cin, cout, kernel, stride, pad = LAYERS[layer]
     conv = torch.nn.Conv2d(cin, cout, kernel, stride, pad)
     x = torch.randn(batch_size, cin, size, size, requires_grad=cin > 1)
-    g = torch.randn_like(conv(x))
-
-    def forward():
-        with torch.no_grad():
-            conv(x)
-
-    def forward_backward():
-        conv.zero_grad()
-        x.grad = None
-        conv(x).backward(g)
-
-    return {"fwd": torch_median_ms(forward, repeats), "fwd+dW+dx": torch_median_ms(forward_backward, repeats)}
+    return torch_module_ms(conv, x, torch.randn_like(conv(x)), repeats, "fwd+dW+dx")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=tuple(LAYERS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS, help="train.py's --cpu_kernels")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--out", default="", help="write the results as JSON here")
+    add_layer_timing_flags(parser)
     args = parser.parse_args()
     results = {}
     key_x, key_w, key_g = jax.random.split(jax.random.key(0), 3)

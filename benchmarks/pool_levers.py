@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from common import median_ms, torch_median_ms, write_json
-from nin_jax.config import CPU_KERNELS
+from common import add_layer_timing_flags, median_ms, torch_module_ms, write_json
 from nin_jax import pooling
 
 # name: (input size, channels) of the pools' inputs at 224 px.
@@ -40,27 +39,13 @@ def time_torch(x: np.ndarray, threads: int, repeats: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     x = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     pool = torch.nn.MaxPool2d(3, stride=2)
-    g = torch.randn_like(pool(x))
-
-    def forward():
-        with torch.no_grad():
-            pool(x)
-
-    def forward_backward():
-        x.grad = None
-        pool(x).backward(g)
-
-    return {"fwd": torch_median_ms(forward, repeats), "fwd+dx": torch_median_ms(forward_backward, repeats)}
+    return torch_module_ms(pool, x, torch.randn_like(pool(x)), repeats, "fwd+dx")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--pools", nargs="+", default=list(POOLS), choices=tuple(POOLS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS, help="train.py's --cpu_kernels")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--out", default="", help="write the results as JSON here")
+    add_layer_timing_flags(parser)
     args = parser.parse_args()
     results = {}
     key_x, key_g = jax.random.split(jax.random.key(0))

@@ -18,19 +18,19 @@ def run_script(*args, env=None, timeout=600):
                           env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})})
 
 
-def test_step_throughput_measures_every_batch_size_and_dtype(tmp_path):
+def test_step_throughput_measures_every_batch_size_dtype_and_kernel_choice(tmp_path):
     out = tmp_path / "steps.json"
     result = run_script(sys.executable, "benchmarks/step_throughput.py", "--resize", "67", "--batch_size", "4", "8",
-                        "--dtype", "float32", "bfloat16", "--steps", "1", "--repeats", "2", "--warmup", "1",
-                        "--out", str(out))
+                        "--dtype", "float32", "bfloat16", "--cpu_kernels", "tuned", "default", "--steps", "1",
+                        "--repeats", "2", "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())["results"]
-    assert [(r["config"]["batch_size"], r["config"]["dtype"]) for r in results] == [
-        (4, "float32"), (8, "float32"), (4, "bfloat16"), (8, "bfloat16")]
+    assert [(r["config"]["dtype"], r["config"]["batch_size"], r["config"]["cpu_kernels"]) for r in results] == [
+        (dtype, batch, kernels) for dtype in ("float32", "bfloat16") for batch in (4, 8) for kernels in ("tuned", "default")]
     for r in results:
         assert len(r["train_step_seconds"]) == 2 and r["train_images_per_sec"] > 0 and r["compile_seconds"] > 0
         assert r["host_peak_rss_bytes"] > 0
-    assert len(result.stdout.strip().splitlines()) == 1 + 4 + 1  # header, 4 rows, "wrote ..."
+    assert len(result.stdout.strip().splitlines()) == 1 + 8 + 1  # header, 8 rows, "wrote ..."
 
 
 def random_arrays(path, train_examples: int, test_examples: int) -> None:
@@ -79,6 +79,16 @@ def test_conv_levers_checks_every_variant_against_xla_and_times_it(tmp_path):
     expected = {"stem/xla", "stem/im2col", "stem/space_to_depth", "stem/im2col_dW", "conv3/xla", "conv3/im2col"}
     assert expected <= set(timings)
     assert set(timings["conv3/xla"]) == {"fwd", "dW", "dx"} and set(timings["stem/xla"]) == {"fwd", "dW"}
+
+
+def test_pool_levers_checks_pooling_against_nn_max_pool_and_times_both(tmp_path):
+    out = tmp_path / "pools.json"
+    result = run_script(sys.executable, "benchmarks/pool_levers.py", "--batch_size", "1", "--repeats", "1",
+                        "--cpu_kernels", "default", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    timings = json.loads(out.read_text())["ms"]
+    assert {f"{pool}/{variant}" for pool in ("pool1", "pool2", "pool3") for variant in ("nn.max_pool", "pooling")} <= set(timings)
+    assert all(set(timings[f"pool2/{variant}"]) == {"fwd", "fwd+dx"} for variant in ("nn.max_pool", "pooling"))
 
 
 # A None in sys.modules is how Python marks a module as absent: importing it raises
