@@ -1,12 +1,15 @@
-"""Max pooling written as slices, with a gradient XLA's CPU backend runs ~10x faster than its own.
+"""Max pooling written as slices, with a gradient XLA's CPU backend runs 6 to 12 times faster.
 
 `nn.max_pool` lowers to `reduce_window`, whose gradient is `select_and_scatter`. On the CPU XLA
-runs that scatter element by element: at 224 px its three pools took more time in a training step
-than the 3x3 convolution block (benchmarks/pool_levers.py). Here a window is the maximum of its
-k*k strided slices, an elementwise chain XLA fuses; the gradient routes each output gradient to
-the first maximum of its window in row-major order, the element `select_and_scatter` picks, and
-adds the contributions of overlapping windows with strided pads, which fuse too. Outputs are
-those of `nn.max_pool` exactly, gradients to float32 rounding (overlaps are summed in another order).
+runs that scatter element by element: at 224 px, batch 32, the three pools' forward and input
+gradient took 130 / 73 / 11 ms, more than the 3x3 convolution's forward and both gradients
+(122 ms); written as here, 22 / 6 / 2 ms (benchmarks/pool_levers.py).
+
+A window is the maximum of its k*k strided slices, an elementwise chain XLA fuses. The gradient
+routes each output gradient to the first maximum of its window in row-major order, the element
+`select_and_scatter` picks, and adds the contributions of overlapping windows with strided pads,
+which fuse too. Outputs are those of `nn.max_pool` exactly, gradients equal to float32 rounding
+(overlaps are summed in another order).
 """
 
 import functools

@@ -1,16 +1,17 @@
 """The XLA compiler option that makes NiN's training step fast on a CPU: a measured choice.
 
 jaxlib 0.10's XLA hands convolutions, dots, reductions and elementwise work to the YNNPACK
-library on the CPU. For NiN its backward convolutions there are slow: on a 2-core AVX-512 CPU at
-224 px, batch 128, the 5x5 layer's forward, weight and input gradients took 147 / 162 / 195 ms
-(batch 32) in YNNPACK against 129 / 147 / 143 ms in XLA's own Eigen kernels, while YNNPACK's
-reductions (the bias gradients) are several times faster than XLA's. Handing YNNPACK the
-reductions only made the whole training step 32.7 images/s against 24.1 with XLA's default
-choice (benchmarks/step_throughput.py --cpu_kernels tuned default). The option changes which
-kernels compute the same function, not the function.
+library on the CPU. For NiN its convolutions, the backward ones above all, are slower than XLA's
+own Eigen kernels: on a 2-core AVX-512 CPU the 5x5 layer of a 224 px image took 142 / 165 / 194 ms
+(forward / weight gradient / input gradient, batch 32) in YNNPACK against 128 / 129 / 141 in
+Eigen (benchmarks/conv_levers.py). YNNPACK's reductions (the bias gradients) are the faster ones.
+Handing YNNPACK the reductions only makes the training step at 224 px, batch 128, 32.6 images/s
+against 24.3 with XLA's default choice (benchmarks/step_throughput.py --cpu_kernels tuned default).
+The option changes which kernels compute the same function, not the function.
 
 `--cpu_kernels default` keeps XLA's own choice. GPUs and TPUs never see the option; nor does an
-XLA that does not know it (the option is experimental), which then runs its default.
+XLA that does not know it (the option is experimental), which then runs its default. `jax.pmap`
+takes no compiler options, so `--parallel pmap` on CPU devices runs the default too.
 """
 
 import functools
