@@ -18,6 +18,20 @@ def test_tuned_asks_for_the_option_and_default_for_nothing():
     assert xla_cpu.compiler_options("default") is None
 
 
+def test_an_xla_without_the_option_compiles_with_its_defaults(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "TUNED_OPTIONS", {"xla_cpu_no_such_option": "x"})
+    xla_cpu._xla_knows_tuned_options.cache_clear()
+    try:
+        assert xla_cpu.compiler_options("tuned") is None
+        config = Config(resize=67, batch_size=4, parallel="jit")
+        strategy = parallel.JitStrategy(config)
+        state = strategy.put_state(steps.create_train_state(config))
+        _, metrics = strategy.train_step(state, random_batch(4, 4))
+        assert np.isfinite(metrics["loss_sum"])
+    finally:
+        xla_cpu._xla_knows_tuned_options.cache_clear()
+
+
 def library_fused_ops(hlo_text: str) -> set[str]:
     """The HLO opcodes XLA handed to YNNPACK: those inside the computations its fusions call."""
     called = set(re.findall(r'calls=(%[\w.-]+).*"kind":"__ynn_fusion"', hlo_text))
