@@ -103,3 +103,30 @@ def test_auto_picks_pmap_when_there_are_several_devices():
     assert jax.local_device_count() == 4
     assert parallel.create_strategy(CONFIG).name == "pmap"
     assert parallel.create_strategy(dataclasses.replace(CONFIG, parallel="jit")).name == "jit"
+
+
+def test_bfloat16_step_computes_in_bf16_and_keeps_parameters_optimizer_and_loss_in_float32():
+    """Mixed precision: bf16 activations, float32 parameters, updates and loss, close to the fp32 step."""
+    batch = random_batch(CONFIG.batch_size, CONFIG.batch_size)
+    bf16 = dataclasses.replace(CONFIG, dtype="bfloat16")
+    model = steps.create_model(bf16)
+    state = steps.create_train_state(bf16)
+    images = input_pipeline.preprocess(batch["image"], bf16.resize, jax.numpy.bfloat16)
+    logits, intermediates = model.apply({"params": state.params}, images, mutable=["intermediates"])
+    assert logits.dtype == np.float32
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(intermediates)} == {jax.numpy.dtype("bfloat16")}
+
+    results = []
+    for config in (CONFIG, bf16):
+        strategy = parallel.JitStrategy(config)
+        new_state, metrics = strategy.train_step(strategy.put_state(steps.create_train_state(config)), batch)
+        results.append((strategy.get_state(new_state), jax.device_get(metrics)))
+    (fp32_state, fp32_metrics), (bf16_state, bf16_metrics) = results
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((bf16_state.params, bf16_state.opt_state))} <= {
+        np.dtype("float32"), np.dtype("int32")}
+    assert bf16_metrics["loss_sum"].dtype == np.float32
+    np.testing.assert_allclose(bf16_metrics["loss_sum"], fp32_metrics["loss_sum"], rtol=2e-2)
+    updates = [(b - s, f - s) for b, f, s in zip(*(jax.tree_util.tree_leaves(p) for p in (
+        bf16_state.params, fp32_state.params, steps.create_train_state(CONFIG).params)))]
+    for bf16_update, fp32_update in updates:  # the same step, to bf16's ~3 significant digits
+        assert np.linalg.norm(bf16_update - fp32_update) <= 0.05 * np.linalg.norm(fp32_update) + 1e-6
