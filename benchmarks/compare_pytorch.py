@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from nin_jax.config import CPU_KERNELS
+from nin_jax.config import CPU_KERNELS, DTYPES
 
 
 def book_net(num_classes: int = 10):
@@ -95,7 +95,7 @@ def main():
     parser.add_argument("--resize", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="nin_jax compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="nin_jax compute dtype")
     parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS,
                         help="nin_jax's --cpu_kernels (nin_jax/xla_cpu.py)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")

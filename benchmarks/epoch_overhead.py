@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 
 from nin_jax import input_pipeline, train
-from nin_jax.config import Config
+from nin_jax.config import DTYPES, Config
 
 from common import median, write_json
 from step_throughput import measure
@@ -22,7 +22,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resize", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--train_examples", type=int, default=12800, help="the epoch's length (0 = all 60,000)")
     parser.add_argument("--manual_dir", default=None, help="folder of the four Fashion-MNIST .gz files")
     parser.add_argument("--data_arrays", default=None, help="an .npz from `python -m nin_jax.export_arrays`")

@@ -17,7 +17,7 @@ import time
 import jax
 
 from nin_jax import parallel, steps
-from nin_jax.config import CPU_KERNELS, Config
+from nin_jax.config import CPU_KERNELS, DTYPES, Config
 
 from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
 
@@ -56,7 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resize", type=int, default=224)
     parser.add_argument("--batch_size", type=int, nargs="+", default=[128], help="one or more global batch sizes")
-    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES,
                         help="one or more compute dtypes")
     parser.add_argument("--cpu_kernels", nargs="+", default=["tuned"], choices=CPU_KERNELS,
                         help="one or more of train.py's --cpu_kernels (nin_jax/xla_cpu.py)")
