@@ -89,10 +89,10 @@ def main(argv=None) -> int:
     if summary:
         print_summary(config)
         return 0
-    from nin_jax import train
+    from nin_jax import trainer
 
     try:
-        train.train_and_evaluate(config, config.workdir)
+        trainer.train_and_evaluate(config, config.workdir)
     except ConfigError as error:  # found once the devices are known, e.g. a batch that does not split over them
         parser.error(str(error))
     except USER_ERRORS as error:

@@ -1,5 +1,5 @@
 """How much of a training epoch is not the train step: the host-side input pipeline, transfers,
-progress bars and bookkeeping of the real loop (`nin_jax.train`), against the step alone.
+progress bars and bookkeeping of the real loop (`nin_jax.trainer`), against the step alone.
 
     python benchmarks/epoch_overhead.py --manual_dir ../shared/data/fashion_mnist --resize 96 --train_examples 12800
 
@@ -11,7 +11,7 @@ overhead is epoch wall time / (steps x median step time) - 1; the goal is under 
 import argparse
 import dataclasses
 
-from nin_jax import input_pipeline, train
+from nin_jax import input_pipeline, trainer
 from nin_jax.config import DTYPES, Config
 
 from common import median, write_json
@@ -37,7 +37,7 @@ def main():
         return measure(config, num_steps=5, repeats=args.repeats, warmup=2)["train_step_seconds"]
 
     before = step_seconds()
-    _, (record,) = train.train_and_evaluate(config, log=lambda line: None)
+    _, (record,) = trainer.train_and_evaluate(config, log=lambda line: None)
     after = step_seconds()
     num_steps = input_pipeline.num_batches(record["train_examples"], config.batch_size)
     step = median(before + after)

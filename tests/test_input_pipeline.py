@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import input_pipeline, parallel, steps, train
+from nin_jax import input_pipeline, parallel, steps, trainer
 from nin_jax.config import Config
 
 
@@ -73,7 +73,7 @@ def test_evaluation_counts_every_example_exactly_once(num_examples, batch_size, 
         parallel.JitStrategy(config) if num_devices == 1 else parallel.PmapStrategy(config, jax.local_devices()[:num_devices])
     )
     state = strategy.put_state(steps.create_train_state(config))
-    result = train.evaluate(strategy, state, numbered_split(num_examples), batch_size)
+    result = trainer.evaluate(strategy, state, numbered_split(num_examples), batch_size)
     assert result["examples"] == num_examples
     assert 0.0 <= result["accuracy"] <= 1.0
 
@@ -145,7 +145,7 @@ def test_exported_arrays_train_like_tfds_data_without_tensorflow(mock_data, tmp_
         np.testing.assert_array_equal(from_arrays[split].images, from_tfds[split].images)
         np.testing.assert_array_equal(from_arrays[split].labels, from_tfds[split].labels)
     config = Config(resize=67, batch_size=8, num_epochs=1, parallel="jit", data_arrays=path, data_dir="/nonexistent")
-    _, records = train.train_and_evaluate(config, log=lambda line: None)
+    _, records = trainer.train_and_evaluate(config, log=lambda line: None)
     assert records[-1]["train_examples"] == records[-1]["test_examples"] == 24
 
 

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from nin_jax import reporting, steps, train
+from nin_jax import reporting, steps, trainer
 from nin_jax.checkpoints import Checkpoints
 from nin_jax.config import Config
 
@@ -58,7 +58,7 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path):
 
     config = Config(**SETTINGS)
     with fake_data(NUM_EXAMPLES):
-        one_process_state, one_process_records = train.train_and_evaluate(config, log=lambda line: None)
+        one_process_state, one_process_records = trainer.train_and_evaluate(config, log=lambda line: None)
     with Checkpoints(str(workdir), config) as checkpoints:
         two_process_state = checkpoints.restore_latest(steps.create_train_state(config)).state
     assert int(two_process_state.step) == int(one_process_state.step) == 5

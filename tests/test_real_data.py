@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from nin_jax import input_pipeline, train
+from nin_jax import input_pipeline, trainer
 from nin_jax.config import Config
 
 from conftest import SHARED_FASHION_MNIST
@@ -28,7 +28,7 @@ def test_real_data_short_run_beats_chance_by_far(data_dir, tmp_path):
     """512 SGD steps of the default recipe at the smallest size NiN takes (about 100 s on 2 cores)."""
     config = Config(resize=67, num_epochs=1, batch_size=32, train_examples=16384, eval_examples=2000,
                     parallel="jit", data_dir=data_dir)
-    _, records = train.train_and_evaluate(config, str(tmp_path), log=print)
+    _, records = trainer.train_and_evaluate(config, str(tmp_path), log=print)
     assert records[0]["test_examples"] == 2000
     assert records[0]["test_accuracy"] > 0.4  # chance is 0.1; this run measured 0.56
 

@@ -15,7 +15,8 @@ from nin_jax import augment, optim, parallel, steps
 from nin_jax.config import Config, ConfigError
 from nin_jax.recipes import RECIPES
 
-from test_resume import load_cli
+import train
+
 from test_steps import random_batch
 
 STEPS_PER_EPOCH = 10
@@ -143,11 +144,10 @@ def test_the_reference_model_has_no_batch_statistics():
 
 
 def test_recipe_flag_sets_defaults_that_explicit_flags_override():
-    cli = load_cli()
-    config, _ = cli.parse_config(cli.build_parser(), ["--recipe", "strong", "--learning_rate", "0.01"])
+    config, _ = train.parse_config(train.build_parser(), ["--recipe", "strong", "--learning_rate", "0.01"])
     assert config == Config.from_recipe("strong", learning_rate=0.01)
     assert (config.momentum, config.nesterov, config.augment) == (0.9, True, True)
-    assert cli.parse_config(cli.build_parser(), [])[0] == Config()
+    assert train.parse_config(train.build_parser(), [])[0] == Config()
 
 
 def test_every_recipe_is_a_valid_config_and_the_reference_changes_nothing():

@@ -2,7 +2,6 @@
 uninterrupted one, and a diverging run stops without saving its bad state."""
 
 import contextlib
-import importlib.util
 import os
 import re
 import shutil
@@ -17,10 +16,12 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from nin_jax import input_pipeline, reporting, steps, train
+from nin_jax import input_pipeline, reporting, steps, trainer
 from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
 from nin_jax.interrupts import Interrupted
+
+import train
 
 from conftest import REPO_ROOT
 
@@ -32,14 +33,6 @@ TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 TIMING_FIELDS = {"examples_per_sec", "train_seconds", "compile_seconds"}
 HELPER = os.path.join(REPO_ROOT, "tests", "fake_data_train.py")
 TIMEOUT_S = 120
-
-
-def load_cli():
-    """The top-level train.py as a module, to run its `main` in this process."""
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(REPO_ROOT, "train.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
 
 
 def config(**changes) -> Config:
@@ -100,14 +93,14 @@ def uninterrupted_run(workdir, parallel: str, **changes):
     from conftest import fake_fashion_mnist
 
     with fake_fashion_mnist(NUM_EXAMPLES):
-        return train.train_and_evaluate(config(parallel=parallel, **changes), str(workdir), log=lambda line: None)
+        return trainer.train_and_evaluate(config(parallel=parallel, **changes), str(workdir), log=lambda line: None)
 
 
 def resume(workdir, parallel: str, fake_data, **changes) -> tuple[steps.TrainState, list[dict], list[str]]:
     """The same run again, in this process: the state, the records and the lines it logs."""
     lines = []
     with fake_data(NUM_EXAMPLES):
-        state, records = train.train_and_evaluate(config(parallel=parallel, **changes), str(workdir), log=lines.append)
+        state, records = trainer.train_and_evaluate(config(parallel=parallel, **changes), str(workdir), log=lines.append)
     return state, records, lines
 
 
@@ -181,7 +174,7 @@ def test_sigterm_stops_like_a_first_ctrl_c_and_the_usual_handlers_come_back(fake
     with fake_data(NUM_EXAMPLES), pytest.raises(Interrupted) as stop, mock.patch.object(
         input_pipeline, "train_batches", batches_with_sigterm_before_the_second
     ):
-        train.train_and_evaluate(config(parallel="jit", checkpoint_every_steps=0), str(tmp_path), log=lambda line: None)
+        trainer.train_and_evaluate(config(parallel="jit", checkpoint_every_steps=0), str(tmp_path), log=lambda line: None)
     assert stop.value.exit_code == 128 + signal.SIGTERM
     assert str(stop.value) == (f"stopped by SIGTERM after step 2: saved a checkpoint in {tmp_path / CHECKPOINT_DIR}; "
                                f"run the same command to resume")
@@ -191,7 +184,7 @@ def test_sigterm_stops_like_a_first_ctrl_c_and_the_usual_handlers_come_back(fake
 
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fake_data, tmp_path, capsys):
     with fake_data(NUM_EXAMPLES), pytest.raises(SystemExit) as exit_status:
-        load_cli().main([*flags(parallel="jit", learning_rate=1e6), f"--workdir={tmp_path}"])
+        train.main([*flags(parallel="jit", learning_rate=1e6), f"--workdir={tmp_path}"])
     assert exit_status.value.code == 1
     error = capsys.readouterr().err.strip()
     match = re.fullmatch(r"\S+: error: the training loss is (nan|inf) at step (\d+) \(epoch 1, batch \d\): "

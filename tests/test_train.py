@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from nin_jax import reporting, train
+from nin_jax import reporting, trainer
 from nin_jax.config import Config
 
 from conftest import REPO_ROOT
@@ -21,7 +21,7 @@ def test_train_and_evaluate_on_mock_data(mock_data, tmp_path, parallel):
     config = Config(resize=67, batch_size=8, num_epochs=2, eval_examples=13, parallel=parallel)
     lines = []
     with mock_data(num_examples=20):
-        state, records = train.train_and_evaluate(config, str(tmp_path), log=lines.append)
+        state, records = trainer.train_and_evaluate(config, str(tmp_path), log=lines.append)
     assert int(state.step) == 2 * 3  # 20 examples in batches of 8: 3 steps per epoch, the last one padded
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:

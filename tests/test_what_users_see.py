@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import cpu_estimate, epoch_outputs, input_pipeline, predict, reporting, train
+from nin_jax import cpu_estimate, epoch_outputs, input_pipeline, predict, reporting, trainer
 from nin_jax.config import Config
 
 from conftest import mock_fashion_mnist
@@ -26,7 +26,7 @@ def trained_run(tmp_path_factory):
     lines = []
     with mock_fashion_mnist(NUM_EXAMPLES), pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_estimate, "ESTIMATE_FROM_RESIZE", CONFIG.resize)
-        state, records = train.train_and_evaluate(CONFIG, workdir, log=lines.append)
+        state, records = trainer.train_and_evaluate(CONFIG, workdir, log=lines.append)
     return {"workdir": workdir, "state": state, "records": records, "lines": lines}
 
 
