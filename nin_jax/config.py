@@ -18,6 +18,8 @@ LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 WEIGHT_INITS = ("kaiming", "xavier")
 CPU_KERNELS = ("tuned", "default")  # see nin_jax/xla_cpu.py
+MAX_POOL_CHOICES = ("auto", "slices", "reduce_window")  # see nin_jax/levers.py
+CONV1X1_CHOICES = ("auto", "dot", "conv")
 
 
 class ConfigError(ValueError):
@@ -66,7 +68,7 @@ class Config:
     eval_examples: int = _field(0, "evaluate on the first N test examples only (0 = all 10,000)")
     parallel: str = _field(
         "auto",
-        "auto, jit, pmap or sharding (jit over a device mesh); auto is pmap when there is more than one device",
+        "auto, jit, pmap or sharding (jit over a device mesh); auto is sharding when there is more than one device",
         choices=PARALLEL_MODES,
     )
     dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
@@ -95,6 +97,16 @@ class Config:
         0, "also checkpoint every N steps within an epoch (0 = at the end of each epoch only); needs --workdir"
     )
     keep_checkpoints: int = _field(3, "how many of the latest checkpoints to keep in <workdir>/checkpoints")
+    max_pool: str = _field(
+        "auto", "how the max-pools are computed: slices (strided slices with their own gradient, measured faster "
+        "on a CPU) or reduce_window (flax's nn.max_pool); auto: slices on a CPU, reduce_window elsewhere. "
+        "The same function either way (see nin_jax/levers.py)", choices=MAX_POOL_CHOICES,
+    )
+    conv1x1: str = _field(
+        "auto", "how the 1x1 convolutions are computed: dot (over channels, measured faster on a CPU) or conv; "
+        "auto: dot on a CPU, conv elsewhere. The same function and parameters either way (see nin_jax/levers.py)",
+        choices=CONV1X1_CHOICES,
+    )
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "Config":

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nin_jax import pooling
+from nin_jax import levers, pooling
 
 # With 11x11/4 then three 3x3/2 max-pools, 67x67 is the smallest input that leaves a 1x1 map.
 MIN_INPUT_SIZE = 67
@@ -51,14 +51,36 @@ INITS = {
 }
 
 
-class NiNBlock(nn.Module):
-    """The book's `nin_block`: one k x k convolution, then two 1x1 convolutions, ReLU after each.
+class Conv1x1(nn.Module):
+    """A 1x1 convolution over NHWC: a dense layer applied to every pixel's channel vector.
 
-    A 1x1 convolution over NHWC is a dense layer applied to every pixel's channel vector; it is
-    written as `nn.Dense`, which computes exactly that function (same parameter count, same
-    fan-in and fan-out) and whose weight gradient XLA computes faster on the CPU than a 1x1
-    `nn.Conv`'s (benchmarks/conv_levers.py --layers conv1x1).
+    Its parameters are `nn.Dense`'s (an (inputs, outputs) kernel, drawn the same way), whether it
+    is computed as a dot over channels (`as_dot`, whose weight gradient XLA computes faster on the
+    CPU: benchmarks/conv_levers.py --layers conv1x1) or as a convolution with that kernel.
     """
+
+    features: int
+    as_dot: bool
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.as_dot:
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel[None, None], (1, 1), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if bias is None else y + bias
+
+
+class NiNBlock(nn.Module):
+    """The book's `nin_block`: one k x k convolution, then two 1x1 convolutions, ReLU after each."""
 
     features: int
     kernel_size: int
@@ -69,18 +91,20 @@ class NiNBlock(nn.Module):
     last_kernel_init: Initializer = INITS["xavier"].kernel
     last_bias_init: Initializer = nn.initializers.zeros
     batch_norm: bool = False
+    conv1x1: str = "auto"  # see nin_jax/levers.py
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         pad = (self.padding, self.padding)
+        conv1x1 = functools.partial(Conv1x1, as_dot=levers.resolve("conv1x1", self.conv1x1) == "dot")
         conv = functools.partial(
             nn.Conv, kernel_size=(self.kernel_size, self.kernel_size), strides=(self.strides, self.strides),
             padding=(pad, pad),
         )
         layers = (
             ("conv", conv, self.kernel_init, nn.initializers.zeros),
-            ("conv1x1_1", nn.Dense, self.kernel_init, nn.initializers.zeros),
-            ("conv1x1_2", nn.Dense, self.last_kernel_init, self.last_bias_init),
+            ("conv1x1_1", conv1x1, self.kernel_init, nn.initializers.zeros),
+            ("conv1x1_2", conv1x1, self.last_kernel_init, self.last_bias_init),
         )
         for name, layer, kernel_init, bias_init in layers:
             if self.batch_norm:  # the bias would be cancelled by the normalisation's mean
@@ -92,9 +116,12 @@ class NiNBlock(nn.Module):
         return x
 
 
-def max_pool(x: jax.Array) -> jax.Array:
-    """The book's `nn.MaxPool2d(3, stride=2)`: 3x3 window, stride 2, no padding (see `pooling`)."""
-    return pooling.max_pool(x, 3, 2)
+def max_pool(x: jax.Array, choice: str = "auto") -> jax.Array:
+    """The book's `nn.MaxPool2d(3, stride=2)`: 3x3 window, stride 2, no padding, computed as
+    `choice` says (nin_jax/levers.py)."""
+    if levers.resolve("max_pool", choice) == "slices":
+        return pooling.max_pool(x, 3, 2)
+    return nn.max_pool(x, (3, 3), (2, 2), "VALID")
 
 
 def check_images(x: jax.Array, in_channels: int) -> None:
@@ -127,6 +154,8 @@ class NiN(nn.Module):
     in_channels: int = 1
     weight_init: str = "kaiming"  # a key of INITS
     batch_norm: bool = False  # batch normalisation after every convolution: a variant, not the book's NiN
+    max_pool: str = "auto"  # how the kernels compute the same function: see nin_jax/levers.py
+    conv1x1: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -138,16 +167,17 @@ class NiN(nn.Module):
             special = classes and not self.batch_norm
             last_kernel, last_bias = (init.class_kernel, init.class_bias) if special else (init.kernel, nn.initializers.zeros)
             module = NiNBlock(features, kernel_size, strides, padding, self.dtype, init.kernel, last_kernel, last_bias,
-                              self.batch_norm, name=name)
+                              self.batch_norm, self.conv1x1, name=name)
             return functools.partial(module, train=train)
 
+        pool = functools.partial(max_pool, choice=self.max_pool)
         layers = (
             ("block1", block("block1", 96, 11, 4, 0)),
-            ("pool1", max_pool),
+            ("pool1", pool),
             ("block2", block("block2", 256, 5, 1, 2)),
-            ("pool2", max_pool),
+            ("pool2", pool),
             ("block3", block("block3", 384, 3, 1, 1)),
-            ("pool3", max_pool),
+            ("pool3", pool),
             ("dropout", nn.Dropout(self.dropout_rate, deterministic=not train)),
             ("block4", block("block4", self.num_classes, 3, 1, 1, classes=True)),
             ("global_avg_pool", lambda y: jnp.mean(y, axis=(1, 2), keepdims=True)),

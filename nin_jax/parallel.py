@@ -1,5 +1,6 @@
-"""How the steps run: `jax.jit` on one device, `jax.pmap` over every local device, or `jax.jit`
-over a device mesh with sharded batches (`sharding`, the way current JAX recommends).
+"""How the steps run: `jax.jit` on one device, `jax.jit` over a device mesh with sharded batches
+(`sharding`, the way current JAX recommends, and `auto`'s choice for several devices), or
+`jax.pmap` over every local device (in maintenance mode since JAX 0.8, kept for those who want it).
 
 A strategy owns the compiled steps and the layout of states and batches on its devices, so the
 training loop is the same for all: `put_state`, then `train_step(state, batch)` with this
@@ -12,7 +13,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nin_jax import steps, xla_cpu
@@ -44,9 +44,6 @@ class JitStrategy:
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return jax.device_put(batch)
 
-    def metrics_of(self, metrics: steps.Metrics) -> steps.Metrics:
-        return metrics
-
     def compile(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> float:
         """Compiles both steps ahead of time for this state and batch layout; returns seconds."""
         start = time.perf_counter()
@@ -56,11 +53,10 @@ class JitStrategy:
         return time.perf_counter() - start
 
     def train_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> tuple[steps.TrainState, steps.Metrics]:
-        state, metrics = self._train(state, self.put_batch(batch))
-        return state, self.metrics_of(metrics)
+        return self._train(state, self.put_batch(batch))
 
     def eval_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> steps.Metrics:
-        return self.metrics_of(self._eval(state, self.put_batch(batch)))
+        return self._eval(state, self.put_batch(batch))
 
 
 def _check_batch_splits(batch_size: int, num_devices: int) -> None:
@@ -75,7 +71,12 @@ class PmapStrategy(JitStrategy):
     replicated, every batch is split into equal per-device shards. With several processes, each
     runs this on its own devices and slice of the batch, and `psum` spans all of them.
     `jax.pmap` takes no compiler options: on CPU devices it runs XLA's default kernels
-    (`--cpu_kernels` applies to jit and sharding)."""
+    (`--cpu_kernels` applies to jit and sharding).
+
+    Since JAX 0.8 pmap runs on `jit` and `shard_map`, and indexing its outputs (`x[0]`) costs a
+    dispatch: so the state is placed and read back through its sharding, and the metrics, summed
+    over devices inside the step, come out unmapped (`out_axes=None`), one value for all devices.
+    """
 
     name = "pmap"
 
@@ -83,10 +84,11 @@ class PmapStrategy(JitStrategy):
         self.devices = devices or jax.local_devices()
         self.num_devices = len(self.devices) * jax.process_count()
         _check_batch_splits(config.batch_size, self.num_devices)
+        self._stacked = NamedSharding(Mesh(np.array(self.devices), (AXIS_NAME,)), PartitionSpec(AXIS_NAME))
         train_step, eval_step = steps.step_functions(config, axis_name=AXIS_NAME)
         # Naming devices confines pmap to them; unnamed, it spans the devices of every process.
-        self._train = jax.pmap(train_step, axis_name=AXIS_NAME, donate_argnums=0, devices=devices)
-        self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, devices=devices)
+        self._train = jax.pmap(train_step, axis_name=AXIS_NAME, out_axes=(0, None), donate_argnums=0, devices=devices)
+        self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, out_axes=None, devices=devices)
 
     def compile(self, state, batch):
         """With several processes, pmap's ahead-of-time executables want global arrays; so the
@@ -98,18 +100,16 @@ class PmapStrategy(JitStrategy):
         return time.perf_counter() - start
 
     def put_state(self, state):
-        return jax_utils.replicate(state, self.devices)
+        """One copy per local device, stacked along a leading axis."""
+        stack = lambda x: jax.device_put(np.broadcast_to(x, (len(self.devices),) + np.shape(x)), self._stacked)  # noqa: E731
+        return jax.tree_util.tree_map(stack, jax.device_get(state))
 
     def get_state(self, state):
-        return jax.device_get(jax_utils.unreplicate(state))
+        return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], state)
 
     def put_batch(self, batch):
         shard = lambda x: x.reshape((len(self.devices), -1) + x.shape[1:])  # noqa: E731
         return jax.tree_util.tree_map(shard, batch)
-
-    def metrics_of(self, metrics):
-        """Metrics are summed over devices inside the step, so every device holds the total."""
-        return jax.tree_util.tree_map(lambda x: x[0], metrics)
 
 
 class ShardingStrategy(JitStrategy):
@@ -152,7 +152,7 @@ STRATEGIES = {strategy.name: strategy for strategy in (JitStrategy, PmapStrategy
 def create_strategy(config: Config):
     mode = config.parallel
     if mode == "auto":
-        mode = "pmap" if jax.device_count() > 1 else "jit"
+        mode = "sharding" if jax.device_count() > 1 else "jit"
     return STRATEGIES[mode](config)
 
 

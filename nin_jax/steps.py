@@ -37,7 +37,8 @@ class TrainState(train_state.TrainState):
 
 def create_model(config: Config) -> NiN:
     return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
-               weight_init=config.weight_init, batch_norm=config.batch_norm)
+               weight_init=config.weight_init, batch_norm=config.batch_norm, max_pool=config.max_pool,
+               conv1x1=config.conv1x1)
 
 
 def create_train_state(config: Config, model: Optional[nn.Module] = None,

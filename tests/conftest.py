@@ -1,5 +1,9 @@
-"""Four fake CPU devices for the pmap tests, and a compilation cache shared by the test session and
-the training processes it starts; both must be set before JAX starts."""
+"""The suite runs on the CPU, whatever accelerator the machine has, with four fake CPU devices for
+the pmap and sharding tests, and a compilation cache shared by the test run and the training
+processes it starts; all must be set before JAX starts.
+
+Tests marked `accelerator` (tests/test_accelerator.py) run only where JAX finds a GPU or TPU; they
+run their checks in processes without the CPU pin."""
 
 import atexit
 import os
@@ -8,6 +12,7 @@ import tempfile
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # a test may start processes with fewer
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"  # tests that expect '4 cpu devices' pass on a machine with a GPU too
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # each compile of NiN's steps takes seconds on a CPU
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="nin_jax_test_jit_cache_")
@@ -51,6 +56,23 @@ def fake_fashion_mnist(num_examples: int):
     }
     with mock.patch.object(input_pipeline, "load_fashion_mnist", return_value=datasets):
         yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "accelerator: runs only where JAX finds a GPU or TPU (tests/test_accelerator.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    accelerator_items = [item for item in items if "accelerator" in item.keywords]
+    if not accelerator_items:
+        return
+    from accelerator import accelerator_platform
+
+    platform = accelerator_platform()
+    if platform is None:
+        skip = pytest.mark.skip(reason="no accelerator: JAX finds only a CPU on this machine")
+        for item in accelerator_items:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""The train and eval steps, under jit and under pmap on 2 and 4 fake CPU devices."""
+"""The train and eval steps, under jit, and under pmap and sharding on 2 and 4 fake CPU devices."""
 
 import dataclasses
+from unittest import mock
 
 import jax
 import numpy as np
@@ -39,6 +40,7 @@ def test_pmap_step_equals_jit_step(num_devices, num_real):
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pmap_state.params, jit_state.params
     )
     assert pmap_metrics["count"] == jit_metrics["count"] == num_real
+    assert pmap_metrics["loss_sum"].shape == ()  # summed over devices in the step: one value, not one per device
     np.testing.assert_allclose(pmap_metrics["loss_sum"], jit_metrics["loss_sum"], rtol=1e-5)
     assert pmap_metrics["correct"] == jit_metrics["correct"]
 
@@ -99,10 +101,42 @@ def test_pmap_refuses_a_batch_that_does_not_split_over_the_devices():
         parallel.PmapStrategy(dataclasses.replace(CONFIG, batch_size=18), jax.local_devices()[:4])
 
 
-def test_auto_picks_pmap_when_there_are_several_devices():
+def test_auto_picks_sharding_when_there_are_several_devices_and_jit_for_one():
     assert jax.local_device_count() == 4
-    assert parallel.create_strategy(CONFIG).name == "pmap"
+    assert parallel.create_strategy(CONFIG).name == "sharding"
+    assert parallel.create_strategy(dataclasses.replace(CONFIG, parallel="pmap")).name == "pmap"
     assert parallel.create_strategy(dataclasses.replace(CONFIG, parallel="jit")).name == "jit"
+    with mock.patch.object(jax, "device_count", return_value=1):
+        assert parallel.create_strategy(CONFIG).name == "jit"
+
+
+def test_pmap_state_goes_to_every_device_and_comes_back_unchanged():
+    state = steps.create_train_state(CONFIG)
+    strategy = parallel.PmapStrategy(CONFIG)
+    placed = strategy.put_state(state)
+    kernel = placed.params["block1"]["conv"]["kernel"]
+    assert kernel.shape == (4,) + state.params["block1"]["conv"]["kernel"].shape
+    assert {shard.device for shard in kernel.addressable_shards} == set(jax.local_devices())
+    jax.tree_util.tree_map(np.testing.assert_array_equal, strategy.get_state(placed), jax.device_get(state))
+
+
+def test_jit_and_sharding_draw_the_same_dropout_masks_and_crops():
+    """Under sharding the step is jit's, with the same key: dropout masks and augmentations do
+    not depend on how the batch is split, so the parameters agree to float rounding. A step from
+    another seed's key, the same parameters otherwise, does not."""
+    config = dataclasses.replace(CONFIG, dropout_rate=0.5, augment=True)
+    batch = random_batch(config.batch_size, config.batch_size)
+    initial = jax.device_get(steps.create_train_state(config))  # host copies: each step donates its input
+    other_key = initial.replace(dropout_key=steps.create_train_state(dataclasses.replace(config, seed=1)).dropout_key)
+    results = {}
+    for name, strategy, state in (("jit", parallel.JitStrategy(config), initial),
+                                  ("sharding", parallel.ShardingStrategy(config), initial),
+                                  ("other key", parallel.JitStrategy(config), other_key)):
+        new_state, _ = strategy.train_step(strategy.put_state(state), batch)
+        results[name] = jax.tree_util.tree_leaves(strategy.get_state(new_state).params)
+    for jit_leaf, sharded_leaf in zip(results["jit"], results["sharding"]):
+        np.testing.assert_allclose(sharded_leaf, jit_leaf, rtol=1e-4, atol=1e-6)
+    assert max(np.abs(a - b).max() for a, b in zip(results["jit"], results["other key"])) > 1e-3
 
 
 def test_bfloat16_step_computes_in_bf16_and_keeps_parameters_optimizer_and_loss_in_float32():
