@@ -1,4 +1,5 @@
-"""Two processes on localhost, each with two fake CPU devices, train like one process with four."""
+"""Two processes on localhost, each with two fake CPU devices, train like one process with four,
+under pmap and under sharding."""
 
 import contextlib
 import os
@@ -8,6 +9,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from nin_jax import reporting, steps, trainer
 from nin_jax.checkpoints import Checkpoints
@@ -43,9 +45,11 @@ def processes(commands, env, log_dir):
             process.wait()
 
 
-def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path):
+@pytest.mark.parametrize("parallel", ["pmap", "sharding"])
+def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path, parallel):
     workdir = tmp_path / "run"
-    flags = [f"--{name}={value}" for name, value in SETTINGS.items()] + [
+    settings = {**SETTINGS, "parallel": parallel}
+    flags = [f"--{name}={value}" for name, value in settings.items()] + [
         f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_loopback_port()}", "--num_processes=2"
     ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
@@ -56,7 +60,7 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path):
     assert codes == [0, 0], logs
     assert "epoch 1/1: loss" in logs[0] and "epoch 1/1" not in logs[1]  # only process 0 talks
 
-    config = Config(**SETTINGS)
+    config = Config(**settings)
     with fake_data(NUM_EXAMPLES):
         one_process_state, one_process_records = trainer.train_and_evaluate(config, log=lambda line: None)
     with Checkpoints(str(workdir), config) as checkpoints:
@@ -67,7 +71,7 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path):
         one_process_state.params,
     )
     (record,) = reporting.read_metrics(str(workdir))
-    assert record["devices"] == "4 cpu devices in 2 processes"
+    assert record["devices"] == "4 cpu devices in 2 processes" and record["parallel"] == parallel
     assert record["train_examples"] == NUM_EXAMPLES and record["test_examples"] == 13
     np.testing.assert_allclose(record["test_accuracy"], one_process_records[0]["test_accuracy"])
     np.testing.assert_allclose(record["train_loss"], one_process_records[0]["train_loss"], rtol=1e-5)
