@@ -2,10 +2,13 @@
 
     pip install torch==2.13.0            # optional; only this script needs it
     python benchmarks/compare_pytorch.py --resize 224 --batch_size 128 --threads 2
+    python benchmarks/compare_pytorch.py --device gpu --dtype bfloat16   # on a machine with an NVIDIA GPU
 
-Both train with SGD (lr 0.1) and cross-entropy on the same batch size and image size. XLA's CPU
-backend uses every core; torch is given as many threads (`--threads`, default: all cores). The timings alternate A B A B so that both see the same machine
-noise; the result is the ratio of the median step times.
+Both train with SGD (lr 0.1) and cross-entropy on the same batch size, image size, device and
+dtype: float32 against float32, or nin_jax's bfloat16 against torch's bfloat16 autocast. On the
+CPU, XLA uses every core; torch is given as many threads (`--threads`, default: all cores). The
+timings alternate A B A B so that both see the same machine noise; the result is the ratio of the
+median step times.
 """
 
 import argparse
@@ -45,24 +48,30 @@ def book_net(num_classes: int = 10):
     return net
 
 
-def torch_step_fn(resize: int, batch_size: int, learning_rate: float):
-    """One training step of the book's `train_ch6` on a fixed batch of already-resized images."""
+TORCH_DEVICES = {"cpu": "cpu", "gpu": "cuda"}
+
+
+def torch_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str = "float32", device: str = "cpu"):
+    """One training step of the book's `train_ch6` on a fixed batch of already-resized images, on
+    `device`; with dtype bfloat16 under torch's autocast (bf16 compute, float32 parameters)."""
     import torch
 
-    net = book_net()
+    device = TORCH_DEVICES[device]
+    net = book_net().to(device)
     net.train()
     optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate)
     loss_fn = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(batch_size, 1, resize, resize, generator=generator)
-    labels = torch.randint(0, 10, (batch_size,), generator=generator)
+    images = torch.rand(batch_size, 1, resize, resize, generator=generator).to(device)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
 
     def step():
         optimizer.zero_grad()
-        loss = loss_fn(net(images), labels)
+        with torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16"):
+            loss = loss_fn(net(images), labels)
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.item()  # waits for the device
 
     return step
 
@@ -84,7 +93,7 @@ def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, 
 
     def step():
         nonlocal state
-        state, metrics = strategy.train_step(state, device_batch)
+        state, metrics = strategy.train_placed(state, device_batch)
         return jax.block_until_ready(metrics)
 
     return step
@@ -95,7 +104,10 @@ def main():
     parser.add_argument("--resize", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="nin_jax compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="compute dtype of both: nin_jax's --dtype, torch's bfloat16 autocast")
+    parser.add_argument("--device", default="cpu", choices=tuple(TORCH_DEVICES),
+                        help="where both run: the CPU, or the first NVIDIA GPU (JAX's gpu, torch's cuda)")
     parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS,
                         help="nin_jax's --cpu_kernels (nin_jax/xla_cpu.py)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")
@@ -108,11 +120,19 @@ def main():
     except ImportError:
         sys.exit("compare_pytorch.py needs PyTorch: pip install torch==2.13.0")
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts: on a machine with a GPU, JAX would pick it
+    import jax
+
+    if args.device == "gpu" and jax.default_backend() != "gpu":
+        sys.exit(f"compare_pytorch.py --device gpu: JAX finds no GPU here (it computes on {jax.default_backend()})")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        sys.exit("compare_pytorch.py --device gpu: this torch has no CUDA; install a CUDA build of torch")
 
     from common import median, seconds_per_call, write_json
 
     contenders = {
-        "pytorch": torch_step_fn(args.resize, args.batch_size, 0.1),
+        "pytorch": torch_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.device),
         "nin_jax": jax_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.cpu_kernels),
     }
     for step in contenders.values():
@@ -124,13 +144,14 @@ def main():
             times[name].append(seconds_per_call(step, args.steps))
     images_per_sec = {name: args.batch_size / median(t) for name, t in times.items()}
     ratio = images_per_sec["nin_jax"] / images_per_sec["pytorch"]
-    print(f"resize {args.resize}, batch {args.batch_size}, {args.threads} threads, nin_jax dtype {args.dtype}, "
+    print(f"resize {args.resize}, batch {args.batch_size}, {args.device}, {args.threads} threads, dtype {args.dtype}, "
           f"cpu kernels {args.cpu_kernels}")
     for name, rate in images_per_sec.items():
         print(f"  {name:<8} {rate:8.1f} images/s (median of {args.rounds})")
     print(f"  nin_jax / pytorch = {ratio:.2f}x")
     write_json(args.out, {"args": vars(args), "step_seconds": times, "images_per_sec": images_per_sec, "ratio": ratio,
-                          "torch_version": torch.__version__})
+                          "torch_version": torch.__version__, "jax_version": jax.__version__,
+                          "jax_device": str(jax.devices()[0])})
 
 
 if __name__ == "__main__":

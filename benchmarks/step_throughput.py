@@ -3,6 +3,7 @@
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 --dtype float32
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 256 512 --dtype float32 bfloat16
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 --cpu_kernels tuned default
+    python benchmarks/step_throughput.py --resize 224 --max_pool slices reduce_window --conv1x1 dot conv
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_throughput.py --parallel pmap
 
 Compilation is timed separately; warm-up steps are excluded; each figure is the median of
@@ -17,7 +18,7 @@ import time
 import jax
 
 from nin_jax import parallel, steps
-from nin_jax.config import CPU_KERNELS, DTYPES, Config
+from nin_jax.config import CONV1X1_CHOICES, CPU_KERNELS, DTYPES, MAX_POOL_CHOICES, PARALLEL_MODES, Config
 
 from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
 
@@ -31,10 +32,10 @@ def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
 
     def train_once():
         nonlocal state
-        state, metrics = strategy.train_step(state, device_batch)
+        state, metrics = strategy.train_placed(state, device_batch)
         return metrics
 
-    eval_once = lambda: strategy.eval_step(state, device_batch)  # noqa: E731
+    eval_once = lambda: strategy.eval_placed(state, device_batch)  # noqa: E731
     for _ in range(warmup):
         jax.block_until_ready((train_once(), eval_once()))
     train_times = [seconds_per_call(train_once, num_steps) for _ in range(repeats)]
@@ -60,23 +61,28 @@ def main():
                         help="one or more compute dtypes")
     parser.add_argument("--cpu_kernels", nargs="+", default=["tuned"], choices=CPU_KERNELS,
                         help="one or more of train.py's --cpu_kernels (nin_jax/xla_cpu.py)")
-    parser.add_argument("--parallel", default="auto", choices=("auto", "jit", "pmap"))
+    parser.add_argument("--max_pool", nargs="+", default=["auto"], choices=MAX_POOL_CHOICES,
+                        help="one or more of train.py's --max_pool (nin_jax/levers.py)")
+    parser.add_argument("--conv1x1", nargs="+", default=["auto"], choices=CONV1X1_CHOICES,
+                        help="one or more of train.py's --conv1x1 (nin_jax/levers.py)")
+    parser.add_argument("--parallel", default="auto", choices=PARALLEL_MODES)
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
-    print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'cpu kernels':>11} {'devices':>14} {'compile s':>9} "
-          f"{'train img/s':>11} {'eval img/s':>10}")
+    print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'cpu kernels':>11} {'max pool':>13} {'1x1':>4} {'devices':>14} "
+          f"{'compile s':>9} {'train img/s':>11} {'eval img/s':>10}")
     results = []
-    for dtype, batch_size, cpu_kernels in itertools.product(args.dtype, args.batch_size, args.cpu_kernels):
+    grid = itertools.product(args.dtype, args.batch_size, args.cpu_kernels, args.max_pool, args.conv1x1)
+    for dtype, batch_size, cpu_kernels, max_pool, conv1x1 in grid:
         config = Config(resize=args.resize, batch_size=batch_size, dtype=dtype, parallel=args.parallel,
-                        cpu_kernels=cpu_kernels).validate()
+                        cpu_kernels=cpu_kernels, max_pool=max_pool, conv1x1=conv1x1).validate()
         start = time.perf_counter()
         result = measure(config, args.steps, args.repeats, args.warmup)
         result["wall_seconds"] = time.perf_counter() - start
         results.append(result)
-        print(f"{args.resize:>6} {batch_size:>5} {dtype:>8} {cpu_kernels:>11} {result['devices']:>14} "
+        print(f"{args.resize:>6} {batch_size:>5} {dtype:>8} {cpu_kernels:>11} {max_pool:>13} {conv1x1:>4} {result['devices']:>14} "
               f"{result['compile_seconds']:>9.1f} {result['train_images_per_sec']:>11.1f} "
               f"{result['eval_images_per_sec']:>10.1f}", flush=True)
     write_json(args.out, {"args": vars(args), "results": results})

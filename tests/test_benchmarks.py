@@ -21,12 +21,14 @@ def run_script(*args, env=None, timeout=600):
 def test_step_throughput_measures_every_batch_size_dtype_and_kernel_choice(tmp_path):
     out = tmp_path / "steps.json"
     result = run_script(sys.executable, "benchmarks/step_throughput.py", "--resize", "67", "--batch_size", "4", "8",
-                        "--dtype", "float32", "bfloat16", "--cpu_kernels", "tuned", "default", "--steps", "1",
-                        "--repeats", "2", "--warmup", "1", "--out", str(out))
+                        "--dtype", "float32", "bfloat16", "--cpu_kernels", "tuned", "default", "--max_pool",
+                        "reduce_window", "--conv1x1", "conv", "--steps", "1", "--repeats", "2", "--warmup", "1",
+                        "--out", str(out))
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())["results"]
     assert [(r["config"]["dtype"], r["config"]["batch_size"], r["config"]["cpu_kernels"]) for r in results] == [
         (dtype, batch, kernels) for dtype in ("float32", "bfloat16") for batch in (4, 8) for kernels in ("tuned", "default")]
+    assert {(r["config"]["max_pool"], r["config"]["conv1x1"]) for r in results} == {("reduce_window", "conv")}
     for r in results:
         assert len(r["train_step_seconds"]) == 2 and r["train_images_per_sec"] > 0 and r["compile_seconds"] > 0
         assert r["host_peak_rss_bytes"] > 0
@@ -53,21 +55,45 @@ def test_epoch_overhead_compares_the_real_loop_with_the_step_alone(tmp_path):
     assert "epoch of 40 examples at 67 px (5 steps of 8)" in result.stdout and "overhead" in result.stdout
 
 
-def test_gpu_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_path):
-    """benchmarks/gpu.sh, at 67 px on 32 examples: what a lent GPU would run at 224 on all the data."""
+def test_accelerator_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_path):
+    """benchmarks/accelerator.sh at 67 px on 32 examples, in fp32 (and the strong recipe in bf16): what a GPU machine runs at 224
+    on all the data. Every part runs and records itself; the loop ceiling only where its script is."""
     data = tmp_path / "arrays.npz"
     random_arrays(data, 32, 16)
-    out = tmp_path / "out"
-    env = dict(OUT=str(out), RESIZE="67", BATCH_SIZES="8", EPOCHS="2", DATA=str(data), PYTHON=sys.executable)
-    result = run_script("bash", "benchmarks/gpu.sh", env=env)
+    out = tmp_path / "results"
+    env = dict(RESIZE="67", BATCH_SIZES="8", DTYPES="float32", EPOCHS="2", DATA=str(data), PYTHON=sys.executable,
+               STEP_FLAGS="--steps 1 --repeats 2 --warmup 1", LOOP_BATCH_SIZE="8", BUDGET_S="3000", LIMIT_SCALE="10")
+    result = run_script("bash", "benchmarks/accelerator.sh", str(out), env=env, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sorted(os.listdir(out)) == ["log.txt", "reference.jsonl", "steps.json", "strong.jsonl"]
-    assert len(json.loads((out / "steps.json").read_text())["results"]) == 2  # fp32 and bf16 at batch 8
-    for recipe in ("reference", "strong"):
+    parts = {p["part"]: p for p in map(json.loads, (out / "parts.jsonl").read_text().splitlines())}
+    loop_ceiling = os.path.exists(os.path.join(REPO_ROOT, "benchmarks", "loop_ceiling.py"))
+    assert list(parts) == ["environment", "accelerator tests", "loop ceiling", "step grid", "pmap step", "levers",
+                           "pytorch step float32", "reference recipe", "strong recipe"]
+    assert {name: p["status"] for name, p in parts.items() if p["status"] != "ok"} == (
+        {} if loop_ceiling else {"loop ceiling": "skipped: benchmarks/loop_ceiling.py is not in this checkout"})
+    assert json.loads((out / "environment.json").read_text())["backend"] == "cpu"
+    log = (out / "log.txt").read_text()
+    assert "3 skipped" in log and "no accelerator" in log  # the accelerator tests, on a CPU
+    assert len(json.loads((out / "steps.json").read_text())["results"]) == 1
+    assert json.loads((out / "pmap.json").read_text())["results"][0]["parallel"] == "pmap"
+    levers = [(r["config"]["max_pool"], r["config"]["conv1x1"])
+              for r in json.loads((out / "levers.json").read_text())["results"]]
+    assert levers == [("slices", "dot"), ("slices", "conv"), ("reduce_window", "dot"), ("reduce_window", "conv")]
+    assert json.loads((out / "pytorch_float32.json").read_text())["ratio"] > 0
+    for recipe, dtype in (("reference", "float32"), ("strong", "bfloat16")):
         records = [json.loads(line) for line in (out / f"{recipe}.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in records] == [1, 2]
         assert records[-1]["train_examples"] == 32 and records[-1]["test_examples"] == 16
-        assert f"{recipe} recipe: 2 epochs at 67 px, evaluation included, in " in (out / "log.txt").read_text()
+        assert f"{recipe} recipe: 2 epochs at 67 px in {dtype}, evaluation included, in " in log
+
+
+def test_accelerator_script_needs_a_results_folder_and_the_data(tmp_path):
+    result = run_script("bash", "benchmarks/accelerator.sh")
+    assert result.returncode == 2 and result.stderr == "usage: bash benchmarks/accelerator.sh RESULTS_FOLDER\n"
+    result = run_script("bash", "benchmarks/accelerator.sh", str(tmp_path / "results"),
+                        env={"DATA": str(tmp_path / "missing.npz")})
+    assert result.returncode == 2 and "no data at" in result.stderr and "nin_jax.export_arrays" in result.stderr
+    assert not (tmp_path / "results").exists()
 
 
 def test_conv_levers_checks_every_variant_against_xla_and_times_it(tmp_path):
@@ -103,7 +129,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_training_from_data_arrays_needs_neither_tensorflow_nor_tfds(tmp_path):
-    """What a lent GPU machine without TensorFlow runs: train.py --data_arrays with a workdir."""
+    """What a GPU machine without TensorFlow runs: train.py --data_arrays with a workdir."""
     data, workdir = tmp_path / "arrays.npz", tmp_path / "run"
     random_arrays(data, 16, 8)
     result = run_script(sys.executable, "-c", BLOCK_TENSORFLOW, "train.py", "--data_arrays", str(data), "--resize", "67",
