@@ -92,13 +92,17 @@ def test_global_average_pool_is_a_mean_over_the_whole_map():
     np.testing.assert_allclose(logits, block4.mean(axis=(1, 2)), rtol=1e-6)
 
 
-def test_dense_1x1_equals_a_1x1_convolution():
-    """NiNBlock writes its 1x1 convolutions as Dense layers; same weights must give the same map."""
+@pytest.mark.parametrize("as_dot", [True, False])
+def test_a_1x1_layer_has_dense_parameters_and_computes_a_1x1_convolution(as_dot):
+    """Conv1x1's parameters are nn.Dense's, drawn the same way, whichever way it is computed, and
+    it computes nn.Conv's 1x1 map with those weights."""
     x = jax.random.normal(jax.random.key(0), (2, 9, 9, 16))
-    dense = nn.Dense(8)
-    params = dense.init(jax.random.key(1), x)
+    params = models.Conv1x1(8, as_dot).init(jax.random.key(1), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, nn.Dense(8).init(jax.random.key(1), x))
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a nonzero bias
     conv_params = {"params": {"kernel": params["params"]["kernel"][None, None], "bias": params["params"]["bias"]}}
-    np.testing.assert_allclose(dense.apply(params, x), nn.Conv(8, (1, 1)).apply(conv_params, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(models.Conv1x1(8, as_dot).apply(params, x), nn.Conv(8, (1, 1)).apply(conv_params, x),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -165,8 +169,10 @@ def as_conv_params(params):
     }
 
 
-def test_the_fast_model_computes_the_straightforward_convolutional_nin():
-    """Same weights, same outputs and same gradients, to float32 rounding, as plain nn.Conv layers."""
+@pytest.mark.parametrize("max_pool, conv1x1", [("slices", "dot"), ("reduce_window", "conv")])
+def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool, conv1x1):
+    """Same weights, same outputs and same gradients, to float32 rounding, as plain nn.Conv layers,
+    with the CPU's levers on and off (tests/test_levers.py checks every combination)."""
     images = jax.random.uniform(jax.random.key(1), (4, 67, 67, 1))
     params = models.NiN().init(jax.random.key(0), images)["params"]
     keys = iter(jax.random.split(jax.random.key(2), 100))
@@ -175,7 +181,7 @@ def test_the_fast_model_computes_the_straightforward_convolutional_nin():
     cotangent = jax.random.normal(jax.random.key(3), (4, 10))
 
     def fast(params):
-        return models.NiN().apply({"params": params}, images)
+        return models.NiN(max_pool=max_pool, conv1x1=conv1x1).apply({"params": params}, images)
 
     def straightforward(params):
         return ConvNiN().apply({"params": as_conv_params(params)}, images)
