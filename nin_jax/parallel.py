@@ -108,7 +108,10 @@ class PmapStrategy(JitStrategy):
 
     def put_state(self, state):
         """One copy per local device, stacked along a leading axis."""
-        stack = lambda x: jax.device_put(np.broadcast_to(x, (len(self.devices),) + np.shape(x)), self._stacked)  # noqa: E731
+
+        def stack(x):
+            return jax.device_put(np.broadcast_to(x, (len(self.devices),) + np.shape(x)), self._stacked)
+
         return jax.tree_util.tree_map(stack, jax.device_get(state))
 
     def get_state(self, state):
