@@ -95,6 +95,10 @@ class Config:
         0, "also checkpoint every N steps within an epoch (0 = at the end of each epoch only); needs --workdir"
     )
     keep_checkpoints: int = _field(3, "how many of the latest checkpoints to keep in <workdir>/checkpoints")
+    peer_timeout_seconds: int = _field(
+        60, "with several processes: a process not heard from for this long is taken for dead, and the others "
+        "stop with one line"
+    )
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "Config":
@@ -106,7 +110,7 @@ class Config:
         """Raises ConfigError for values that cannot work; returns self."""
         for name in _CHOICE_FIELDS:
             _check_choice(name, getattr(self, name))
-        for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints"):
+        for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints", "peer_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.learning_rate < math.inf:
