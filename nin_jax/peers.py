@@ -141,20 +141,20 @@ def _first_line(error: Exception) -> str:
 # then. It waits for the pipe from that process to close, and when that process has not said why
 # it ended but the runtime's log shows the runtime's fatal end, it says so in one line.
 _REPORTER = r"""
-import os, re, sys
+import os, sys
 pipe, log_path, prog, advice = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 said = b""
 while chunk := os.read(pipe, 64):
     said += chunk
-if not said:
-    with open(log_path, errors="replace") as log:
-        text = log.read()
-    fatal = re.search(r"Terminating process because the JAX distributed service.*?Status: ([^\n]*)", text) or \
-        re.search(r"(terminate called after throwing [^\n]*)", text)
-    if fatal:
-        sys.stderr.write(f"{prog}: error: the JAX runtime ended this process ({fatal.group(1)[:160].strip()}): "
-                         f"another process of this job, or its coordinator, process 0, has likely died; {advice} "
-                         f"The runtime's log: {log_path}\n")
+with open(log_path, errors="replace") as log:
+    text = log.read()
+fatal = ("Terminating process because the JAX distributed service" in text  # the coordination service is gone
+         or "terminate called after throwing" in text)  # a collective's transport failed outside Python
+if not text:
+    os.remove(log_path)  # nothing to keep
+elif fatal and not said:
+    sys.stderr.write(f"{prog}: error: the JAX runtime ended this process after losing another process of this job "
+                     f"or its coordinator (process 0), which has likely died; {advice} The runtime's log: {log_path}\n")
 """
 
 
