@@ -5,6 +5,8 @@ collectives inside the steps span the devices of all processes. Only process 0 t
 and writes files. How the processes end when one of them dies is in `nin_jax.peers`.
 """
 
+import itertools
+
 import jax
 
 from nin_jax import peers
@@ -32,12 +34,15 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+_decisions = itertools.count()
+
+
 def from_process_0(name: str, value: str) -> str:
     """`value` as process 0 has it, on every process: for decisions that process 0 alone makes.
     Waits as long as it takes; a dead process 0 is the `PeerWatch`'s to notice."""
     if jax.process_count() == 1:
         return value
-    key = f"{peers.KEY_PREFIX}{name}"
+    key = f"{peers.KEY_PREFIX}{name}/{next(_decisions)}"  # every process makes the same decisions in the same order
     if is_main_process():
         peers.client().key_value_set(key, value)
         return value
