@@ -106,7 +106,7 @@ def _build_lock(data_dir: str) -> Iterator[None]:
     """One build per data_dir at a time: two builds into one folder would collide (tfds renames its
     finished build into place, and the second rename fails). Whoever finds the lock taken says so
     and waits for the build to end."""
-    from nin_jax import locks
+    from nin_jax import locks  # which imports the multi-process runtime, itself importing this module
 
     def wait(holder: str) -> None:
         print(f"waiting for {holder}, which is building Fashion-MNIST in {data_dir}", file=sys.stderr, flush=True)
