@@ -13,13 +13,17 @@ from nin_jax import peers
 from nin_jax.config import Config
 from nin_jax.input_pipeline import ProcessSlice
 
-RUNTIME_HEARTBEAT_MARGIN_S = 30  # the runtime's own heartbeat timeout is this much above --peer_timeout_seconds
+
+def runtime_heartbeat_timeout(peer_timeout_s: int) -> int:
+    """The runtime's own heartbeat timeout: a backstop far enough above `--peer_timeout_seconds` for
+    the `PeerWatch` to speak first (the runtime was seen to act well before its nominal timeout)."""
+    return 2 * peer_timeout_s + 30
 
 
 def initialize(config: Config) -> ProcessSlice:
     """Starts `jax.distributed` when the config asks for it, and with peers, what ends this process
     in one line when one of them dies; returns this process's data slice."""
-    timeouts = dict(heartbeat_timeout_seconds=config.peer_timeout_seconds + RUNTIME_HEARTBEAT_MARGIN_S)
+    timeouts = dict(heartbeat_timeout_seconds=runtime_heartbeat_timeout(config.peer_timeout_seconds))
     if config.coordinator_address:
         jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id, **timeouts)
     elif config.distributed:
