@@ -111,7 +111,7 @@ def test_a_killed_process_ends_its_peers_in_one_line_and_the_rerun_resumes(tmp_p
     assert code != 0 and seconds < PEER_TIMEOUT_S + 20, (code, seconds)
     line = _one_line(lambda: job.stderr(1))
     assert line.startswith("fake_data_train.py: error: ") and line.count("\n") == 1, line
-    assert advice.strip() in line and "process 0" in line, line
+    assert advice.strip() in line, line  # the words before depend on where the loss was seen first
 
 
 @pytest.fixture
