@@ -107,6 +107,10 @@ class Config:
         "auto: dot on a CPU, conv elsewhere. The same function and parameters either way (see nin_jax/levers.py)",
         choices=CONV1X1_CHOICES,
     )
+    peer_timeout_seconds: int = _field(
+        60, "with several processes: a process not heard from for this long is taken for dead, and the others "
+        "stop with one line"
+    )
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "Config":
@@ -118,7 +122,7 @@ class Config:
         """Raises ConfigError for values that cannot work; returns self."""
         for name in _CHOICE_FIELDS:
             _check_choice(name, getattr(self, name))
-        for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints"):
+        for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints", "peer_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.learning_rate < math.inf:

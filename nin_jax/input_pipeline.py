@@ -9,9 +9,11 @@ that is 0 on padding, so every example is used exactly once per epoch, in traini
 evaluation, on any number of devices and with a single compiled step.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import os
+import sys
 from typing import Iterator, Optional
 
 import jax
@@ -90,21 +92,51 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
     """
     tfds = _import_tfds()
     data_dir = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
+    if not tfds.builder(DATASET, data_dir=data_dir).is_prepared():
+        with _build_lock(data_dir):
+            builder = tfds.builder(DATASET, data_dir=data_dir)
+            if not builder.is_prepared():  # else another process has built it meanwhile
+                _build_from_files(tfds, builder, data_dir, manual_dir, download)
     builder = tfds.builder(DATASET, data_dir=data_dir)
-    if not builder.is_prepared():
-        default_manual_dir = os.path.join(data_dir, "downloads", "manual")
-        manual_dir = os.path.expanduser(manual_dir) if manual_dir else default_manual_dir
-        missing = _missing_files(manual_dir)
-        if missing and not download:
-            raise DataError(
-                f"Fashion-MNIST is not built in {data_dir} and {manual_dir} lacks {', '.join(missing)}. "
-                f"Put the four files {', '.join(SOURCE_FILES)} into {default_manual_dir} "
-                f"or into a folder named by --manual_dir, or pass --download when online."
-            )
-        if not missing:
-            _check_source_files(builder, manual_dir)
-        _build(builder, tfds.download.DownloadConfig(manual_dir=manual_dir))
     return {split: _read_split(builder, split) for split in ("train", "test")}
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str) -> Iterator[None]:
+    """One build per data_dir at a time: two builds into one folder would collide (tfds renames its
+    finished build into place, and the second rename fails). Whoever finds the lock taken says so
+    and waits for the build to end."""
+    from nin_jax import locks  # which imports the multi-process runtime, itself importing this module
+
+    def wait(holder: str) -> None:
+        print(f"waiting for {holder}, which is building Fashion-MNIST in {data_dir}", file=sys.stderr, flush=True)
+
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            stack.enter_context(locks.exclusive(os.path.join(data_dir, f"{DATASET}.lock"), wait))
+        except locks.Unsupported as error:
+            locks.warn(f"cannot lock --data_dir {data_dir} ({error.strerror}); two builds there at once would collide")
+        except OSError as error:
+            raise DataError(f"cannot write to --data_dir {data_dir} to build Fashion-MNIST there: "
+                            f"{error.strerror or error}") from error
+        yield
+
+
+def _build_from_files(tfds, builder, data_dir: str, manual_dir: Optional[str], download: bool) -> None:
+    """Builds the tfds dataset from the four files in `manual_dir`, else downloads them when allowed."""
+    default_manual_dir = os.path.join(data_dir, "downloads", "manual")
+    manual_dir = os.path.expanduser(manual_dir) if manual_dir else default_manual_dir
+    missing = _missing_files(manual_dir)
+    if missing and not download:
+        raise DataError(
+            f"Fashion-MNIST is not built in {data_dir} and {manual_dir} lacks {', '.join(missing)}. "
+            f"Put the four files {', '.join(SOURCE_FILES)} into {default_manual_dir} "
+            f"or into a folder named by --manual_dir, or pass --download when online."
+        )
+    if not missing:
+        _check_source_files(builder, manual_dir)
+    _build(builder, tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
 def load_datasets(config) -> dict[str, Split]:

@@ -12,7 +12,8 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from nin_jax import cpu_estimate, distributed, epoch_outputs, input_pipeline, optim, parallel, progress, reporting, steps
+from nin_jax import (cpu_estimate, distributed, epoch_outputs, input_pipeline, locks, optim, parallel, peers, progress,
+                     reporting, steps)
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.divergence import LossWatch
@@ -56,11 +57,12 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     config = config.validate()
     process = distributed.initialize(config)
     strategy = parallel.create_strategy(config)  # refuses a batch that does not split over the devices
-    checkpoints = Checkpoints(workdir, config) if workdir else None
-    if not distributed.is_main_process():
-        workdir, log = None, lambda line: None  # checkpoints are saved by every process, together
-    with checkpoints or contextlib.nullcontext():
-        return _train(config, strategy, process, checkpoints, workdir, log)
+    with locks.workdir_lock(workdir) if workdir else contextlib.nullcontext():  # before anything is written there
+        checkpoints = Checkpoints(workdir, config) if workdir else None
+        if not distributed.is_main_process():
+            workdir, log = None, lambda line: None  # checkpoints are saved by every process, together
+        with checkpoints or contextlib.nullcontext(), peers.peer_failures_exit():
+            return _train(config, strategy, process, checkpoints, workdir, log)
 
 
 def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, checkpoints: Optional[Checkpoints],

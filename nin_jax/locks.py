@@ -1,0 +1,99 @@
+"""Locks that the operating system drops together with the process holding them (`fcntl.flock` on a
+file), so that a run killed with SIGKILL or a machine that lost power never blocks the next one.
+
+Two uses: one run per workdir (`workdir_lock`), and one build per tfds data directory (see
+`input_pipeline.load_fashion_mnist`). The lock file holds the host and pid of its holder, so that
+whoever finds it taken can say by whom.
+"""
+
+import contextlib
+import errno
+import os
+import socket
+import sys
+from typing import Callable, Iterator, Optional
+
+from nin_jax import distributed, peers
+from nin_jax.checkpoints import WorkdirError
+
+WORKDIR_LOCK = "run.lock"
+
+
+# What flock raises on filesystems without locks (some FUSE mounts, Lustre without -o flock).
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+class Unsupported(OSError):
+    """The filesystem of the lock file has no locks."""
+
+
+class Locked(RuntimeError):
+    """Another live process holds the lock."""
+
+    def __init__(self, path: str, holder: str):
+        super().__init__(f"{path} is locked by {holder}")
+        self.path, self.holder = path, holder
+
+
+def _holder(fd: int) -> str:
+    written = os.pread(fd, 256, 0).decode(errors="replace").strip()
+    return written or "a process that has not yet written its host and pid"
+
+
+def _write_holder(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+
+
+@contextlib.contextmanager
+def exclusive(path: str, wait: Optional[Callable[[str], None]] = None) -> Iterator[None]:
+    """Holds an exclusive lock on `path` (created when missing) for the block. When another process
+    holds it: raises `Locked`, or with `wait`, calls `wait(holder)` once and waits for the lock.
+    A lock that is taken changes nothing in the file; the holder writes its name into it."""
+    import fcntl  # POSIX only, like the multi-process runtime itself
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if wait is None:
+                raise Locked(path, _holder(fd)) from None
+            wait(_holder(fd))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno in _NO_LOCKS:
+                raise Unsupported(error.errno, f"{error.strerror}: its filesystem has no locks", path) from None
+            raise
+        _write_holder(fd)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+    """One run per workdir: process 0 holds `<workdir>/run.lock` for the run, before anything is
+    written there; with several processes, all of them learn its outcome through the runtime and
+    refuse together, so none waits for a peer that has left."""
+    with contextlib.ExitStack() as stack:
+        refusal = ""
+        if distributed.is_main_process():
+            try:
+                os.makedirs(workdir, exist_ok=True)
+                stack.enter_context(exclusive(os.path.join(workdir, WORKDIR_LOCK)))
+            except Unsupported as error:
+                warn(f"cannot lock --workdir {workdir} ({error.strerror}); nothing keeps a second run out of it")
+            except Locked as locked:
+                refusal = (f"--workdir {workdir} is in use by another run ({locked.holder}); wait for it to end, "
+                           f"or use another --workdir")
+            except OSError as error:
+                refusal = f"cannot write to --workdir {workdir}: {error.strerror or error}"
+        refusal = distributed.from_process_0("workdir_lock", refusal)
+        if refusal:
+            raise WorkdirError(refusal)
+        yield
+
+
+def warn(message: str) -> None:
+    print(f"{peers.program_name()}: warning: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,221 @@
+"""Runs that meet other runs or lose a peer: a dead process ends its peers in one line, a live run
+keeps its workdir to itself, and two first-time builds of the dataset do not collide."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nin_jax import locks, peers
+from nin_jax.checkpoints import WorkdirError
+
+from conftest import REPO_ROOT, SHARED_FASHION_MNIST
+from test_multiprocess import HELPER, free_loopback_port
+from test_train import run_cli
+
+PEER_TIMEOUT_S = 6
+BOUND_S = 60  # each survivor must end by itself well within this (the promise is 2 minutes by default)
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+# 100 steps of 8 examples, checkpointed every 5: long enough to kill a process in the middle.
+JOB_FLAGS = ["--resize=67", "--batch_size=8", "--num_epochs=1", "--eval_examples=13", "--dropout_rate=0",
+             "--parallel=pmap", "--checkpoint_every_steps=5", "--log_every_steps=1", "--num_processes=2",
+             f"--peer_timeout_seconds={PEER_TIMEOUT_S}"]
+JOB_EXAMPLES = 800
+LOCK_HOLDER = ("import sys, time; from nin_jax import locks\n"
+               "with locks.exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
+
+
+class Job:
+    """The processes of one localhost job, each with its stdout and stderr in files; `close` kills
+    whichever still runs."""
+
+    def __init__(self, workdir, log_dir, name: str, extra_flags=()):
+        flags = [*JOB_FLAGS, f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_loopback_port()}",
+                 *extra_flags]
+        self.paths = [(log_dir / f"{name}{rank}.out", log_dir / f"{name}{rank}.err") for rank in range(2)]
+        self.processes = []
+        for rank, (out, err) in enumerate(self.paths):
+            with open(out, "w") as out_file, open(err, "w") as err_file:
+                command = [sys.executable, HELPER, str(JOB_EXAMPLES), *flags, f"--process_id={rank}"]
+                self.processes.append(subprocess.Popen(command, stdout=out_file, stderr=err_file, env=ENV))
+
+    def stdout(self, rank: int) -> str:
+        return self.paths[rank][0].read_text()
+
+    def stderr(self, rank: int) -> str:
+        return self.paths[rank][1].read_text()
+
+    def wait_for(self, condition, what: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {[self.stdout(r) for r in range(2)]}"
+            assert all(process.poll() is None for process in self.processes), [self.stderr(r) for r in range(2)]
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def _committed_steps(workdir) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if directory.is_dir() else []
+
+
+def _kill_and_time_survivor(job: Job, victim: int) -> tuple[int, float]:
+    job.processes[victim].send_signal(signal.SIGKILL)
+    start = time.monotonic()
+    code = job.processes[1 - victim].wait(timeout=BOUND_S)
+    return code, time.monotonic() - start
+
+
+def _one_line(text_source, timeout_s: float = 10) -> str:
+    """The survivor's stderr, once it holds a line (the runtime's fatal end is reported by a
+    separate small process, a moment after the survivor ended)."""
+    deadline = time.monotonic() + timeout_s
+    while not text_source() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return text_source()
+
+
+@pytest.mark.slow
+def test_a_killed_process_ends_its_peers_in_one_line_and_the_rerun_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    advice = "; the other processes of this job stop too. Run all 2 processes again with the same commands to " \
+             "resume from the latest checkpoint.\n"
+    job = Job(workdir, tmp_path, "first")
+    try:  # process 1 dies (kill -9) after a checkpoint: process 0 notices its silence
+        job.wait_for(lambda: _committed_steps(workdir), "a first checkpoint")
+        code, seconds = _kill_and_time_survivor(job, victim=1)
+    finally:
+        job.close()
+    assert code == peers.EXIT_CODE and seconds < PEER_TIMEOUT_S + 20, (code, seconds)
+    assert job.stderr(0) == (f"fake_data_train.py: error: process 1 of this job has not been heard from for "
+                             f"{PEER_TIMEOUT_S} s (--peer_timeout_seconds): it has likely died{advice}")
+    saved = _committed_steps(workdir)[-1]
+
+    job = Job(workdir, tmp_path, "second")
+    try:  # the rerun resumes; then process 0, the coordinator, dies
+        job.wait_for(lambda: max(_committed_steps(workdir)) > saved, "a checkpoint after the resumed one")
+        code, seconds = _kill_and_time_survivor(job, victim=0)
+    finally:
+        job.close()
+    assert f"resuming from the checkpoint of step {saved} in {workdir / 'checkpoints'}" in job.stdout(0)
+    assert code != 0 and seconds < PEER_TIMEOUT_S + 20, (code, seconds)
+    line = _one_line(lambda: job.stderr(1))
+    assert line.startswith("fake_data_train.py: error: ") and line.count("\n") == 1, line
+    assert advice.strip() in line, line  # the words before depend on where the loss was seen first
+
+
+@pytest.fixture
+def lock_holder():
+    """Starts a process that holds a lock on a file and stays alive; kills it at the end."""
+    started = []
+
+    def start(path) -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], stdout=subprocess.PIPE, text=True,
+                                  cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+        started.append(holder)
+        assert holder.stdout.readline() == "held\n"
+        return holder
+
+    yield start
+    for holder in started:
+        holder.kill()
+        holder.wait()
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else b"<dir>"
+            for path in sorted(folder.rglob("*"))}
+
+
+def test_a_second_run_on_a_live_workdir_stops_at_once_and_changes_nothing(lock_holder, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')  # a resume would trim it to its checkpoint
+    holder = lock_holder(workdir / locks.WORKDIR_LOCK)
+    before = _snapshot(workdir)
+    result = run_cli("--workdir", str(workdir), "--resize", "67", "--manual_dir", str(tmp_path / "no_files"))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"train.py: error: --workdir {workdir} is in use by another run (pid {holder.pid} on host "
+        f"{socket.gethostname()}); wait for it to end, or use another --workdir\n"
+    )
+    assert _snapshot(workdir) == before
+
+
+def test_the_lock_of_a_killed_run_does_not_block_the_next(lock_holder, tmp_path):
+    holder = lock_holder(tmp_path / locks.WORKDIR_LOCK)
+    with pytest.raises(WorkdirError):
+        with locks.workdir_lock(str(tmp_path)):
+            pass
+    holder.kill()
+    holder.wait()
+    with locks.workdir_lock(str(tmp_path)):
+        assert (tmp_path / locks.WORKDIR_LOCK).read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+
+
+@pytest.mark.slow
+def test_every_process_of_a_job_refuses_a_live_workdir(lock_holder, tmp_path):
+    """Process 0 holds the workdir for the job; the others learn that it is taken from process 0."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = lock_holder(workdir / locks.WORKDIR_LOCK)
+    job = Job(workdir, tmp_path, "refused")
+    try:
+        codes = [process.wait(timeout=120) for process in job.processes]
+    finally:
+        job.close()
+    line = (f"fake_data_train.py: error: --workdir {workdir} is in use by another run (pid {holder.pid} on host "
+            f"{socket.gethostname()}); wait for it to end, or use another --workdir\n")
+    assert codes == [1, 1] and [job.stderr(rank) for rank in range(2)] == [line, line]
+    assert sorted(os.listdir(workdir)) == [locks.WORKDIR_LOCK]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SHARED_FASHION_MNIST),
+                    reason=f"the Fashion-MNIST files are not in {SHARED_FASHION_MNIST}")
+def test_two_first_builds_in_one_data_dir_build_once(tmp_path):
+    """Two exports find the dataset unbuilt: the second starts while the first builds, waits for it,
+    then reads what it built."""
+    data_dir = tmp_path / "tfds"
+    lock = data_dir / "fashion_mnist.lock"
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+
+    def export(name: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "nin_jax.export_arrays", "--data_dir", str(data_dir),
+                   "--manual_dir", SHARED_FASHION_MNIST, "--out", str(tmp_path / f"{name}.npz")]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    exports = [export("first")]
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text()):  # the first holds the lock: it is building
+            assert exports[0].poll() is None and time.monotonic() < deadline, exports[0].communicate()
+            time.sleep(0.05)
+        exports.append(export("second"))
+        outputs = [process.communicate(timeout=300) for process in exports]
+    finally:
+        for process in exports:
+            process.kill()
+            process.wait()
+    first, second = exports
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    waiting = (f"waiting for pid {first.pid} on host {socket.gethostname()}, which is building Fashion-MNIST "
+               f"in {data_dir}")
+    assert outputs[1][1].splitlines().count(waiting) == 1 and "waiting" not in outputs[0][1], outputs
+    assert all("Traceback" not in err for _, err in outputs), outputs  # tfds' own progress and warnings may show
+    assert "Downloading and preparing dataset" in outputs[0][0] and "preparing" not in outputs[1][0]  # tfds' words
+    wrote = "wrote {}: 60,000 training and 10,000 test examples"
+    assert [out.splitlines()[-1] for out, _ in outputs] == [wrote.format(tmp_path / f"{name}.npz")
+                                                            for name in ("first", "second")]
+    with np.load(tmp_path / "first.npz") as built, np.load(tmp_path / "second.npz") as read:
+        assert built.files == read.files and all(np.array_equal(built[name], read[name]) for name in built.files)
