@@ -1,4 +1,4 @@
-"""The benchmark scripts run and report what they promise (on small sizes; the numbers are in the README)."""
+"""The benchmark scripts run and report what they promise (on small sizes; the numbers are in docs/performance.md)."""
 
 import json
 import os
@@ -103,7 +103,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def test_training_from_data_arrays_needs_neither_tensorflow_nor_tfds(tmp_path):
-    """What a lent GPU machine without TensorFlow runs: train.py --data_arrays with a workdir."""
+    """What a GPU machine without TensorFlow runs: train.py --data_arrays with a workdir."""
     data, workdir = tmp_path / "arrays.npz", tmp_path / "run"
     random_arrays(data, 16, 8)
     result = run_script(sys.executable, "-c", BLOCK_TENSORFLOW, "train.py", "--data_arrays", str(data), "--resize", "67",
