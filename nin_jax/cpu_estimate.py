@@ -1,6 +1,6 @@
 """How long the reference recipe will take on this CPU, measured before training starts.
 
-At 224x224 a CPU trains NiN at a few images per second, so the book's 10 epochs take many hours.
+At 224x224 a CPU trains NiN so slowly that the book's 10 epochs take many hours.
 People should learn that in the first minute, not the first hour, together with a quick run that
 shows the same learning in minutes. The estimate times a few real steps (after compilation) on a
 copy of the initial state, so training itself is unchanged.

@@ -1,9 +1,8 @@
-"""Max pooling written as slices, with a gradient XLA's CPU backend runs 6 to 12 times faster.
+"""Max pooling written as slices, with a gradient XLA's CPU backend runs several times faster.
 
 `nn.max_pool` lowers to `reduce_window`, whose gradient is `select_and_scatter`. On the CPU XLA
-runs that scatter element by element: at 224 px, batch 32, the three pools' forward and input
-gradient took 130 / 73 / 11 ms, more than the 3x3 convolution's forward and both gradients
-(122 ms); written as here, 22 / 6 / 2 ms (benchmarks/pool_levers.py).
+runs that scatter element by element, slower than the pools' neighbouring convolutions; written
+as here, it fuses (docs/performance.md has the timings of benchmarks/pool_levers.py).
 
 A window is the maximum of its k*k strided slices, an elementwise chain XLA fuses. The gradient
 routes each output gradient to the first maximum of its window in row-major order, the element

@@ -2,12 +2,9 @@
 
 jaxlib 0.10's XLA hands convolutions, dots, reductions and elementwise work to the YNNPACK
 library on the CPU. For NiN its convolutions, the backward ones above all, are slower than XLA's
-own Eigen kernels: on a 2-core AVX-512 CPU the 5x5 layer of a 224 px image took 142 / 165 / 194 ms
-(forward / weight gradient / input gradient, batch 32) in YNNPACK against 128 / 129 / 141 in
-Eigen (benchmarks/conv_levers.py). YNNPACK's reductions (the bias gradients) are the faster ones.
-Handing YNNPACK the reductions only makes the training step at 224 px, batch 128, 32.6 images/s
-against 24.3 with XLA's default choice (benchmarks/step_throughput.py --cpu_kernels tuned default).
-The option changes which kernels compute the same function, not the function.
+own Eigen kernels, while YNNPACK's reductions (the bias gradients) are the faster ones, so handing
+YNNPACK the reductions only makes the training step fastest (docs/performance.md has the
+measurements). The option changes which kernels compute the same function, not the function.
 
 `--cpu_kernels default` keeps XLA's own choice. GPUs and TPUs never see the option; nor does an
 XLA that does not know it (the option is experimental), which then runs its default. `jax.pmap`

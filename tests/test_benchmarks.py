@@ -1,4 +1,4 @@
-"""The benchmark scripts run and report what they promise (on small sizes; the numbers are in the README)."""
+"""The benchmark scripts run and report what they promise (on small sizes; the numbers are in docs/performance.md)."""
 
 import json
 import os
