@@ -2,9 +2,13 @@
 over a device mesh with sharded batches (`sharding`, the way current JAX recommends).
 
 A strategy owns the compiled steps and the layout of states and batches on its devices, so the
-training loop is the same for all: `put_state`, then `train_step(state, batch)` with this
-process's NumPy batches (the whole global batch when there is one process), and `get_state` for
-a host copy.
+training loop is the same for all: `put_state` and `put_carry`, then
+`summed_train_step(state, carry, batch, stop)` with this process's NumPy batches (the whole
+global batch when there is one process), `fetch` for host values and `get_state` for a host copy
+of the state. `train_step(state, batch)` and `eval_step(state, batch)` run one step on its own.
+
+Batches are handed to the compiled steps as NumPy arrays: the call moves them to the devices
+faster than a `jax.device_put` of its own would.
 """
 
 import time
@@ -34,33 +38,75 @@ class JitStrategy:
         options = xla_cpu.compiler_options(config.cpu_kernels)
         self._train = jax.jit(train_step, donate_argnums=0, compiler_options=options)
         self._eval = jax.jit(eval_step, compiler_options=options)
+        self._init_votes()
+
+    def _init_votes(self, num_local_devices: int = 1) -> None:
+        """This process's stop vote, one per local device, ready for every batch: 0 or 1."""
+        self._votes = tuple(np.full(num_local_devices, vote, np.float32) for vote in (0, 1))
+        self._zero_carry = None
 
     def put_state(self, state: steps.TrainState) -> steps.TrainState:
         return jax.device_put(state)
 
+    def put_carry(self, carry: steps.Metrics) -> steps.Metrics:
+        """The loop's running sums go where the state goes: every device holds them whole."""
+        return self.put_state(carry)
+
     def get_state(self, state: steps.TrainState) -> steps.TrainState:
         return jax.device_get(state)
 
+    def fetch(self, carry: steps.Metrics) -> steps.Metrics:
+        """The host values of a carry or running sums; waits for the step that made them."""
+        return jax.device_get(carry)
+
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return jax.device_put(batch)
+        return batch
 
     def metrics_of(self, metrics: steps.Metrics) -> steps.Metrics:
         return metrics
 
+    def _with_vote(self, batch: dict[str, np.ndarray], stop: bool) -> dict[str, np.ndarray]:
+        return {**batch, "stop": self._votes[bool(stop)]}
+
+    def zero_carry(self) -> steps.Metrics:
+        """A zero `steps.zero_carry()` on the devices, made once: the steps never change their inputs."""
+        if self._zero_carry is None:
+            self._zero_carry = self.put_carry(steps.zero_carry())
+        return self._zero_carry
+
     def compile(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> float:
         """Compiles both steps ahead of time for this state and batch layout; returns seconds."""
         start = time.perf_counter()
-        batch = self.put_batch(batch)
-        self._train = self._train.lower(state, batch).compile()
-        self._eval = self._eval.lower(state, batch).compile()
+        zero = self.zero_carry()
+        self._train = self._train.lower(state, zero, self.put_batch(self._with_vote(batch, False))).compile()
+        self._eval = self._eval.lower(state, self._metric_sums(zero), self.put_batch(batch)).compile()
         return time.perf_counter() - start
 
+    def summed_train_step(self, state: steps.TrainState, carry: steps.Metrics, batch: dict[str, np.ndarray],
+                          stop: bool = False) -> tuple[steps.TrainState, steps.Metrics]:
+        """One step that also adds into `carry` (`steps.summing_train_step`); `stop` is this
+        process's vote to stop. Returns at once, before the devices have finished the step."""
+        return self._train(state, carry, self.put_batch(self._with_vote(batch, stop)))
+
+    def summed_eval_step(self, state: steps.TrainState, totals: steps.Metrics,
+                         batch: dict[str, np.ndarray]) -> steps.Metrics:
+        return self._eval(state, totals, self.put_batch(batch))
+
+    def zero_totals(self) -> steps.Metrics:
+        """Where evaluation's running sums start, on the devices."""
+        return self._metric_sums(self.zero_carry())
+
     def train_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> tuple[steps.TrainState, steps.Metrics]:
-        state, metrics = self._train(state, self.put_batch(batch))
-        return state, self.metrics_of(metrics)
+        """One step on its own: the new state and the step's metric sums."""
+        state, carry = self.summed_train_step(state, self.zero_carry(), batch)
+        return state, self.metrics_of(self._metric_sums(carry))
 
     def eval_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> steps.Metrics:
-        return self.metrics_of(self._eval(state, self.put_batch(batch)))
+        return self.metrics_of(self.summed_eval_step(state, self.zero_totals(), batch))
+
+    @staticmethod
+    def _metric_sums(carry: steps.Metrics) -> steps.Metrics:
+        return {name: carry[name] for name in steps.METRIC_NAMES}
 
 
 def _check_batch_splits(batch_size: int, num_devices: int) -> None:
@@ -87,6 +133,7 @@ class PmapStrategy(JitStrategy):
         # Naming devices confines pmap to them; unnamed, it spans the devices of every process.
         self._train = jax.pmap(train_step, axis_name=AXIS_NAME, donate_argnums=0, devices=devices)
         self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, devices=devices)
+        self._init_votes(len(self.devices))
 
     def compile(self, state, batch):
         """With several processes, pmap's ahead-of-time executables want global arrays; so the
@@ -96,6 +143,10 @@ class PmapStrategy(JitStrategy):
         jax.block_until_ready(self.train_step(self.put_state(self.get_state(state)), batch))
         jax.block_until_ready(self.eval_step(state, batch))
         return time.perf_counter() - start
+
+    def fetch(self, carry):
+        """Every device holds the same sums: the first device's, on the host."""
+        return jax.tree_util.tree_map(lambda x: x[0], jax.device_get(carry))
 
     def put_state(self, state):
         return jax_utils.replicate(state, self.devices)
@@ -130,19 +181,23 @@ class ShardingStrategy(JitStrategy):
         options = xla_cpu.compiler_options(config.cpu_kernels)
         self._train = jax.jit(
             train_step,
-            in_shardings=(self._replicated, self._batch_sharding),
+            in_shardings=(self._replicated, self._replicated, self._batch_sharding),
             out_shardings=(self._replicated, self._replicated),
             donate_argnums=0,
             compiler_options=options,
         )
-        self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._batch_sharding), out_shardings=self._replicated,
-                             compiler_options=options)
+        self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._replicated, self._batch_sharding),
+                             out_shardings=self._replicated, compiler_options=options)
+        self._init_votes(sum(device.process_index == jax.process_index() for device in self.devices))
 
     def put_state(self, state):
         return jax.device_put(state, self._replicated)
 
     def put_batch(self, batch):
-        """Each process hands over its own slice; together they form the global batch."""
+        """Each process hands over its own slice; together they form the global batch. One
+        process's NumPy batch is the global batch already, and the step shards it."""
+        if jax.process_count() == 1:
+            return batch
         return jax.make_array_from_process_local_data(self._batch_sharding, batch)
 
 
