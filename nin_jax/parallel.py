@@ -191,7 +191,9 @@ class ShardingStrategy(JitStrategy):
         self._init_votes(sum(device.process_index == jax.process_index() for device in self.devices))
 
     def put_state(self, state):
-        return jax.device_put(state, self._replicated)
+        """From host values: a restored state's arrays may sit on one device of this process,
+        from which no process can reach the others' devices."""
+        return jax.device_put(jax.device_get(state), self._replicated)
 
     def put_batch(self, batch):
         """Each process hands over its own slice; together they form the global batch. One

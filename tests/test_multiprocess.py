@@ -109,19 +109,15 @@ def wait_for_line(path, text: str, running) -> None:
 def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_resumes_exactly(tmp_path, parallel):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
     stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
-    logs = {name: tmp_path / name / "logs" for name in ("stopped", "resumed", "uninterrupted")}
+    logs = {name: tmp_path / "logs" / name for name in ("stopped", "resumed", "uninterrupted")}
     for folder in logs.values():
         folder.mkdir(parents=True)
-    commands = two_process_commands(stopped, parallel) + two_process_commands(uninterrupted, parallel)
-    with processes(commands[:2], env, logs["stopped"]) as running, \
-            processes(commands[2:], env, logs["uninterrupted"]) as reference:
+    with processes(two_process_commands(stopped, parallel), env, logs["stopped"]) as running:
         wait_for_line(logs["stopped"] / "process0.log", "compiled the train and eval steps", running)
         running[1].send_signal(signal.SIGTERM)
         codes = [process.wait(timeout=TIMEOUT_S) for process in running]
-        reference_codes = [process.wait(timeout=TIMEOUT_S) for process in reference]
     outputs = [(logs["stopped"] / f"process{rank}.log").read_text() for rank in range(2)]
     assert codes == [STOPPED_BY_ANOTHER_PROCESS, 128 + signal.SIGTERM], outputs
-    assert reference_codes == [0, 0]
     steps_logged = [re.search(r"stopped .*after step (\d+)", output) for output in outputs]
     assert all(steps_logged), outputs
     step = int(steps_logged[0][1])
@@ -130,11 +126,12 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
     assert "Traceback" not in "".join(outputs)
     assert saved_steps(stopped) == [step]  # one checkpoint, saved by both together
 
-    with processes(two_process_commands(stopped, parallel), env, logs["resumed"]) as running:
-        codes = [process.wait(timeout=TIMEOUT_S) for process in running]
-    resumed_log = (logs["resumed"] / "process0.log").read_text()
-    assert codes == [0, 0], resumed_log
-    assert f"resuming from the checkpoint of step {step} " in resumed_log
+    # One job at a time: on a busy machine, two starting together can miss gloo's connect timeout.
+    for name, workdir in (("resumed", stopped), ("uninterrupted", uninterrupted)):
+        with processes(two_process_commands(workdir, parallel), env, logs[name]) as running:
+            codes = [process.wait(timeout=TIMEOUT_S) for process in running]
+        assert codes == [0, 0], (logs[name] / "process0.log").read_text()
+    assert f"resuming from the checkpoint of step {step} " in (logs["resumed"] / "process0.log").read_text()
 
     config = Config(**STOP_SETTINGS, parallel=parallel)
     states = []
