@@ -110,7 +110,7 @@ def main():
     step_seconds = (fastest[args.long_steps] - fastest[args.short_steps]) / (args.long_steps - args.short_steps)
     fixed_seconds = fastest[args.short_steps] - args.short_steps * step_seconds
     images_per_sec = args.batch_size / step_seconds
-    print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), {config.parallel} parallel, batch {args.batch_size}")
+    print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), --parallel {config.parallel}, batch {args.batch_size}")
     print(f"host work per step: {step_seconds * 1e6:.1f} us")
     print(f"fixed per epoch (evaluation excluded): {fixed_seconds:.4f} s")
     write_json(args.out, {"config": dataclasses.asdict(config), "short_steps": args.short_steps,
