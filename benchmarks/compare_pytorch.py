@@ -89,11 +89,11 @@ def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, 
     batch = random_batch(batch_size)
     state = strategy.put_state(steps.create_train_state(config))
     strategy.compile(state, batch)
-    device_batch = strategy.put_batch(batch)
+    device_batch = strategy.device_batch(batch)
 
     def step():
         nonlocal state
-        state, metrics = strategy.train_placed(state, device_batch)
+        state, metrics = strategy.train_placed(state, strategy.zero_carry(), device_batch)
         return jax.block_until_ready(metrics)
 
     return step

@@ -28,14 +28,14 @@ def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
     batch = random_batch(config.batch_size)
     state = strategy.put_state(steps.create_train_state(config))
     compile_seconds = strategy.compile(state, batch)
-    device_batch = strategy.put_batch(batch)
+    device_batch = strategy.device_batch(batch)
 
     def train_once():
         nonlocal state
-        state, metrics = strategy.train_placed(state, device_batch)
+        state, metrics = strategy.train_placed(state, strategy.zero_carry(), device_batch)
         return metrics
 
-    eval_once = lambda: strategy.eval_placed(state, device_batch)  # noqa: E731
+    eval_once = lambda: strategy.eval_placed(state, strategy.zero_totals(), device_batch)  # noqa: E731
     for _ in range(warmup):
         jax.block_until_ready((train_once(), eval_once()))
     train_times = [seconds_per_call(train_once, num_steps) for _ in range(repeats)]

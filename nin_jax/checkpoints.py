@@ -11,7 +11,8 @@ The data order needs no saving: the step gives the epoch and the batch within it
 `input_pipeline.train_batches` draws an epoch's order from (seed, epoch).
 
 orbax writes each checkpoint into a temporary folder and renames it once complete, so a run
-killed while saving leaves the earlier checkpoints intact.
+killed while saving leaves the earlier checkpoints intact. With one process, the hashing and
+orbax's own bookkeeping run on a thread of their own, so training goes on meanwhile.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from nin_jax import input_pipeline, steps
+from nin_jax import background, input_pipeline, steps
 from nin_jax.config import Config
 
 CHECKPOINT_DIR = "checkpoints"
@@ -96,6 +97,9 @@ class Checkpoints:
         self._record = _resume_record(config)
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "run"))
+        # With several processes, orbax's save synchronises them with collectives on the devices,
+        # which must come in the same order as the steps' own: so it runs on the loop's thread.
+        self._saves = background.InOrder("checkpoints") if jax.process_count() == 1 else None
 
     def __enter__(self) -> "Checkpoints":
         return self
@@ -104,11 +108,21 @@ class Checkpoints:
         self.close()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            if self._saves:
+                self._saves.close()
+        finally:
+            self._manager.close()
 
     def save(self, snapshot: Snapshot) -> None:
         """Starts saving in the background; `snapshot` must hold host copies, which the next
         steps cannot change."""
+        if self._saves:
+            self._saves.submit(self._save, snapshot)
+        else:
+            self._save(snapshot)
+
+    def _save(self, snapshot: Snapshot) -> None:
         arrays = snapshot.saved_arrays()
         run = {"config": self._record, "epoch_seconds": snapshot.epoch_seconds, "fingerprint": _fingerprint(arrays)}
         self._manager.save(

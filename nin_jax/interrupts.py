@@ -10,11 +10,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    """The run stopped at a signal's request; `exit_code` is the shell's 128 + signal number."""
+    """The run stopped at a signal's request, after saving a checkpoint; `exit_code` is the
+    process's exit status (see `StopAgreement.interrupted`)."""
 
-    def __init__(self, signum: int, message: str):
+    def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.exit_code = 128 + signum
+        self.exit_code = exit_code
 
 
 class StopRequest:
@@ -46,3 +47,40 @@ def stop_requests() -> Iterator[StopRequest]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# The exit status of a process that stopped because another process was asked to: sysexits.h's
+# EX_TEMPFAIL, "a temporary failure; the user is invited to retry".
+STOPPED_BY_ANOTHER_PROCESS = 75
+
+
+class StopAgreement:
+    """When every process of a run stops: after the same step, whichever of them the signal reached.
+
+    Each process votes with every step it dispatches (its own `StopRequest`), and the steps sum
+    the votes of all processes on the devices (`steps.summing_train_step`). Every process reads
+    the sum from the same step's outputs, so all see a vote at the same step. A single process
+    needs no agreement: its own request decides at once.
+    """
+
+    def __init__(self, request: StopRequest, num_processes: int):
+        self.request = request
+        self.alone = num_processes == 1
+
+    @property
+    def vote(self) -> bool:
+        return self.request.signum is not None
+
+    def agreed(self, stop_votes) -> bool:
+        """Whether to stop, given the summed votes of a finished step (None: none read this step)."""
+        if self.alone:
+            return self.vote
+        return stop_votes is not None and float(stop_votes) > 0
+
+    def interrupted(self, step: int, resume: str) -> Interrupted:
+        """The exception that ends this process: 128 + the signal's number where the signal
+        arrived, `STOPPED_BY_ANOTHER_PROCESS` elsewhere."""
+        if self.vote:
+            return Interrupted(f"stopped by {self.request.name} after step {step}: {resume}", 128 + self.request.signum)
+        return Interrupted(f"stopped after step {step} because another process of this run was asked to stop "
+                           f"(SIGINT or SIGTERM): {resume}", STOPPED_BY_ANOTHER_PROCESS)

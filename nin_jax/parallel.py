@@ -3,9 +3,13 @@
 `jax.pmap` over every local device (in maintenance mode since JAX 0.8, kept for those who want it).
 
 A strategy owns the compiled steps and the layout of states and batches on its devices, so the
-training loop is the same for all: `put_state`, then `train_step(state, batch)` with this
-process's NumPy batches (the whole global batch when there is one process), and `get_state` for
-a host copy.
+training loop is the same for all: `put_state` and `put_carry`, then
+`summed_train_step(state, carry, batch, stop)` with this process's NumPy batches (the whole
+global batch when there is one process), `fetch` for host values and `get_state` for a host copy
+of the state. `train_step(state, batch)` and `eval_step(state, batch)` run one step on its own.
+
+Batches are handed to the compiled steps as NumPy arrays: the call moves them to the devices
+faster than a `jax.device_put` of its own would.
 """
 
 import time
@@ -26,6 +30,7 @@ class JitStrategy:
 
     name = "jit"
     num_devices = 1
+    _batch_placement = None  # where `device_batch` puts a batch: the default device
 
     def __init__(self, config: Config):
         if jax.process_count() > 1:
@@ -34,36 +39,86 @@ class JitStrategy:
         options = xla_cpu.compiler_options(config.cpu_kernels)
         self._train = jax.jit(train_step, donate_argnums=0, compiler_options=options)
         self._eval = jax.jit(eval_step, compiler_options=options)
+        self._init_votes()
+
+    def _init_votes(self, num_local_devices: int = 1) -> None:
+        """This process's stop vote, 0 or 1 on each of its devices, placed once for every batch."""
+        self._votes = tuple(self.put_batch({"stop": np.full(num_local_devices, vote, np.float32)})["stop"]
+                            for vote in (0, 1))
+        self._zero_carry = None
 
     def put_state(self, state: steps.TrainState) -> steps.TrainState:
         return jax.device_put(state)
 
+    def put_carry(self, carry: steps.Metrics) -> steps.Metrics:
+        """The loop's running sums go where the state goes: every device holds them whole."""
+        return self.put_state(carry)
+
     def get_state(self, state: steps.TrainState) -> steps.TrainState:
         return jax.device_get(state)
 
+    def fetch(self, carry: steps.Metrics) -> steps.Metrics:
+        """The host values of a carry or running sums; waits for the step that made them."""
+        return jax.device_get(carry)
+
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return jax.device_put(batch)
+        return batch
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """`batch` on the devices, laid out as the steps want it: for benchmarks that time the
+        steps alone (`train_placed`, `eval_placed`), without the transfer."""
+        return jax.device_put(self.put_batch(batch), self._batch_placement)
+
+    def _with_vote(self, batch: dict[str, Any], stop: bool) -> dict[str, Any]:
+        return {**batch, "stop": self._votes[bool(stop)]}
+
+    def zero_carry(self) -> steps.Metrics:
+        """A zero `steps.zero_carry()` on the devices, made once: the steps never change their inputs."""
+        if self._zero_carry is None:
+            self._zero_carry = self.put_carry(steps.zero_carry())
+        return self._zero_carry
 
     def compile(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> float:
         """Compiles both steps ahead of time for this state and batch layout; returns seconds."""
         start = time.perf_counter()
-        batch = self.put_batch(batch)
-        self._train = self._train.lower(state, batch).compile()
-        self._eval = self._eval.lower(state, batch).compile()
+        zero = self.zero_carry()
+        self._train = self._train.lower(state, zero, self._with_vote(self.put_batch(batch), False)).compile()
+        self._eval = self._eval.lower(state, self._metric_sums(zero), self.put_batch(batch)).compile()
         return time.perf_counter() - start
 
+    def summed_train_step(self, state: steps.TrainState, carry: steps.Metrics, batch: dict[str, np.ndarray],
+                          stop: bool = False) -> tuple[steps.TrainState, steps.Metrics]:
+        """One step that also adds into `carry` (`steps.summing_train_step`); `stop` is this
+        process's vote to stop. Returns at once, before the devices have finished the step."""
+        return self.train_placed(state, carry, self.put_batch(batch), stop)
+
+    def summed_eval_step(self, state: steps.TrainState, totals: steps.Metrics,
+                         batch: dict[str, np.ndarray]) -> steps.Metrics:
+        return self.eval_placed(state, totals, self.put_batch(batch))
+
+    def train_placed(self, state: steps.TrainState, carry: steps.Metrics, batch: dict[str, Any],
+                     stop: bool = False) -> tuple[steps.TrainState, steps.Metrics]:
+        """`summed_train_step` on a batch that `put_batch` or `device_batch` has placed."""
+        return self._train(state, carry, self._with_vote(batch, stop))
+
+    def eval_placed(self, state: steps.TrainState, totals: steps.Metrics, batch: dict[str, Any]) -> steps.Metrics:
+        return self._eval(state, totals, batch)
+
+    def zero_totals(self) -> steps.Metrics:
+        """Where evaluation's running sums start, on the devices."""
+        return self._metric_sums(self.zero_carry())
+
     def train_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> tuple[steps.TrainState, steps.Metrics]:
-        return self.train_placed(state, self.put_batch(batch))
+        """One step on its own: the new state and the step's metric sums."""
+        state, carry = self.summed_train_step(state, self.zero_carry(), batch)
+        return state, self._metric_sums(carry)
 
     def eval_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> steps.Metrics:
-        return self.eval_placed(state, self.put_batch(batch))
+        return self.summed_eval_step(state, self.zero_totals(), batch)
 
-    def train_placed(self, state: steps.TrainState, batch: dict[str, Any]) -> tuple[steps.TrainState, steps.Metrics]:
-        """`train_step` on a batch that `put_batch` has already placed (benchmarks time the step alone)."""
-        return self._train(state, batch)
-
-    def eval_placed(self, state: steps.TrainState, batch: dict[str, Any]) -> steps.Metrics:
-        return self._eval(state, batch)
+    @staticmethod
+    def _metric_sums(carry: steps.Metrics) -> steps.Metrics:
+        return {name: carry[name] for name in steps.METRIC_NAMES}
 
 
 def _check_batch_splits(batch_size: int, num_devices: int) -> None:
@@ -82,7 +137,8 @@ class PmapStrategy(JitStrategy):
 
     Since JAX 0.8 pmap runs on `jit` and `shard_map`, and indexing its outputs (`x[0]`) costs a
     dispatch: so the state is placed and read back through its sharding, and the metrics, summed
-    over devices inside the step, come out unmapped (`out_axes=None`), one value for all devices.
+    over devices inside the step, come out unmapped (`out_axes=None`), one value for all devices;
+    so does the loop's carry, which goes in unmapped (`in_axes=None`).
     """
 
     name = "pmap"
@@ -94,8 +150,11 @@ class PmapStrategy(JitStrategy):
         self._stacked = NamedSharding(Mesh(np.array(self.devices), (AXIS_NAME,)), PartitionSpec(AXIS_NAME))
         train_step, eval_step = steps.step_functions(config, axis_name=AXIS_NAME)
         # Naming devices confines pmap to them; unnamed, it spans the devices of every process.
-        self._train = jax.pmap(train_step, axis_name=AXIS_NAME, out_axes=(0, None), donate_argnums=0, devices=devices)
-        self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, out_axes=None, devices=devices)
+        self._train = jax.pmap(train_step, axis_name=AXIS_NAME, in_axes=(0, None, 0), out_axes=(0, None),
+                               donate_argnums=0, devices=devices)
+        self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, in_axes=(0, None, 0), out_axes=None, devices=devices)
+        self._batch_placement = self._stacked
+        self._init_votes(len(self.devices))
 
     def compile(self, state, batch):
         """With several processes, pmap's ahead-of-time executables want global arrays; so the
@@ -113,6 +172,9 @@ class PmapStrategy(JitStrategy):
             return jax.device_put(np.broadcast_to(x, (len(self.devices),) + np.shape(x)), self._stacked)
 
         return jax.tree_util.tree_map(stack, jax.device_get(state))
+
+    def put_carry(self, carry):
+        return jax.device_put(carry)
 
     def get_state(self, state):
         return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], state)
@@ -140,19 +202,26 @@ class ShardingStrategy(JitStrategy):
         options = xla_cpu.compiler_options(config.cpu_kernels)
         self._train = jax.jit(
             train_step,
-            in_shardings=(self._replicated, self._batch_sharding),
+            in_shardings=(self._replicated, self._replicated, self._batch_sharding),
             out_shardings=(self._replicated, self._replicated),
             donate_argnums=0,
             compiler_options=options,
         )
-        self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._batch_sharding), out_shardings=self._replicated,
-                             compiler_options=options)
+        self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._replicated, self._batch_sharding),
+                             out_shardings=self._replicated, compiler_options=options)
+        self._batch_placement = self._batch_sharding
+        self._init_votes(sum(device.process_index == jax.process_index() for device in self.devices))
 
     def put_state(self, state):
-        return jax.device_put(state, self._replicated)
+        """From host values: a restored state's arrays may sit on one device of this process,
+        from which no process can reach the others' devices."""
+        return jax.device_put(jax.device_get(state), self._replicated)
 
     def put_batch(self, batch):
-        """Each process hands over its own slice; together they form the global batch."""
+        """Each process hands over its own slice; together they form the global batch. One
+        process's NumPy batch is the global batch already, and the step shards it."""
+        if jax.process_count() == 1:
+            return batch
         return jax.make_array_from_process_local_data(self._batch_sharding, batch)
 
 

@@ -66,9 +66,55 @@ def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, label
     }
 
 
+METRIC_NAMES = ("loss_sum", "correct", "count")
+
+
 def zero_metrics() -> Metrics:
     """Where a running sum of step metrics starts; float32 like the steps' own sums."""
-    return {name: np.zeros((), np.float32) for name in ("loss_sum", "correct", "count")}
+    return {name: np.zeros((), np.float32) for name in METRIC_NAMES}
+
+
+def zero_carry() -> Metrics:
+    """What the training loop carries on the device from step to step (see `summing_train_step`):
+    the epoch's metric sums, the stop votes of all processes so far, and the first step whose loss
+    was not finite (0: none yet) with that loss."""
+    return {**zero_metrics(), "stop_votes": np.zeros((), np.float32), "bad_step": np.zeros((), np.int32),
+            "bad_loss": np.zeros((), np.float32)}
+
+
+def summing_train_step(train_step):
+    """`train_step` that also adds its metrics into the loop's carry, in the same compiled call:
+    the loop then needs no dispatch of its own per step, and never waits for one.
+
+    The batch carries one more entry, `stop`: 1 on each of a process's devices where that process
+    was asked to stop, else 0. It is summed over all devices with the step's other sums, so every
+    process reads the same `stop_votes` after the same step and they all stop together.
+    """
+
+    def step(state: TrainState, carry: Metrics, batch: input_pipeline.Batch,
+             axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
+        batch = dict(batch)
+        votes = _sum_over_devices(jnp.sum(batch.pop("stop")), axis_name)
+        new_state, metrics = train_step(state, batch)
+        first_bad = (carry["bad_step"] == 0) & ~jnp.isfinite(metrics["loss_sum"])
+        return new_state, {
+            **{name: carry[name] + metrics[name] for name in METRIC_NAMES},
+            "stop_votes": carry["stop_votes"] + votes,
+            "bad_step": jnp.where(first_bad, state.step + 1, carry["bad_step"]).astype(jnp.int32),
+            "bad_loss": jnp.where(first_bad, metrics["loss_sum"], carry["bad_loss"]),
+        }
+
+    return step
+
+
+def summing_eval_step(eval_step):
+    """`eval_step` that adds its metrics into running `totals` in the same compiled call."""
+
+    def step(state: TrainState, totals: Metrics, batch: input_pipeline.Batch) -> Metrics:
+        metrics = eval_step(state, batch)
+        return {name: totals[name] + metrics[name] for name in METRIC_NAMES}
+
+    return step
 
 
 def _sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:
@@ -115,7 +161,10 @@ def eval_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dt
 
 
 def step_functions(config: Config, axis_name: Optional[str] = None):
-    """`train_step` and `eval_step` bound to the config's resize, dtype and training options."""
+    """`train_step` and `eval_step` bound to the config's resize, dtype and training options, with
+    the loop's running sums added in (`summing_train_step`, `summing_eval_step`)."""
     kwargs = dict(resize=config.resize, dtype=jnp.dtype(config.dtype), axis_name=axis_name)
     train_kwargs = dict(augment_images=config.augment, label_smoothing=config.label_smoothing)
-    return functools.partial(train_step, **kwargs, **train_kwargs), functools.partial(eval_step, **kwargs)
+    return (functools.partial(summing_train_step(functools.partial(train_step, **kwargs, **train_kwargs)),
+                              axis_name=axis_name),
+            summing_eval_step(functools.partial(eval_step, **kwargs)))

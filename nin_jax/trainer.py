@@ -16,25 +16,21 @@ from nin_jax import (cpu_estimate, distributed, epoch_outputs, input_pipeline, l
                      reporting, steps)
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
-from nin_jax.divergence import LossWatch
-from nin_jax.interrupts import Interrupted, stop_requests
-
-
-def _add(totals: steps.Metrics, metrics: steps.Metrics) -> steps.Metrics:
-    """Running sums stay on the device, so the loop never waits for a step to finish."""
-    return jax.tree_util.tree_map(lambda a, b: a + b, totals, metrics)
+from nin_jax.divergence import check_losses
+from nin_jax.interrupts import Interrupted, StopAgreement, stop_requests
 
 
 def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, batch_size: int, desc: str = "test",
              process: input_pipeline.ProcessSlice = input_pipeline.ProcessSlice()) -> dict[str, float]:
-    """Loss, accuracy and the number of examples counted, over every example of `split` once."""
-    totals = steps.zero_metrics()
-    bar = progress.StepProgress(desc, len(split), batch_size)
+    """Loss, accuracy and the number of examples counted, over every example of `split` once.
+    The running sums stay on the devices, added up inside the eval step."""
+    totals = strategy.zero_totals()
+    bar = progress.StepProgress(desc, len(split), batch_size, fetch=strategy.fetch)
     for batch in input_pipeline.eval_batches(split, batch_size, process):
-        totals = _add(totals, strategy.eval_step(state, batch))
+        totals = strategy.summed_eval_step(state, totals, batch)
         bar.update(totals)
     bar.close()
-    totals = jax.device_get(totals)
+    totals = strategy.fetch(totals)
     count = int(totals["count"])
     return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "examples": count}
 
@@ -51,7 +47,8 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     metrics record per epoch. With a `workdir`, it resumes from the latest checkpoint there, and
     the records are also in metrics.jsonl there.
 
-    Raises `Interrupted` after saving a checkpoint when SIGINT or SIGTERM asked it to stop, and
+    Raises `Interrupted` after saving a checkpoint when SIGINT or SIGTERM asked it, or with
+    several processes any one of them, to stop (all processes stop after the same step), and
     `Diverged` at a non-finite training loss, without saving the bad state.
     """
     config = config.validate()
@@ -94,41 +91,44 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
         if cpu_estimate.applies(config):
             log(cpu_estimate.measure_and_estimate(strategy, state, first_batch, config, len(train_split),
                                                   len(test_split)))
-        loss_watch = LossWatch(step, steps_per_epoch, config.learning_rate)
         learning_rate = optim.learning_rate_schedule(config, steps_per_epoch)
+        agreement = StopAgreement(stop, jax.process_count())
+        resume = (f"saved a checkpoint in {checkpoints.directory}; run the same command to resume"
+                  if checkpoints else "nothing was saved (no --workdir)")
 
-        def save(state: steps.TrainState, totals: steps.Metrics, epoch_seconds: float) -> None:
-            """Checkpoints `state` once its losses are known to be finite: a diverged state is never saved."""
-            loss_watch.check()
+        def finished(carry: steps.Metrics) -> steps.Metrics:
+            """The host values of `carry`, once its losses are known to be finite."""
+            carry = strategy.fetch(carry)
+            check_losses(carry, steps_per_epoch, config.learning_rate)
+            return carry
+
+        def save(state: steps.TrainState, carry: steps.Metrics, epoch_seconds: float) -> None:
+            """Checkpoints `state` with the host values of a checked `carry`: a diverged state is never saved."""
             if checkpoints:
-                checkpoints.save(Snapshot(strategy.get_state(state), jax.device_get(totals), epoch_seconds))
+                totals = {name: carry[name] for name in steps.METRIC_NAMES}
+                checkpoints.save(Snapshot(strategy.get_state(state), totals, epoch_seconds))
 
-        def stop_if_requested(step: int) -> None:
-            if stop.signum:
-                resume = (f"saved a checkpoint in {checkpoints.directory}; run the same command to resume"
-                          if checkpoints else "nothing was saved (no --workdir)")
-                raise Interrupted(stop.signum, f"stopped by {stop.name} after step {step}: {resume}")
-
-        epoch_totals, epoch_seconds = snapshot.epoch_totals, snapshot.epoch_seconds
+        carry = strategy.put_carry({**steps.zero_carry(), **snapshot.epoch_totals})
+        epoch_seconds = snapshot.epoch_seconds
         for epoch in range(done_epochs + 1, config.num_epochs + 1):
             start = time.perf_counter() - epoch_seconds
             bar = progress.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size,
-                                        log, config.log_every_steps, start_batch)
+                                        log, config.log_every_steps, start_batch, fetch=strategy.fetch)
             batches = input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch, start_batch,
                                                    process)
             for batch in batches:
-                state, metrics = strategy.train_step(state, batch)
-                epoch_totals = _add(epoch_totals, metrics)
-                bar.update(epoch_totals)
-                loss_watch.add(metrics["loss_sum"])
+                state, carry = strategy.summed_train_step(state, carry, batch, agreement.vote)
+                done = bar.update(carry)  # a step LAG_STEPS back, finished: its votes are the same everywhere
                 step += 1
+                votes = None if done is None or agreement.alone else strategy.fetch(done["stop_votes"])
+                stopping = agreement.agreed(votes)
                 checkpoint_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                if step % steps_per_epoch and (checkpoint_due or stop.signum):  # an epoch's end is saved below
-                    save(state, epoch_totals, time.perf_counter() - start)
-                    stop_if_requested(step)
+                if step % steps_per_epoch and (checkpoint_due or stopping):  # an epoch's end is saved below
+                    save(state, finished(carry), time.perf_counter() - start)
+                    if stopping:
+                        raise agreement.interrupted(step, resume)
             bar.close()
-            loss_watch.check()
-            totals = jax.device_get(epoch_totals)
+            totals = finished(carry)
             train_seconds = time.perf_counter() - start
             test = evaluate(strategy, state, test_split, config.batch_size, f"epoch {epoch}/{config.num_epochs} test",
                             process)
@@ -151,7 +151,10 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
             log(reporting.epoch_line(record, config.num_epochs))
             reporting.append_metrics(workdir, record)
             outputs.write(records)
-            epoch_totals, epoch_seconds, start_batch = steps.zero_metrics(), 0.0, 0
-            save(state, epoch_totals, epoch_seconds)
-            stop_if_requested(step)
+            carry, epoch_seconds, start_batch = strategy.zero_carry(), 0.0, 0
+            save(state, steps.zero_carry(), epoch_seconds)
+            if agreement.agreed(totals["stop_votes"]):
+                raise agreement.interrupted(step, resume)
+        if agreement.vote:  # asked after the last step: everything is saved
+            raise agreement.interrupted(step, resume)
     return strategy.get_state(state), records

@@ -137,3 +137,20 @@ def test_training_from_data_arrays_needs_neither_tensorflow_nor_tfds(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epoch 1/1: loss" in result.stdout
     assert {"metrics.jsonl", "config.json", "curves.png", "checkpoints"} == set(os.listdir(workdir))
+
+
+def test_loop_ceiling_fits_fixed_and_per_step_seconds_from_short_and_long_epochs(tmp_path):
+    out = tmp_path / "ceiling.json"
+    result = run_script(sys.executable, "benchmarks/loop_ceiling.py", "--batch_size", "8", "--short_steps", "4",
+                        "--long_steps", "40", "--num_epochs", "3", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    fastest = {int(steps): seconds for steps, seconds in report["fastest_epoch_seconds"].items()}
+    assert set(fastest) == {4, 40}
+    assert report["host_seconds_per_step"] == pytest.approx((fastest[40] - fastest[4]) / 36)
+    assert report["fixed_seconds_per_epoch"] == pytest.approx(fastest[4] - 4 * report["host_seconds_per_step"])
+    assert report["images_per_sec"] == pytest.approx(8 / report["host_seconds_per_step"])
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("epochs of 4 steps: fastest ") and lines[1].startswith("epochs of 40 steps: fastest ")
+    assert f"host work per step: {report['host_seconds_per_step'] * 1e6:.1f} us" in lines
+    assert lines[-1] == f"loop ceiling at batch 8: {report['images_per_sec']:.0f} images/s"

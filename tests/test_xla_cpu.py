@@ -51,7 +51,8 @@ def compiled_steps():
         config = Config(resize=67, batch_size=8, parallel="jit", cpu_kernels=cpu_kernels)
         strategy = parallel.JitStrategy(config)
         state = strategy.put_state(steps.create_train_state(config))
-        text = strategy._train.lower(state, strategy.put_batch(batch)).compile().as_text()
+        strategy.compile(state, batch)
+        text = strategy._train.as_text()
         new_state, metrics = strategy.train_step(state, batch)
         result[cpu_kernels] = (text, jax.device_get(new_state.params), jax.device_get(metrics))
     return result

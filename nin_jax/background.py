@@ -1,0 +1,36 @@
+"""Work that the training loop hands off so that it never waits for it: drawing curves.png,
+writing TensorBoard events, hashing and saving checkpoints."""
+
+import collections
+import concurrent.futures
+from typing import Callable
+
+
+class InOrder:
+    """Runs jobs one at a time on a thread of its own, in the order they were submitted. A job's
+    error is raised in the caller's thread, by the next `submit` or by `wait`."""
+
+    def __init__(self, name: str):
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._jobs: collections.deque[concurrent.futures.Future] = collections.deque()
+
+    def submit(self, job: Callable[..., None], *args) -> None:
+        while self._jobs and self._jobs[0].done():
+            self._jobs.popleft().result()
+        self._jobs.append(self._executor.submit(job, *args))
+
+    @property
+    def idle(self) -> bool:
+        """Whether every job submitted so far is done."""
+        return all(job.done() for job in self._jobs)
+
+    def wait(self) -> None:
+        """Returns once every job submitted so far is done."""
+        while self._jobs:
+            self._jobs.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown(cancel_futures=True)
