@@ -66,7 +66,7 @@ def _missing_files(folder: str) -> list[str]:
 
 
 def import_tensorflow():
-    """TensorFlow for tfds and TensorBoard only: quiet, and kept off the GPU memory that JAX needs."""
+    """TensorFlow, for tfds only: quiet, and kept off the GPU memory that JAX needs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # also silences TF's start-up banner
     import tensorflow as tf
