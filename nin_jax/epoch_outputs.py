@@ -4,6 +4,7 @@
 """
 
 import os
+import socket
 import time
 from typing import Any, Optional
 
@@ -23,24 +24,33 @@ SCALARS = {
 
 class ScalarEvents:
     """TensorBoard scalars in an event file of `logdir`, written with the `tensorboard` package's
-    own writer, as torch.utils.tensorboard does: TensorFlow is neither needed nor imported. Each
-    value is the float32 'scalars' tensor summary that `tf.summary.scalar` would write."""
+    record writer. Its EventFileWriter opens files through `tensorboard.compat.tf`, which imports
+    TensorFlow where it is installed (seconds); a plain file needs none. Each value is the float32
+    'scalars' tensor summary that `tf.summary.scalar` would write."""
 
     def __init__(self, logdir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
-        self._file = EventFileWriter(logdir)
+        # TensorBoard finds event files by this name; the pid keeps two writers apart.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+        self._add(file_version="brain.Event:2")
 
     def write(self, values: dict[str, float], step: int) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.compat.proto import summary_pb2
         from tensorboard.plugins.scalar import summary_v2
 
         summary = summary_pb2.Summary(value=[summary_v2.scalar_pb(tag, value).value[0] for tag, value in values.items()])
-        self._file.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        self._file.flush()
+        self._add(step=step, summary=summary)
+
+    def _add(self, **fields) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._records.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+        self._records.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._records.close()
 
 
 def _scalar_events(workdir: str) -> Optional[ScalarEvents]:

@@ -3,6 +3,7 @@ the CPU estimate and the predict command, on tfds' mock data."""
 
 import os
 import re
+import subprocess
 import sys
 from unittest import mock
 
@@ -13,7 +14,7 @@ from PIL import Image
 from nin_jax import cpu_estimate, epoch_outputs, predict, reporting, trainer
 from nin_jax.config import Config
 
-from conftest import mock_fashion_mnist
+from conftest import REPO_ROOT, mock_fashion_mnist
 from test_train import run_cli
 
 NUM_EXAMPLES = 20  # per split: 3 steps of 8 per epoch, the last one padded
@@ -97,8 +98,18 @@ def test_events_are_written_without_tensorflow(trained_run, tmp_path):
         np.testing.assert_allclose(logged[tag], expected, rtol=1e-6)
 
 
+def test_writing_events_leaves_tensorflow_unimported(tmp_path):
+    """Importing TensorFlow takes seconds of every start; the events need none of it."""
+    script = (f"import sys; from nin_jax import epoch_outputs; events = epoch_outputs.ScalarEvents({str(tmp_path)!r}); "
+              "events.write({'train/loss': 1.5}, 1); events.close(); print(sorted(sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "'tensorflow'" not in result.stdout and "'tensorboard'" in result.stdout
+    assert logged_scalars(str(tmp_path)) == {"train/loss": [(1, 1.5)]}
+
+
 def test_without_the_tensorboard_package_the_curves_are_drawn_and_the_events_left_out(trained_run, tmp_path):
-    with mock.patch.dict(sys.modules, {"tensorboard.summary.writer.event_file_writer": None}):
+    with mock.patch.dict(sys.modules, {"tensorboard.summary.writer.record_writer": None}):
         outputs = epoch_outputs.EpochOutputs(str(tmp_path), CONFIG)
         outputs.write(trained_run["records"])
         outputs.close()
