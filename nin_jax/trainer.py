@@ -17,6 +17,7 @@ from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.divergence import LossWatch
 from nin_jax.interrupts import Interrupted, stop_requests
+from nin_jax.profiling import StepTrace, check_profile_steps
 
 
 def _add(totals: steps.Metrics, metrics: steps.Metrics) -> steps.Metrics:
@@ -54,6 +55,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     `Diverged` at a non-finite training loss, without saving the bad state.
     """
     config = config.validate()
+    check_profile_steps(config.profile_steps, workdir)
     process = distributed.initialize(config)
     strategy = parallel.create_strategy(config)  # refuses a batch that does not split over the devices
     checkpoints = Checkpoints(workdir, config) if workdir else None
@@ -83,7 +85,8 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
     reporting.write_config(workdir, config)
 
     outputs = epoch_outputs.EpochOutputs(workdir, config)
-    with stop_requests() as stop, contextlib.closing(outputs):  # from here on, a first Ctrl-C saves, then stops
+    with stop_requests() as stop, contextlib.closing(outputs), \
+            StepTrace(workdir, config.profile_steps, log) as trace:  # a first Ctrl-C saves, then stops
         devices = parallel.describe_devices(strategy)
         state = strategy.put_state(snapshot.state)
         first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size, process))
@@ -116,6 +119,7 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
                                                    process)
             for batch in batches:
                 state, metrics = strategy.train_step(state, batch)
+                trace.after_step(state)
                 epoch_totals = _add(epoch_totals, metrics)
                 bar.update(epoch_totals)
                 loss_watch.add(metrics["loss_sum"])
