@@ -89,9 +89,10 @@ def main(argv=None) -> int:
     if summary:
         print_summary(config)
         return 0
-    from nin_jax import trainer
+    from nin_jax import compile_cache, trainer
 
     try:
+        compile_cache.enable(config.compile_cache)  # before JAX compiles anything
         trainer.train_and_evaluate(config, config.workdir)
     except ConfigError as error:  # found once the devices are known, e.g. a batch that does not split over them
         parser.error(str(error))

@@ -111,6 +111,14 @@ class Config:
         60, "with several processes: a process not heard from for this long is taken for dead, and the others "
         "stop with one line"
     )
+    compile_cache: Optional[str] = _field(
+        None, "folder of the persistent compilation cache, which spares later runs the compiling; none: "
+        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/nin_jax/jax; off: no cache"
+    )
+    profile_steps: int = _field(
+        0, "trace N training steps after the first with jax.profiler into <workdir>/profile, for TensorBoard's "
+        "profile plugin or Perfetto (0 = off); needs --workdir"
+    )
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "Config":
@@ -136,6 +144,8 @@ class Config:
                 raise ConfigError(f"--{name} must be 0 (all) or positive, got {getattr(self, name)}")
         if self.log_every_steps < 0:
             raise ConfigError(f"--log_every_steps must be 0 (off) or positive, got {self.log_every_steps}")
+        if self.profile_steps < 0:
+            raise ConfigError(f"--profile_steps must be 0 (off) or positive, got {self.profile_steps}")
         if self.checkpoint_every_steps < 0:
             raise ConfigError(
                 f"--checkpoint_every_steps must be 0 (epoch ends only) or positive, got {self.checkpoint_every_steps}"

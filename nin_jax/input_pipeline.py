@@ -20,10 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nin_jax import array_cache
+
 DATASET = "fashion_mnist"
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (28, 28, 1)
+SPLITS = ("train", "test")
 TRAIN_SIZE = 60_000  # examples in the published training split
 SOURCE_FILES = (
     "train-images-idx3-ubyte.gz",
@@ -65,7 +68,7 @@ def _missing_files(folder: str) -> list[str]:
 
 
 def import_tensorflow():
-    """TensorFlow for tfds and TensorBoard only: quiet, and kept off the GPU memory that JAX needs."""
+    """TensorFlow, for tfds only: quiet, and kept off the GPU memory that JAX needs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # also silences TF's start-up banner
     import tensorflow as tf
@@ -86,19 +89,28 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
                        download: bool = False) -> dict[str, Split]:
     """Loads {'train', 'test'}, building the tfds dataset first if this data_dir lacks it.
 
+    After the first read, an uncompressed copy beside the build (`nin_jax.array_cache`) is read
+    instead, without TensorFlow, for as long as the build is unchanged.
+
     The four original files are taken from `manual_dir`, else from tfds' default manual folder
     (`<data_dir>/downloads/manual`). Only with `download=True` may tfds fetch them from the
     internet; offline, its retries would take minutes before failing.
     """
-    tfds = _import_tfds()
     data_dir = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
+    dataset_dir = os.path.join(data_dir, DATASET)
+    copy = _read_copy(dataset_dir)
+    if copy:
+        return copy
+    tfds = _import_tfds()
     if not tfds.builder(DATASET, data_dir=data_dir).is_prepared():
         with _build_lock(data_dir):
             builder = tfds.builder(DATASET, data_dir=data_dir)
             if not builder.is_prepared():  # else another process has built it meanwhile
                 _build_from_files(tfds, builder, data_dir, manual_dir, download)
     builder = tfds.builder(DATASET, data_dir=data_dir)
-    return {split: _read_split(builder, split) for split in ("train", "test")}
+    datasets = {split: _read_split(builder, split) for split in SPLITS}
+    array_cache.save(dataset_dir, _as_arrays(datasets))
+    return datasets
 
 
 @contextlib.contextmanager
@@ -146,26 +158,53 @@ def load_datasets(config) -> dict[str, Split]:
     return load_fashion_mnist(config.data_dir, config.manual_dir, config.download)
 
 
+def _as_arrays(datasets: dict[str, Split]) -> dict[str, np.ndarray]:
+    return {f"{split}_{name}": getattr(datasets[split], name) for split in SPLITS for name in ("images", "labels")}
+
+
+def _as_splits(arrays) -> dict[str, Split]:
+    """The splits held in `arrays` (as `_as_arrays` names them); a KeyError if one is missing."""
+    return {split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in SPLITS}
+
+
+def _what_is_wrong(datasets: dict[str, Split]) -> Optional[str]:
+    """Why these are not Fashion-MNIST's splits as `Split` holds them, or None if they are."""
+    for split, data in datasets.items():
+        if data.images.dtype != np.uint8 or data.images.shape[1:] != IMAGE_SHAPE or len(data.images) != len(data.labels):
+            return (f"the {split} split holds images of shape {data.images.shape} ({data.images.dtype}) and "
+                    f"{len(data.labels)} labels, not uint8 28x28x1 images with a label each")
+    return None
+
+
+def _read_copy(dataset_dir: str) -> Optional[dict[str, Split]]:
+    """The splits of the uncompressed copy beside the tfds build, or None where there is none that
+    is current and whole."""
+    arrays = array_cache.load(dataset_dir)
+    try:
+        datasets = _as_splits(arrays) if arrays else None
+    except KeyError:
+        return None
+    return None if datasets is None or _what_is_wrong(datasets) else datasets
+
+
 def save_arrays(datasets: dict[str, Split], path: str) -> None:
     """Writes the splits to one compressed .npz (31 MB for Fashion-MNIST), for machines without TensorFlow."""
-    arrays = {f"{split}_{name}": getattr(datasets[split], name) for split in ("train", "test") for name in ("images", "labels")}
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **_as_arrays(datasets))
 
 
 def load_arrays(path: str) -> dict[str, Split]:
     """The splits that `save_arrays` wrote; a missing or foreign file is a one-line DataError."""
     try:
         with np.load(os.path.expanduser(path)) as arrays:
-            datasets = {split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in ("train", "test")}
+            datasets = _as_splits(arrays)
     except (OSError, KeyError, ValueError) as error:
         raise DataError(
             f"cannot read Fashion-MNIST arrays from --data_arrays {path} ({type(error).__name__}: {error}); "
             f"write them with `python -m nin_jax.export_arrays --out {path}` on a machine with tensorflow-datasets"
         ) from error
-    for split, data in datasets.items():
-        if data.images.dtype != np.uint8 or data.images.shape[1:] != IMAGE_SHAPE or len(data.images) != len(data.labels):
-            raise DataError(f"--data_arrays {path}: the {split} split holds images of shape {data.images.shape} "
-                            f"({data.images.dtype}) and {len(data.labels)} labels, not uint8 28x28x1 images with a label each")
+    problem = _what_is_wrong(datasets)
+    if problem:
+        raise DataError(f"--data_arrays {path}: {problem}")
     return datasets
 
 

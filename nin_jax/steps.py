@@ -18,7 +18,7 @@ from flax.training import train_state
 
 from nin_jax import augment, input_pipeline, optim
 from nin_jax.config import Config
-from nin_jax.models import NiN
+from nin_jax.models import MIN_INPUT_SIZE, NiN
 
 Metrics = dict[str, jax.Array]
 
@@ -44,10 +44,14 @@ def create_model(config: Config) -> NiN:
 def create_train_state(config: Config, model: Optional[nn.Module] = None,
                        steps_per_epoch: Optional[int] = None) -> TrainState:
     """Initial parameters, optimizer state and random key, all drawn from `config.seed`.
-    `steps_per_epoch` sets the length of a learning-rate schedule (default: the published split's)."""
+    `steps_per_epoch` sets the length of a learning-rate schedule (default: the published split's).
+
+    NiN's variables do not depend on the image size (no layer's shape does), so the model is
+    initialised at the smallest size it takes, whatever `config.resize`: one compiled initializer,
+    and one entry of the compilation cache, serves every size."""
     model = model or create_model(config)
     params_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    images = jnp.zeros((1, config.resize, config.resize, 1), jnp.float32)
+    images = jnp.zeros((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 1), jnp.float32)
     variables = jax.jit(model.init)(params_key, images)
     tx = optim.create_optimizer(config, steps_per_epoch or optim.default_steps_per_epoch(config))
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,

@@ -18,6 +18,7 @@ from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.divergence import check_losses
 from nin_jax.interrupts import Interrupted, StopAgreement, stop_requests
+from nin_jax.profiling import StepTrace, check_profile_steps
 
 
 def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, batch_size: int, desc: str = "test",
@@ -52,6 +53,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     `Diverged` at a non-finite training loss, without saving the bad state.
     """
     config = config.validate()
+    check_profile_steps(config.profile_steps, workdir)
     process = distributed.initialize(config)
     strategy = parallel.create_strategy(config)  # refuses a batch that does not split over the devices
     with locks.workdir_lock(workdir) if workdir else contextlib.nullcontext():  # before anything is written there
@@ -82,7 +84,8 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
     reporting.write_config(workdir, config)
 
     outputs = epoch_outputs.EpochOutputs(workdir, config)
-    with stop_requests() as stop, contextlib.closing(outputs):  # from here on, a first Ctrl-C saves, then stops
+    with stop_requests() as stop, contextlib.closing(outputs), \
+            StepTrace(workdir, config.profile_steps, log) as trace:  # a first Ctrl-C saves, then stops
         devices = parallel.describe_devices(strategy)
         state = strategy.put_state(snapshot.state)
         first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size, process))
@@ -118,6 +121,7 @@ def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, check
                                                    process)
             for batch in batches:
                 state, carry = strategy.summed_train_step(state, carry, batch, agreement.vote)
+                trace.after_step(state)
                 done = bar.update(carry)  # a step LAG_STEPS back, finished: its votes are the same everywhere
                 step += 1
                 votes = None if done is None or agreement.alone else strategy.fetch(done["stop_votes"])

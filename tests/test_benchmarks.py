@@ -136,7 +136,9 @@ def test_training_from_data_arrays_needs_neither_tensorflow_nor_tfds(tmp_path):
                         "--batch_size", "8", "--num_epochs", "1", "--workdir", str(workdir))
     assert result.returncode == 0, result.stderr
     assert "epoch 1/1: loss" in result.stdout
-    assert {"metrics.jsonl", "config.json", "curves.png", "checkpoints"} == set(os.listdir(workdir))
+    files = set(os.listdir(workdir))
+    assert {"metrics.jsonl", "config.json", "curves.png", "checkpoints"} == {f for f in files if "tfevents" not in f}
+    assert len(files) == 5  # and one TensorBoard event file, written without TensorFlow
 
 
 def test_loop_ceiling_fits_fixed_and_per_step_seconds_from_short_and_long_epochs(tmp_path):
@@ -154,3 +156,18 @@ def test_loop_ceiling_fits_fixed_and_per_step_seconds_from_short_and_long_epochs
     assert lines[0].startswith("epochs of 4 steps: fastest ") and lines[1].startswith("epochs of 40 steps: fastest ")
     assert f"host work per step: {report['host_seconds_per_step'] * 1e6:.1f} us" in lines
     assert lines[-1] == f"loop ceiling at batch 8: {report['images_per_sec']:.0f} images/s"
+
+
+def test_startup_times_every_phase_and_the_command_cold_and_warm(tmp_path):
+    data, out = tmp_path / "arrays.npz", tmp_path / "startup.json"
+    random_arrays(data, 16, 8)
+    result = run_script(sys.executable, "benchmarks/startup.py", "--resize", "67", "--data_arrays", str(data),
+                        "--repeats", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["phase_seconds"]) == {"import", "data", "init", "compile", "first_step"}
+    assert set(report["command_seconds"]) == {"cold", "warm"}
+    assert all(len(seconds) == 1 and seconds[0] > 0 for seconds in [*report["phase_seconds"].values(),
+                                                                     *report["command_seconds"].values()])
+    assert report["tensorflow_imported"] == [False]
+    assert "train.py" in result.stdout and "(warm: filled compilation cache)" in result.stdout

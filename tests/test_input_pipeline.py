@@ -1,13 +1,14 @@
 """Batching, padding, shuffling, preprocessing and loading of Fashion-MNIST."""
 
 import dataclasses
+import os
 
 import chex
 import jax
 import numpy as np
 import pytest
 
-from nin_jax import input_pipeline, parallel, steps, trainer
+from nin_jax import array_cache, input_pipeline, parallel, steps, trainer
 from nin_jax.config import Config
 
 
@@ -165,3 +166,74 @@ def test_bad_data_arrays_are_one_clear_error(tmp_path, content, message):
     with pytest.raises(input_pipeline.DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         input_pipeline.load_arrays(str(path))
     assert "\n" not in str(error.value)
+
+
+def fake_tfds_build(data_dir) -> str:
+    """A folder where tfds' finished build would be; its dataset_info.json stands for the build's files."""
+    build = data_dir / input_pipeline.DATASET / "3.0.1"
+    build.mkdir(parents=True)
+    (build / "dataset_info.json").write_text("{}")
+    return str(build / "dataset_info.json")
+
+
+def without_tfds(monkeypatch):
+    def no_tfds():
+        raise AssertionError("tfds was imported, though the copy of its arrays should have been read")
+
+    monkeypatch.setattr(input_pipeline, "_import_tfds", no_tfds)
+
+
+def assert_same_splits(got, expected):
+    for split in input_pipeline.SPLITS:
+        for name in ("images", "labels"):
+            np.testing.assert_array_equal(getattr(got[split], name), getattr(expected[split], name), strict=True)
+
+
+def test_the_tfds_read_is_kept_as_a_copy_that_later_loads_read_without_tensorflow(mock_data, tmp_path, monkeypatch):
+    fake_tfds_build(tmp_path)
+    with mock_data(num_examples=12):
+        from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
+    assert array_cache.FILE_NAME in os.listdir(tmp_path / input_pipeline.DATASET)
+    without_tfds(monkeypatch)
+    assert_same_splits(input_pipeline.load_fashion_mnist(data_dir=str(tmp_path)), from_tfds)
+
+
+def rebuild(copy, build_file):
+    os.utime(build_file, ns=(1, 1))
+
+
+def flip_a_byte(copy, build_file):
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 1
+    copy.write_bytes(data)
+
+
+def truncate(copy, build_file):
+    os.truncate(copy, copy.stat().st_size // 2)
+
+
+def foreign(copy, build_file):
+    with np.load(copy) as arrays:
+        source = arrays["tfds_files"]
+    np.savez(copy, train_images=np.zeros((2, 28, 28), np.uint8), tfds_files=source)
+
+
+@pytest.mark.parametrize("spoil", [rebuild, flip_a_byte, truncate, foreign])
+def test_a_stale_or_damaged_copy_is_read_again_from_tfds_and_rewritten(mock_data, tmp_path, monkeypatch, spoil):
+    build_file = fake_tfds_build(tmp_path)
+    with mock_data(num_examples=12):
+        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
+    spoil(tmp_path / input_pipeline.DATASET / array_cache.FILE_NAME, build_file)
+    with mock_data(num_examples=7):
+        from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
+    assert len(from_tfds["train"]) == 7
+    without_tfds(monkeypatch)
+    assert_same_splits(input_pipeline.load_fashion_mnist(data_dir=str(tmp_path)), from_tfds)
+    assert sorted(os.listdir(tmp_path / input_pipeline.DATASET)) == ["3.0.1", array_cache.FILE_NAME]  # no temporary left
+
+
+def test_no_copy_without_a_finished_tfds_build(mock_data, tmp_path):
+    (tmp_path / input_pipeline.DATASET / "3.0.1.incomplete1234").mkdir(parents=True)
+    with mock_data(num_examples=4):
+        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
+    assert os.listdir(tmp_path / input_pipeline.DATASET) == ["3.0.1.incomplete1234"]

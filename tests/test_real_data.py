@@ -3,9 +3,10 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
 
-from nin_jax import input_pipeline, trainer
+from nin_jax import array_cache, input_pipeline, trainer
 from nin_jax.config import Config
 
 from conftest import SHARED_FASHION_MNIST
@@ -31,6 +32,17 @@ def test_real_data_short_run_beats_chance_by_far(data_dir, tmp_path):
     _, records = trainer.train_and_evaluate(config, str(tmp_path), log=print)
     assert records[0]["test_examples"] == 2000
     assert records[0]["test_accuracy"] > 0.4  # chance is 0.1; this run measured 0.56
+
+
+def test_the_copy_beside_the_build_holds_what_tfds_reads(data_dir, monkeypatch):
+    """The fixture's load left the uncompressed copy; reading tfds itself gives the same arrays."""
+    assert array_cache.load(os.path.join(data_dir, input_pipeline.DATASET)) is not None
+    from_copy = input_pipeline.load_fashion_mnist(data_dir=data_dir)
+    monkeypatch.setattr(array_cache, "load", lambda dataset_dir: None)
+    from_tfds = input_pipeline.load_fashion_mnist(data_dir=data_dir)
+    for split in input_pipeline.SPLITS:
+        for name in ("images", "labels"):
+            np.testing.assert_array_equal(getattr(from_copy[split], name), getattr(from_tfds[split], name), strict=True)
 
 
 def test_a_truncated_file_is_named_in_one_line(tmp_path):

@@ -3,6 +3,7 @@
 import dataclasses
 from unittest import mock
 
+import chex
 import jax
 import numpy as np
 import optax
@@ -164,3 +165,16 @@ def test_bfloat16_step_computes_in_bf16_and_keeps_parameters_optimizer_and_loss_
         bf16_state.params, fp32_state.params, steps.create_train_state(CONFIG).params)))]
     for bf16_update, fp32_update in updates:  # the same step, to bf16's ~3 significant digits
         assert np.linalg.norm(bf16_update - fp32_update) <= 0.05 * np.linalg.norm(fp32_update) + 1e-6
+
+
+@pytest.mark.parametrize("resize, batch_norm", [(224, False), (96, True)])
+def test_parameters_initialised_at_the_smallest_size_equal_those_of_the_full_size(resize, batch_norm):
+    """create_train_state initialises at MIN_INPUT_SIZE, sparing the compile of the full-size forward
+    pass; the variables must be those that `model.init` gives at the run's own size."""
+    config = Config(resize=resize, batch_norm=batch_norm, seed=3)
+    state = steps.create_train_state(config)
+    params_key, _ = jax.random.split(jax.random.key(config.seed))
+    full_size = jax.jit(steps.create_model(config).init)(params_key, np.zeros((1, resize, resize, 1), np.float32))
+    assert bool(state.batch_stats) == batch_norm
+    chex.assert_trees_all_equal({"params": state.params, "batch_stats": state.batch_stats},
+                                {"params": full_size["params"], "batch_stats": full_size.get("batch_stats", {})})

@@ -3,16 +3,18 @@ the CPU estimate and the predict command, on tfds' mock data."""
 
 import os
 import re
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import cpu_estimate, epoch_outputs, input_pipeline, predict, reporting, trainer
+from nin_jax import cpu_estimate, epoch_outputs, predict, reporting, trainer
 from nin_jax.config import Config
 
-from conftest import mock_fashion_mnist
+from conftest import REPO_ROOT, mock_fashion_mnist
 from test_train import run_cli
 
 NUM_EXAMPLES = 20  # per split: 3 steps of 8 per epoch, the last one padded
@@ -60,24 +62,54 @@ def test_curves_png_is_written(trained_run):
         assert image.format == "PNG" and image.width > 200 and image.height > 150
 
 
-def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
-    import tensorflow as tf
+def logged_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of every scalar in the TensorBoard events of `logdir`, read as TensorBoard reads them."""
     from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
 
-    events = event_accumulator.EventAccumulator(trained_run["workdir"])
+    events = event_accumulator.EventAccumulator(logdir)
     events.Reload()
-    assert set(events.Tags()["tensors"]) == set(epoch_outputs.SCALARS)
-    for tag, key in epoch_outputs.SCALARS.items():
-        logged = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
-        expected = [(r["epoch"], r[key]) for r in trained_run["records"]]
-        np.testing.assert_allclose(logged, expected, rtol=1e-6)
+    return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"]}
 
 
-def test_without_tensorflow_the_curves_are_drawn_and_the_events_left_out(trained_run, tmp_path):
-    def no_tensorflow():
-        raise ImportError("No module named 'tensorflow'")
+def expected_scalars(records) -> dict[str, list[tuple[int, float]]]:
+    return {tag: [(r["epoch"], r[key]) for r in records] for tag, key in epoch_outputs.SCALARS.items()}
 
-    with mock.patch.object(input_pipeline, "import_tensorflow", no_tensorflow):
+
+def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
+    logged = logged_scalars(trained_run["workdir"])
+    assert set(logged) == set(epoch_outputs.SCALARS)
+    for tag, expected in expected_scalars(trained_run["records"]).items():
+        np.testing.assert_allclose(logged[tag], expected, rtol=1e-6)
+
+
+def test_events_are_written_without_tensorflow(trained_run, tmp_path):
+    """As on an accelerator machine that reads --data_arrays and has no TensorFlow."""
+    with mock.patch.dict(sys.modules, {"tensorflow": None}):  # None: `import tensorflow` fails, as when absent
+        outputs = epoch_outputs.EpochOutputs(str(tmp_path), CONFIG)
+        outputs.write(trained_run["records"][:1])
+        outputs.write(trained_run["records"])
+        outputs.close()
+    assert epoch_outputs.CURVES_FILE in os.listdir(tmp_path)
+    logged = logged_scalars(str(tmp_path))
+    assert logged.keys() == expected_scalars(trained_run["records"]).keys()
+    for tag, expected in expected_scalars(trained_run["records"]).items():
+        np.testing.assert_allclose(logged[tag], expected, rtol=1e-6)
+
+
+def test_writing_events_leaves_tensorflow_unimported(tmp_path):
+    """Importing TensorFlow takes seconds of every start; the events need none of it."""
+    script = (f"import sys; from nin_jax import epoch_outputs; events = epoch_outputs.ScalarEvents({str(tmp_path)!r}); "
+              "events.write({'train/loss': 1.5}, 1); events.close(); print(sorted(sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "'tensorflow'" not in result.stdout and "'tensorboard'" in result.stdout
+    assert logged_scalars(str(tmp_path)) == {"train/loss": [(1, 1.5)]}
+
+
+def test_without_the_tensorboard_package_the_curves_are_drawn_and_the_events_left_out(trained_run, tmp_path):
+    with mock.patch.dict(sys.modules, {"tensorboard.summary.writer.record_writer": None}):
         outputs = epoch_outputs.EpochOutputs(str(tmp_path), CONFIG)
         outputs.write(trained_run["records"])
         outputs.close()
