@@ -3,7 +3,8 @@ continues exactly when the same command is run again.
 
 A checkpoint holds everything the rest of the run depends on:
   * the host copy of the train state: parameters, optimizer state, step and dropout key (every
-    step's dropout key is derived from the step, see `steps.TrainState`);
+    step's dropout key is derived from the step, see `steps.TrainState`), batch-norm statistics
+    and the weights' moving average where the run has them;
   * the running train-metric sums and training seconds of the unfinished epoch;
   * the config fields that fix the shapes, the data order or what a step does (`RESUME_FIELDS`);
   * a SHA-256 of the saved arrays: orbax restores damaged bytes without noticing.
@@ -34,6 +35,7 @@ CHECKPOINT_DIR = "checkpoints"
 RESUME_FIELDS = (
     "resize", "dtype", "batch_size", "learning_rate", "dropout_rate", "seed", "train_examples", "weight_init",
     "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "label_smoothing", "augment", "batch_norm",
+    "random_erasing", "ema_decay",
 )
 
 
@@ -56,8 +58,11 @@ class Snapshot:
 
     def saved_arrays(self) -> dict[str, Any]:
         """The arrays to save. The step, an int in a fresh state, is always saved as an int32 array,
-        so that the template a checkpoint is restored into has the saved dtypes."""
+        so that the template a checkpoint is restored into has the saved dtypes. A run without a
+        moving average saves none, like the runs from before --ema_decay, whose checkpoints still
+        restore."""
         state = serialization.to_state_dict(self.state)
+        state = {name: value for name, value in state.items() if name != "ema" or value}
         return {"train_state": {**state, "step": np.asarray(state["step"], np.int32)}, "epoch_totals": self.epoch_totals}
 
 
@@ -141,7 +146,8 @@ class Checkpoints:
         arrays = self._restore(step, arrays=ocp.args.StandardRestore(template))["arrays"]
         if _fingerprint(arrays) != run.get("fingerprint"):
             raise self._damaged(step, "its arrays do not match the checksum saved with them")
-        state = serialization.from_state_dict(initial_state, arrays["train_state"])
+        state = serialization.from_state_dict(initial_state, {**serialization.to_state_dict(initial_state),
+                                                              **arrays["train_state"]})
         return Snapshot(state, arrays["epoch_totals"], run.get("epoch_seconds", 0.0))
 
     def _restore(self, step: int, **items) -> Any:

@@ -14,7 +14,7 @@ from typing import Optional
 from nin_jax import recipes
 
 PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
 DTYPES = ("float32", "bfloat16")
 WEIGHT_INITS = ("kaiming", "xavier")
 CPU_KERNELS = ("tuned", "default")  # see nin_jax/xla_cpu.py
@@ -39,12 +39,13 @@ class Config:
     workdir: Optional[str] = _field(None, "where metrics, plots and checkpoints go; none: write nothing")
     num_epochs: int = _field(10, "passes over the training set")
     batch_size: int = _field(128, "global batch size, split evenly over all devices")
-    learning_rate: float = _field(0.1, "SGD learning rate; with --lr_schedule cosine, the peak")
+    learning_rate: float = _field(0.1, "SGD learning rate; with --lr_schedule cosine or onecycle, the peak")
     lr_schedule: str = _field(
-        "constant", "constant, or cosine: linear warm-up from 0 over --warmup_epochs, then cosine decay to 0",
+        "constant", "constant; cosine: linear warm-up from 0 over --warmup_epochs, then cosine decay to 0; or onecycle: "
+        "cosine rise from peak/25 over --warmup_epochs, then cosine decay to peak/250,000 (optax's one-cycle)",
         choices=LR_SCHEDULES,
     )
-    warmup_epochs: float = _field(0.0, "with --lr_schedule cosine: epochs of linear warm-up")
+    warmup_epochs: float = _field(0.0, "with --lr_schedule cosine or onecycle: epochs of rising learning rate")
     momentum: float = _field(0.0, "SGD momentum (0 = plain SGD, the book's)")
     nesterov: bool = _field(False, "Nesterov momentum; needs --momentum")
     weight_decay: float = _field(0.0, "L2 weight decay on the kernels, added to the gradient (0 = off)")
@@ -119,6 +120,14 @@ class Config:
         0, "trace N training steps after the first with jax.profiler into <workdir>/profile, for TensorBoard's "
         "profile plugin or Perfetto (0 = off); needs --workdir"
     )
+    random_erasing: float = _field(
+        0.0, "probability that a training image has a random rectangle (1/50 to 2/5 of its area) replaced by noise (0 = off)"
+    )
+    ema_decay: float = _field(
+        0.0, "evaluate an exponential moving average of the weights (and batch-norm statistics) with this decay, "
+        "e.g. 0.999 (0 = off: evaluate the trained weights)"
+    )
+    test_time_flips: bool = _field(False, "evaluate on the mean of the logits of each test image and its mirror image")
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "Config":
@@ -164,6 +173,10 @@ class Config:
             raise ConfigError(f"--weight_decay must be 0 (off) or positive, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.random_erasing <= 1:
+            raise ConfigError(f"--random_erasing must be in [0, 1], got {self.random_erasing}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         return self
 
 

@@ -13,13 +13,14 @@ average pool turns each channel into a logit.
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from nin_jax import levers, pooling
+from nin_jax.batch_norm import MaskedBatchNorm
 
 # With 11x11/4 then three 3x3/2 max-pools, 67x67 is the smallest input that leaves a 1x1 map.
 MIN_INPUT_SIZE = 67
@@ -94,7 +95,8 @@ class NiNBlock(nn.Module):
     conv1x1: str = "auto"  # see nin_jax/levers.py
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None,
+                 axis_name: Optional[str] = None) -> jax.Array:
         pad = (self.padding, self.padding)
         conv1x1 = functools.partial(Conv1x1, as_dot=levers.resolve("conv1x1", self.conv1x1) == "dot")
         conv = functools.partial(
@@ -109,7 +111,7 @@ class NiNBlock(nn.Module):
         for name, layer, kernel_init, bias_init in layers:
             if self.batch_norm:  # the bias would be cancelled by the normalisation's mean
                 x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, use_bias=False, name=name)(x)
-                x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name=f"{name}_bn")(x)
+                x = MaskedBatchNorm(momentum=0.9, dtype=self.dtype, name=f"{name}_bn")(x, train, mask, axis_name)
             else:
                 x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)(x)
             x = nn.relu(x)
@@ -158,7 +160,10 @@ class NiN(nn.Module):
     conv1x1: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None,
+                 axis_name: Optional[str] = None) -> jax.Array:
+        """With batch norm in training, `mask` [B] (0 on padding) and the pmap `axis_name` make its
+        statistics those of the real examples of the whole batch (see `batch_norm`)."""
         check_images(x, self.in_channels)
         init = INITS[self.weight_init]
 
@@ -168,7 +173,7 @@ class NiN(nn.Module):
             last_kernel, last_bias = (init.class_kernel, init.class_bias) if special else (init.kernel, nn.initializers.zeros)
             module = NiNBlock(features, kernel_size, strides, padding, self.dtype, init.kernel, last_kernel, last_bias,
                               self.batch_norm, self.conv1x1, name=name)
-            return functools.partial(module, train=train)
+            return functools.partial(module, train=train, mask=mask, axis_name=axis_name)
 
         pool = functools.partial(max_pool, choice=self.max_pool)
         layers = (

@@ -2,10 +2,14 @@
 
 Every part is off in the reference recipe (`Config()`), which leaves `optax.sgd(0.1)`:
   * momentum, optionally Nesterov's;
-  * a learning-rate schedule: linear warm-up from 0, then cosine decay to 0 at the last step;
+  * a learning-rate schedule: linear warm-up from 0, then cosine decay to 0 at the last step; or
+    optax's one-cycle, which rises over the warm-up from a 25th of the peak, then decays;
   * L2 weight decay on the convolution kernels, added to the gradient like PyTorch's SGD
-    `weight_decay` (biases and batch-norm scales are not decayed).
+    `weight_decay` (biases and batch-norm scales are not decayed);
+  * an exponential moving average (EMA) of the weights, kept beside them and used for evaluation.
 """
+
+from typing import Any
 
 import jax
 import optax
@@ -21,11 +25,13 @@ def default_steps_per_epoch(config: Config) -> int:
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-    """The learning rate at each step: constant, or warm-up then cosine decay over the whole run."""
+    """The learning rate at each step: constant, or a rise then a decay over the whole run."""
     if config.lr_schedule == "constant":
         return optax.constant_schedule(config.learning_rate)
     total_steps = config.num_epochs * steps_per_epoch
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps - 1)
+    if config.lr_schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(total_steps, config.learning_rate, pct_start=warmup_steps / total_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup_steps, decay_steps=total_steps,
         end_value=0.0,
@@ -45,3 +51,15 @@ def create_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTran
     if not config.weight_decay:
         return sgd
     return optax.chain(optax.masked(optax.add_decayed_weights(config.weight_decay), _is_kernel), sgd)
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+    """The EMA's decay at `step`: `decay`, or less over the first steps, min(decay, (1 + step) /
+    (10 + step)) as in TensorFlow's ExponentialMovingAverage(num_updates=step), so that the average
+    forgets the random initial weights within a few hundred steps, also in a short run."""
+    return jax.numpy.minimum(decay, (1 + step) / (10 + step))
+
+
+def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
+    """The moving average of `variables` after the update of `step` (the step it was taken at)."""
+    return optax.incremental_update(variables, ema, step_size=1 - ema_decay_at(step, decay))

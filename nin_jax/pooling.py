@@ -41,12 +41,16 @@ def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
 
 
 def _max_pool_forward(x, window, stride):
+    return max_pool(x, window, stride), x
+
+
+def _max_pool_backward(window, stride, x, grad):
+    # The maxima are found again, from one materialised copy of x: XLA may recompute x's producer
+    # (say batch norm and ReLU) inside each fusion that reads it, rounded differently from the
+    # forward pass, and a window whose saved maximum equals none of its recomputed elements would
+    # route its gradient nowhere.
+    x = lax.optimization_barrier(x)
     pooled = max_pool(x, window, stride)
-    return pooled, (x, pooled)
-
-
-def _max_pool_backward(window, stride, residuals, grad):
-    x, pooled = residuals
     height, width = x.shape[1:3]
     out_h, out_w = pooled.shape[1:3]
     zero = jnp.zeros((), x.dtype)

@@ -24,8 +24,9 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the key that dropout masks and augmentations are derived from, and
-    the batch-norm running statistics (an empty dict for the book's NiN, which has none).
+    """Flax's TrainState plus the key that dropout masks and augmentations are derived from, the
+    batch-norm running statistics (an empty dict for the book's NiN, which has none), and the
+    moving average of both variables that evaluation uses with --ema_decay (an empty dict without).
 
     Each step's random key is `fold_in(dropout_key, step)`: a pure function of the state, so a
     resumed run draws exactly the masks and crops an uninterrupted one would.
@@ -33,6 +34,14 @@ class TrainState(train_state.TrainState):
 
     dropout_key: jax.Array
     batch_stats: Any
+    ema: Any
+
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def eval_variables(self) -> dict[str, Any]:
+        """The variables that evaluation and prediction use: the moving average where one is kept."""
+        return self.ema or self.variables()
 
 
 def create_model(config: Config) -> NiN:
@@ -54,8 +63,10 @@ def create_train_state(config: Config, model: Optional[nn.Module] = None,
     images = jnp.zeros((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 1), jnp.float32)
     variables = jax.jit(model.init)(params_key, images)
     tx = optim.create_optimizer(config, steps_per_epoch or optim.default_steps_per_epoch(config))
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                             dropout_key=jax.random.key_data(dropout_key), batch_stats=variables.get("batch_stats", {}))
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    ema = jax.tree_util.tree_map(jnp.copy, variables) if config.ema_decay else {}  # the average starts at the start
+    return TrainState.create(apply_fn=model.apply, tx=tx, dropout_key=jax.random.key_data(dropout_key), ema=ema,
+                             **variables)
 
 
 def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> Metrics:
@@ -126,12 +137,12 @@ def _sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:
 
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dtype: Any = jnp.float32,
-               augment_images: bool = False, label_smoothing: float = 0.0,
-               axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
+               augment_images: bool = False, random_erasing: float = 0.0, label_smoothing: float = 0.0,
+               ema_decay: float = 0.0, axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
     """One optimizer step on the mean cross-entropy of the batch's real (unmasked) examples.
 
-    Batch-norm statistics are those of each device's shard; their running averages are averaged
-    over the devices after every step, so every replica keeps the same state.
+    Batch-norm statistics are those of the real examples of the whole batch, summed over the
+    devices inside the model, so every replica computes the same running averages.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
     if axis_name is not None:
@@ -140,27 +151,34 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, d
     images = batch["image"]
     if augment_images:
         images = augment.random_crop_and_flip(augment_key, images)
+    if random_erasing:
+        images = augment.random_erasing(jax.random.fold_in(augment_key, 1), images, random_erasing)
     images = input_pipeline.preprocess(images, resize, dtype)
 
     def summed_loss(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                         rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+                                         mask=batch["mask"], axis_name=axis_name, rngs={"dropout": dropout_key},
+                                         mutable=["batch_stats"])
         metrics = _summed_metrics(logits, batch["label"], batch["mask"], label_smoothing)
         return metrics["loss_sum"], (metrics, updates.get("batch_stats", state.batch_stats))
 
     grads, (metrics, batch_stats) = jax.grad(summed_loss, has_aux=True)(state.params)
     grads, metrics = _sum_over_devices((grads, metrics), axis_name)
-    if axis_name is not None:
-        batch_stats = jax.lax.pmean(batch_stats, axis_name)
     grads = jax.tree_util.tree_map(lambda g: g / metrics["count"], grads)
-    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if ema_decay:
+        new_state = new_state.replace(ema=optim.update_ema(state.ema, new_state.variables(), state.step, ema_decay))
+    return new_state, metrics
 
 
 def eval_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dtype: Any = jnp.float32,
-              axis_name: Optional[str] = None) -> Metrics:
-    """Summed loss, correct predictions and real-example count of one padded batch."""
+              test_time_flips: bool = False, axis_name: Optional[str] = None) -> Metrics:
+    """Summed loss, correct predictions and real-example count of one padded batch; with
+    `test_time_flips`, of the mean logits of each image and its left-right mirror image."""
     images = input_pipeline.preprocess(batch["image"], resize, dtype)
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    logits = state.apply_fn(state.eval_variables(), images, train=False)
+    if test_time_flips:
+        logits = (logits + state.apply_fn(state.eval_variables(), images[:, :, ::-1], train=False)) / 2
     return _sum_over_devices(_summed_metrics(logits, batch["label"], batch["mask"]), axis_name)
 
 
@@ -168,7 +186,9 @@ def step_functions(config: Config, axis_name: Optional[str] = None):
     """`train_step` and `eval_step` bound to the config's resize, dtype and training options, with
     the loop's running sums added in (`summing_train_step`, `summing_eval_step`)."""
     kwargs = dict(resize=config.resize, dtype=jnp.dtype(config.dtype), axis_name=axis_name)
-    train_kwargs = dict(augment_images=config.augment, label_smoothing=config.label_smoothing)
+    train_kwargs = dict(augment_images=config.augment, random_erasing=config.random_erasing,
+                        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
+    eval_kwargs = dict(test_time_flips=config.test_time_flips)
     return (functools.partial(summing_train_step(functools.partial(train_step, **kwargs, **train_kwargs)),
                               axis_name=axis_name),
-            summing_eval_step(functools.partial(eval_step, **kwargs)))
+            summing_eval_step(functools.partial(eval_step, **kwargs, **eval_kwargs)))

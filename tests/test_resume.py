@@ -104,13 +104,15 @@ def resume(workdir, parallel: str, fake_data, **changes) -> tuple[steps.TrainSta
     return state, records, lines
 
 
-# Every option of the strong recipe, and batch norm: momentum, schedule, augmentation keys and
-# running statistics must all continue where they stopped.
-STRONG = dict(recipe="strong", learning_rate=0.02, momentum=0.9, nesterov=True, lr_schedule="cosine", warmup_epochs=1.0,
-              weight_decay=5e-4, label_smoothing=0.1, augment=True, batch_norm=True)
+# Every option of the strong recipe, and the parts a stronger one may add: momentum, schedule,
+# augmentation keys (crops, flips, erasing), running statistics and the moving average of the
+# weights must all continue where they stopped.
+STRONG = dict(recipe="strong", learning_rate=0.02, momentum=0.9, nesterov=True, lr_schedule="onecycle",
+              warmup_epochs=1.0, weight_decay=5e-4, label_smoothing=0.1, augment=True, batch_norm=True,
+              random_erasing=0.5, ema_decay=0.9, test_time_flips=True)
 
 
-@pytest.mark.parametrize("changes", [{}, STRONG], ids=["reference", "strong_with_batch_norm"])
+@pytest.mark.parametrize("changes", [{}, STRONG], ids=["reference", "strong_with_every_option"])
 def test_resuming_mid_epoch_ends_like_the_uninterrupted_run_and_a_finished_run_stays_finished(fake_data, tmp_path,
                                                                                                changes):
     full_state, full_records = uninterrupted_run(tmp_path, "jit", **changes)
