@@ -106,8 +106,8 @@ def summing_train_step(train_step):
     process reads the same `stop_votes` after the same step and they all stop together.
     """
 
-    def step(state: TrainState, carry: Metrics, batch: input_pipeline.Batch,
-             axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
+    def summed_train_step(state: TrainState, carry: Metrics, batch: input_pipeline.Batch,
+                          axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
         batch = dict(batch)
         votes = _sum_over_devices(jnp.sum(batch.pop("stop")), axis_name)
         new_state, metrics = train_step(state, batch)
@@ -119,17 +119,17 @@ def summing_train_step(train_step):
             "bad_loss": jnp.where(first_bad, metrics["loss_sum"], carry["bad_loss"]),
         }
 
-    return step
+    return summed_train_step
 
 
 def summing_eval_step(eval_step):
     """`eval_step` that adds its metrics into running `totals` in the same compiled call."""
 
-    def step(state: TrainState, totals: Metrics, batch: input_pipeline.Batch) -> Metrics:
+    def summed_eval_step(state: TrainState, totals: Metrics, batch: input_pipeline.Batch) -> Metrics:
         metrics = eval_step(state, batch)
         return {name: totals[name] + metrics[name] for name in METRIC_NAMES}
 
-    return step
+    return summed_eval_step
 
 
 def _sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:
