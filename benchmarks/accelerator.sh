@@ -115,11 +115,7 @@ else
   skip "accelerator tests" "pytest is not installed"
 fi
 
-if [[ -f benchmarks/loop_ceiling.py ]]; then
-  part "loop ceiling" 30 "$PYTHON" benchmarks/loop_ceiling.py --batch_size "$LOOP_BATCH_SIZE"
-else
-  skip "loop ceiling" "benchmarks/loop_ceiling.py is not in this checkout"
-fi
+part "loop ceiling" 30 "$PYTHON" benchmarks/loop_ceiling.py --batch_size "$LOOP_BATCH_SIZE"
 
 # shellcheck disable=SC2086  # BATCH_SIZES, DTYPES and STEP_FLAGS are lists
 part "step grid" 60 "$PYTHON" benchmarks/step_throughput.py --resize "$RESIZE" --batch_size $BATCH_SIZES \
