@@ -161,6 +161,17 @@ def test_loop_ceiling_fits_fixed_and_per_step_seconds_from_short_and_long_epochs
     assert lines[-1] == f"loop ceiling at batch 8: {report['images_per_sec']:.0f} images/s"
 
 
+def test_stop_vote_cost_times_the_step_with_and_without_the_vote(tmp_path):
+    out = tmp_path / "vote.json"
+    result = run_script(sys.executable, "benchmarks/stop_vote_cost.py", "--batch_size", "8", "--steps", "3",
+                        "--rounds", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["step_us"]) == {"vote as input", "vote constant"} and report["read_us"] > 0
+    assert all(len(seconds) == 2 for seconds in report["step_seconds"].values())
+    assert result.stdout.strip().splitlines()[-2].startswith("the vote costs ")  # before `wrote ...`
+
+
 def test_startup_times_every_phase_and_the_command_cold_and_warm(tmp_path):
     data, out = tmp_path / "arrays.npz", tmp_path / "startup.json"
     random_arrays(data, 16, 8)

@@ -50,6 +50,7 @@ def processes(commands, env, log_dir):
             process.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["pmap", "sharding"])
 def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path, parallel):
     workdir = tmp_path / "run"
@@ -107,6 +108,7 @@ def wait_for_line(path, text: str, running) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["pmap", "sharding"])
 def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_resumes_exactly(tmp_path, parallel):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
