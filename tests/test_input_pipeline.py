@@ -1,6 +1,7 @@
 """Batching, padding, shuffling, preprocessing and loading of Fashion-MNIST."""
 
 import dataclasses
+import json
 import os
 
 import chex
@@ -168,11 +169,13 @@ def test_bad_data_arrays_are_one_clear_error(tmp_path, content, message):
     assert "\n" not in str(error.value)
 
 
-def fake_tfds_build(data_dir) -> str:
-    """A folder where tfds' finished build would be; its dataset_info.json stands for the build's files."""
+def fake_tfds_build(data_dir, num_examples: int) -> str:
+    """A folder where tfds' finished build would be; its dataset_info.json, which records
+    `num_examples` per split, stands for the build's files."""
     build = data_dir / input_pipeline.DATASET / "3.0.1"
-    build.mkdir(parents=True)
-    (build / "dataset_info.json").write_text("{}")
+    build.mkdir(parents=True, exist_ok=True)
+    splits = [{"name": split, "shardLengths": [str(num_examples)]} for split in input_pipeline.SPLITS]
+    (build / "dataset_info.json").write_text(json.dumps({"splits": splits}))
     return str(build / "dataset_info.json")
 
 
@@ -190,7 +193,7 @@ def assert_same_splits(got, expected):
 
 
 def test_the_tfds_read_is_kept_as_a_copy_that_later_loads_read_without_tensorflow(mock_data, tmp_path, monkeypatch):
-    fake_tfds_build(tmp_path)
+    fake_tfds_build(tmp_path, num_examples=12)
     with mock_data(num_examples=12):
         from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
     assert array_cache.FILE_NAME in os.listdir(tmp_path / input_pipeline.DATASET)
@@ -220,16 +223,31 @@ def foreign(copy, build_file):
 
 @pytest.mark.parametrize("spoil", [rebuild, flip_a_byte, truncate, foreign])
 def test_a_stale_or_damaged_copy_is_read_again_from_tfds_and_rewritten(mock_data, tmp_path, monkeypatch, spoil):
-    build_file = fake_tfds_build(tmp_path)
+    build_file = fake_tfds_build(tmp_path, num_examples=12)
     with mock_data(num_examples=12):
         input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
     spoil(tmp_path / input_pipeline.DATASET / array_cache.FILE_NAME, build_file)
-    with mock_data(num_examples=7):
+    with mock_data(num_examples=12):
         from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
-    assert len(from_tfds["train"]) == 7
+    assert len(from_tfds["train"]) == 12
     without_tfds(monkeypatch)
     assert_same_splits(input_pipeline.load_fashion_mnist(data_dir=str(tmp_path)), from_tfds)
     assert sorted(os.listdir(tmp_path / input_pipeline.DATASET)) == ["3.0.1", array_cache.FILE_NAME]  # no temporary left
+
+
+def test_a_read_that_is_not_the_build_on_disk_is_never_kept_nor_read_as_its_copy(mock_data, tmp_path):
+    """tfds' test stand-in, used over a real build, must not leave its few images as that build's copy."""
+    fake_tfds_build(tmp_path, num_examples=60_000)
+    dataset_dir = str(tmp_path / input_pipeline.DATASET)
+    with mock_data(num_examples=12):
+        assert len(input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))["train"]) == 12
+    assert array_cache.FILE_NAME not in os.listdir(dataset_dir)
+    few = {f"{split}_{name}": np.zeros((12,) + shape, np.uint8)
+           for split in input_pipeline.SPLITS for name, shape in (("images", input_pipeline.IMAGE_SHAPE), ("labels", ()))}
+    array_cache.save(dataset_dir, few)
+    assert array_cache.FILE_NAME not in os.listdir(dataset_dir)
+    np.savez(os.path.join(dataset_dir, array_cache.FILE_NAME), **few, tfds_files=array_cache.tfds_files(dataset_dir))
+    assert array_cache.load(dataset_dir) is None  # a copy left by older code that kept such reads
 
 
 def test_no_copy_without_a_finished_tfds_build(mock_data, tmp_path):
