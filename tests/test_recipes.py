@@ -90,7 +90,7 @@ def strong(**changes) -> Config:
 
 
 def test_cosine_schedule_warms_up_to_the_peak_and_decays_to_zero():
-    config = strong(num_epochs=4, warmup_epochs=1.0, learning_rate=0.02)
+    config = strong(num_epochs=4, warmup_epochs=1.0, learning_rate=0.02, lr_schedule="cosine")
     schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(schedule(5), 0.01, rtol=1e-6)  # halfway through the warm-up
@@ -298,7 +298,7 @@ def test_random_erasing_changes_the_training_step_only_when_asked():
 def test_recipe_flag_sets_defaults_that_explicit_flags_override():
     config, _ = train.parse_config(train.build_parser(), ["--recipe", "strong", "--learning_rate", "0.01"])
     assert config == Config.from_recipe("strong", learning_rate=0.01)
-    assert (config.momentum, config.nesterov, config.augment) == (0.9, True, True)
+    assert (config.momentum, config.nesterov, config.batch_norm, config.learning_rate) == (0.9, True, True, 0.01)
     assert train.parse_config(train.build_parser(), [])[0] == Config()
 
 
