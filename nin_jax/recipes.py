@@ -7,7 +7,7 @@ reference
         python train.py --workdir runs/reference                       # 224 px, on an accelerator
         python train.py --resize 96 --workdir runs/reference_96        # the CPU-sized twin
 
-    Reaches test accuracy 0.904 at 96 px after 10 epochs (the README's results table).
+    Reaches test accuracy 0.904 at 96 px after 10 epochs, 1 seed (the README's results table).
 
 strong
     The same network with batch normalisation after every convolution (`--batch_norm`), SGD with
@@ -18,6 +18,7 @@ strong
 
         python train.py --recipe strong --resize 96 --workdir runs/strong_96
 
+    Reaches test accuracy 0.932 at 96 px after 10 epochs, mean of 2 seeds (the README's results table).
 """
 
 RECIPES: dict[str, dict] = {
