@@ -29,12 +29,15 @@ SHARED_FASHION_MNIST = os.path.join(REPO_ROOT, "..", "shared", "data", "fashion_
 
 @contextlib.contextmanager
 def mock_fashion_mnist(num_examples: int):
-    """tfds' random stand-in for Fashion-MNIST: `num_examples` random images per split."""
+    """tfds' random stand-in for Fashion-MNIST: `num_examples` random images per split, read from
+    tfds even where a copy of a real build lies in the data dir (`nin_jax.array_cache`)."""
     import tensorflow_datasets as tfds
+
+    from nin_jax import input_pipeline
 
     with tfds.testing.mock_data(num_examples=num_examples), mock.patch.object(
         tfds.core.DatasetBuilder, "is_prepared", return_value=True
-    ):
+    ), mock.patch.object(input_pipeline, "_read_copy", return_value=None):
         yield
 
 
