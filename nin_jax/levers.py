@@ -12,6 +12,9 @@ Each lever changes how XLA computes the same function, never the function or the
 (`reduce_window`, `conv`), until `benchmarks/accelerator.sh` has measured them there.
 """
 
+import dataclasses
+from typing import Optional
+
 import jax
 
 # Where a lever was measured to help, `auto` turns it on; every other backend gets XLA's plain ops.
@@ -19,9 +22,15 @@ _MEASURED = {"cpu": {"max_pool": "slices", "conv1x1": "dot"}}
 _PLAIN = {"max_pool": "reduce_window", "conv1x1": "conv"}
 
 
-def resolve(lever: str, choice: str) -> str:
+def resolve(lever: str, choice: str, platform: Optional[str] = None) -> str:
     """The concrete choice for `lever` ('max_pool' or 'conv1x1'): `choice` itself unless it is
-    'auto', which picks by the backend the steps compile for."""
+    'auto', which picks by the platform the steps compile for (default: JAX's default backend)."""
     if choice != "auto":
         return choice
-    return _MEASURED.get(jax.default_backend(), _PLAIN)[lever]
+    return _MEASURED.get(platform or jax.default_backend(), _PLAIN)[lever]
+
+
+def for_platform(config, platform: str):
+    """`config` with every lever's 'auto' made the choice for `platform`: for compiling steps for
+    devices other than the default backend's (`nin_jax.plan`)."""
+    return dataclasses.replace(config, **{lever: resolve(lever, getattr(config, lever), platform) for lever in _PLAIN})

@@ -86,6 +86,24 @@ class JitStrategy:
         self._eval = self._eval.lower(state, self._metric_sums(zero), self.put_batch(batch)).compile()
         return time.perf_counter() - start
 
+    def lower(self, state: Any, batch: dict[str, Any]) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
+        """The train and eval steps lowered for a host state and a global batch given by their
+        shapes and dtypes (arrays or `jax.ShapeDtypeStruct`s), on this strategy's devices, which
+        need not be attached: `nin_jax.plan` compiles them for hardware that is not there."""
+        spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)  # noqa: E731
+        state = self._state_spec(jax.tree_util.tree_map(spec, state))
+        carry = jax.tree_util.tree_map(spec, steps.zero_carry())
+        batch = self._batch_spec({name: spec(x) for name, x in batch.items()})
+        votes = self._batch_spec({"stop": jax.ShapeDtypeStruct((self.num_devices,), np.float32)})
+        return (self._train.lower(state, carry, {**batch, **votes}),
+                self._eval.lower(state, self._metric_sums(carry), batch))
+
+    def _state_spec(self, state: Any) -> Any:
+        return state
+
+    def _batch_spec(self, batch: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.ShapeDtypeStruct]:
+        return batch
+
     def summed_train_step(self, state: steps.TrainState, carry: steps.Metrics, batch: dict[str, np.ndarray],
                           stop: bool = False) -> tuple[steps.TrainState, steps.Metrics]:
         """One step that also adds into `carry` (`steps.summing_train_step`); `stop` is this
@@ -183,6 +201,15 @@ class PmapStrategy(JitStrategy):
         shard = lambda x: x.reshape((len(self.devices), -1) + x.shape[1:])  # noqa: E731
         return jax.tree_util.tree_map(shard, batch)
 
+    def _state_spec(self, state):
+        stacked = lambda x: jax.ShapeDtypeStruct((len(self.devices),) + x.shape, x.dtype)  # noqa: E731
+        return jax.tree_util.tree_map(stacked, state)
+
+    def _batch_spec(self, batch):
+        shard = lambda x: jax.ShapeDtypeStruct((len(self.devices), x.shape[0] // len(self.devices)) + x.shape[1:],  # noqa: E731
+                                               x.dtype)
+        return jax.tree_util.tree_map(shard, batch)
+
 
 class ShardingStrategy(JitStrategy):
     """The unchanged single-device steps under `jax.jit` on a one-axis `Mesh` of all devices:
@@ -199,7 +226,7 @@ class ShardingStrategy(JitStrategy):
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS_NAME))
         train_step, eval_step = steps.step_functions(config)
-        options = xla_cpu.compiler_options(config.cpu_kernels)
+        options = xla_cpu.compiler_options(config.cpu_kernels, self.devices[0].platform)
         self._train = jax.jit(
             train_step,
             in_shardings=(self._replicated, self._replicated, self._batch_sharding),

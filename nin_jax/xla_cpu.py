@@ -19,9 +19,10 @@ import jax
 TUNED_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
-def compiler_options(cpu_kernels: str) -> Optional[dict[str, str]]:
-    """The `compiler_options` for `jax.jit` that `--cpu_kernels` asks for on this backend."""
-    if cpu_kernels == "default" or jax.default_backend() != "cpu" or not _xla_knows_tuned_options():
+def compiler_options(cpu_kernels: str, platform: Optional[str] = None) -> Optional[dict[str, str]]:
+    """The `compiler_options` for `jax.jit` that `--cpu_kernels` asks for on `platform` (default:
+    JAX's default backend)."""
+    if cpu_kernels == "default" or (platform or jax.default_backend()) != "cpu" or not _xla_knows_tuned_options():
         return None
     return dict(TUNED_OPTIONS)
 
