@@ -10,13 +10,10 @@ every flag with its default.
 """
 
 import argparse
-import dataclasses
 import sys
-import typing
 
-from nin_jax import recipes
 from nin_jax.checkpoints import WorkdirError
-from nin_jax.config import Config, ConfigError
+from nin_jax.config import ConfigError, FlagParser, add_config_flags, parse_flags
 from nin_jax.divergence import Diverged
 from nin_jax.input_pipeline import DataError
 from nin_jax.interrupts import Interrupted
@@ -25,36 +22,17 @@ from nin_jax.interrupts import Interrupted
 USER_ERRORS = (DataError, WorkdirError, Diverged)
 
 
-def _flag_type(field: dataclasses.Field):
-    hint = typing.get_type_hints(Config)[field.name]
-    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """A wrong flag ends with one line, not the usage block."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per Config field, with the field's default and help text."""
-    parser = _Parser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    for field in dataclasses.fields(Config):
-        flag_type = _flag_type(field)
-        kwargs = dict(default=field.default, help=field.metadata["help"])
-        if flag_type is bool:
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            parser.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"), **kwargs)
+    """One flag per Config field, with the field's default and help text, and --summary."""
+    parser = FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(parser)
     parser.add_argument("--summary", action="store_true",
                         help="print each layer's output shape (NHWC) and parameter count at --resize, then exit "
                              "without loading data or training")
     return parser
 
 
-def print_summary(config: Config) -> None:
+def print_summary(config) -> None:
     """The book's layer-by-layer shape printout, traced abstractly: it takes a second, not a training run."""
     from nin_jax import models, steps
 
@@ -62,31 +40,10 @@ def print_summary(config: Config) -> None:
     print(models.format_summary(models.layer_summary(steps.create_model(config), config.resize)))
 
 
-def _apply_recipe(parser: argparse.ArgumentParser, argv) -> None:
-    """Makes the --recipe's values the defaults, so that flags given explicitly still win."""
-    first_pass = _Parser(add_help=False)  # so that --help shows the recipe's defaults
-    first_pass.add_argument("--recipe", choices=tuple(recipes.RECIPES), default="reference")
-    recipe = first_pass.parse_known_args(argv)[0].recipe
-    parser.set_defaults(**recipes.RECIPES[recipe])
-
-
-def parse_config(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, bool]:
-    """The Config that the flags ask for (the recipe's values, then the flags given), and whether
-    --summary was given."""
-    _apply_recipe(parser, argv)
-    flags = vars(parser.parse_args(argv))
-    summary = flags.pop("summary")
-    return Config(**flags), summary
-
-
 def main(argv=None) -> int:
     parser = build_parser()
-    config, summary = parse_config(parser, argv)
-    try:
-        config.validate()
-    except ConfigError as error:
-        parser.error(str(error))
-    if summary:
+    config, flags = parse_flags(parser, argv)
+    if flags["summary"]:
         print_summary(config)
         return 0
     from nin_jax import compile_cache, trainer

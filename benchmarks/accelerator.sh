@@ -13,6 +13,8 @@
 #   (log only)        tests/test_accelerator.py: one step, bf16, an epoch against the CPU's
 #   (log only)        benchmarks/loop_ceiling.py: the training loop's own cost, with free steps
 #   steps.json        train and eval images/s at 224, fp32 and bf16, batch 128, 256 and 512 (jit)
+#   plan_<dtype>.json python -m nin_jax.plan --target local at 224, batch 128: planned memory, kernels, roofline
+#   plan_check.json   measured train images/s beside the roofline, measured peak memory beside the plan
 #   pmap.json         the same step under --parallel pmap, batch 128
 #   levers.json       --max_pool slices/reduce_window x --conv1x1 dot/conv, batch 128 (nin_jax/levers.py)
 #   pytorch_<dtype>.json  the book's PyTorch step on the same device, where torch can use it
@@ -120,6 +122,15 @@ part "loop ceiling" 30 "$PYTHON" benchmarks/loop_ceiling.py --batch_size "$LOOP_
 # shellcheck disable=SC2086  # BATCH_SIZES, DTYPES and STEP_FLAGS are lists
 part "step grid" 60 "$PYTHON" benchmarks/step_throughput.py --resize "$RESIZE" --batch_size $BATCH_SIZES \
   --dtype $DTYPES --parallel jit $STEP_FLAGS --out "$RESULTS/steps.json"
+if [[ "$BACKEND" == cpu || "$BACKEND" == unknown ]]; then
+  skip "plan" "no accelerator to plan for"
+else
+  for dtype in $DTYPES; do
+    part "plan $dtype" 60 "$PYTHON" -m nin_jax.plan --target local --resize "$RESIZE" --batch_size "$FIRST_BATCH_SIZE" \
+      --dtype "$dtype" --no-largest_batch --json "$RESULTS/plan_$dtype.json"
+  done
+  part "plan check" 20 "$PYTHON" benchmarks/plan_check.py "$RESULTS"
+fi
 # shellcheck disable=SC2086
 part "pmap step" 40 "$PYTHON" benchmarks/step_throughput.py --resize "$RESIZE" --batch_size "$FIRST_BATCH_SIZE" \
   --dtype $DTYPES --parallel pmap $STEP_FLAGS --out "$RESULTS/pmap.json"

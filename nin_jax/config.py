@@ -7,8 +7,10 @@ Every field is also a flag of `train.py`, documented by the `help` text below. N
 `python train.py --recipe strong --resize 96`.
 """
 
+import argparse
 import dataclasses
 import math
+import typing
 from typing import Optional
 
 from nin_jax import recipes
@@ -188,3 +190,42 @@ def _check_choice(name: str, value: str) -> None:
     choices = Config.__dataclass_fields__[name].metadata["choices"]
     if value not in choices:
         raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An argparse parser whose wrong flags end with one line, not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _flag_type(field: dataclasses.Field):
+    hint = typing.get_type_hints(Config)[field.name]
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, with the field's default and help text: the flags of `train.py`,
+    which `python -m nin_jax.plan` shares so that it plans the run that `train.py` would make."""
+    for field in dataclasses.fields(Config):
+        flag_type = _flag_type(field)
+        kwargs = dict(default=field.default, help=field.metadata["help"])
+        if flag_type is bool:
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"), **kwargs)
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, dict]:
+    """The Config that the flags ask for (the --recipe's values as defaults, then the flags given,
+    which win) and the parser's other flags; a config that cannot run ends with the parser's error."""
+    first_pass = FlagParser(add_help=False)  # so that --help shows the recipe's defaults
+    first_pass.add_argument("--recipe", choices=tuple(recipes.RECIPES), default="reference")
+    parser.set_defaults(**recipes.RECIPES[first_pass.parse_known_args(argv)[0].recipe])
+    flags = vars(parser.parse_args(argv))
+    config = Config(**{field.name: flags.pop(field.name) for field in dataclasses.fields(Config)})
+    try:
+        config.validate()
+    except ConfigError as error:
+        parser.error(str(error))
+    return config, flags

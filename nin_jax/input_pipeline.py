@@ -300,8 +300,10 @@ def eval_batches(split: Split, batch_size: int, process: ProcessSlice = ProcessS
 
 def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
     """uint8 [B, 28, 28, 1] -> `dtype` [B, resize, resize, 1] in [0, 1], resized bilinearly like the
-    book's `transforms.Resize`. Runs inside the jitted step, on the accelerator."""
-    images = images.astype(jnp.float32) / 255.0
+    book's `transforms.Resize`. Runs inside the jitted step, on the accelerator, in `dtype`: in bf16
+    the resize's two matrix products run on the accelerator's bf16 units, not as float32 at the
+    highest precision, and the images come out rounded to bf16 as before."""
+    images = images.astype(dtype) / 255
     if images.shape[1:3] != (resize, resize):
         images = jax.image.resize(images, (images.shape[0], resize, resize, images.shape[3]), "bilinear")
     return images.astype(dtype)

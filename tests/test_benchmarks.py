@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nin_jax import input_pipeline
+from nin_jax.config import parse_flags
 
 from conftest import REPO_ROOT
 
@@ -69,10 +70,11 @@ def test_accelerator_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_pa
     parts = {p["part"]: p for p in map(json.loads, (out / "parts.jsonl").read_text().splitlines())}
     torch = importlib.util.find_spec("torch") is not None  # optional: the test extra does not install it
     pytorch_part = "pytorch step float32" if torch else "pytorch step"
-    assert list(parts) == ["environment", "accelerator tests", "loop ceiling", "step grid", "pmap step", "levers",
-                           pytorch_part, "reference recipe", "strong recipe"]
+    assert list(parts) == ["environment", "accelerator tests", "loop ceiling", "step grid", "plan", "pmap step",
+                           "levers", pytorch_part, "reference recipe", "strong recipe"]
+    skipped = {"plan": "skipped: no accelerator to plan for"}
     assert {name: p["status"] for name, p in parts.items() if p["status"] != "ok"} == (
-        {} if torch else {"pytorch step": "skipped: torch is not installed"})
+        skipped if torch else {**skipped, "pytorch step": "skipped: torch is not installed"})
     assert json.loads((out / "environment.json").read_text())["backend"] == "cpu"
     log = (out / "log.txt").read_text()
     assert "3 skipped" in log and "no accelerator" in log  # the accelerator tests, on a CPU
@@ -202,7 +204,7 @@ def test_every_recipe_probe_is_a_valid_train_command():
     for name in probes.PROBES:
         command = probes.command(name, args)
         assert command[:2] == ["python", "train.py"]
-        config, _ = train.parse_config(train.build_parser(), command[2:])
+        config, _ = parse_flags(train.build_parser(), command[2:])
         config.validate()
         assert (config.resize, config.num_epochs, config.train_examples, config.workdir) == (67, 3, 20000, os.path.join("O", name))
 
@@ -217,3 +219,25 @@ def test_recipe_probes_reads_a_finished_probe_instead_of_running_it_again(tmp_pa
     row = result.stdout.splitlines()[-1]
     assert row.startswith("| bn_lr0.2 | 0.830 | 0.700 | `python train.py --resize 67 ") and "--learning_rate 0.2" in row
     assert not (tmp_path / "bn_lr0.2.log").exists()  # nothing was run
+
+
+def test_plan_check_sets_the_measured_step_beside_its_plan(tmp_path):
+    """benchmarks/plan_check.py on the files that accelerator.sh writes: the grid's first result
+    (whose peak memory is its own) and a later one of the other dtype."""
+    plan_check = load_benchmark("plan_check")
+    config = lambda dtype: {"dtype": dtype, "batch_size": 128, "resize": 224}  # noqa: E731
+    steps = {"results": [{"config": config("float32"), "train_images_per_sec": 20_000.0, "device_peak_bytes": 3 * 2**30},
+                         {"config": {**config("float32"), "batch_size": 256}, "train_images_per_sec": 1.0},
+                         {"config": config("bfloat16"), "train_images_per_sec": 35_000.0, "device_peak_bytes": 9 * 2**30}]}
+    (tmp_path / "steps.json").write_text(json.dumps(steps))
+    for dtype, roofline, total in (("float32", 100_000.0, 2 * 2**30), ("bfloat16", 70_000.0, 2**30)):
+        planned = {"compiled": True, "batch_size": 128, "resize": 224, "roofline": {"images_per_sec": roofline},
+                   "memory": {"total": total}}
+        (tmp_path / f"plan_{dtype}.json").write_text(json.dumps([planned]))
+    rows = plan_check.compare(steps, {dtype: json.loads((tmp_path / f"plan_{dtype}.json").read_text())[0]
+                                      for dtype in ("float32", "bfloat16")})
+    assert [(row["dtype"], row["measured_over_roofline"]) for row in rows] == [("float32", 0.2), ("bfloat16", 0.5)]
+    assert rows[0]["measured_over_planned_bytes"] == 1.5 and "measured_peak_bytes" not in rows[1]
+    assert plan_check.format_row(rows[0]) == (
+        "float32 at batch 128, 224 px: 20,000 train images/s measured against a roofline of 100,000 (20.0% of it); "
+        "peak device memory 3,072 MiB against 2,048 MiB planned (1.50x)")

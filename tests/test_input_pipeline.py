@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import chex
 import jax
@@ -66,6 +67,20 @@ def test_preprocess_scales_to_unit_range_and_resizes_bilinearly():
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
     edge = np.asarray(out[1, 0, 45:51, 0])
     assert np.all(np.diff(edge) >= 0) and 0 < edge[2] < 1  # a bilinear ramp, not a hard nearest-neighbour edge
+
+
+def test_preprocess_in_bfloat16_resizes_in_bfloat16_to_within_its_rounding_of_float32():
+    """bf16 images are resized in bf16 (the GPU's bf16 units, not float32 dots at the highest
+    precision): within bf16's rounding of the float32 resize, whose every value is as before."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    fp32 = np.asarray(input_pipeline.preprocess(images, 96))
+    before = jax.image.resize(images.astype(np.float32) / 255.0, (4, 96, 96, 1), "bilinear")
+    np.testing.assert_array_equal(fp32, before)
+    bf16 = input_pipeline.preprocess(images, 96, jax.numpy.bfloat16)
+    assert bf16.dtype == jax.numpy.bfloat16
+    lowered = jax.jit(input_pipeline.preprocess, static_argnums=(1, 2)).lower(images, 96, jax.numpy.bfloat16).as_text()
+    assert "dot_general" in lowered and not re.search(r"dot_general[^\n]*-> tensor<[^\n]*f32>", lowered)
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), fp32, atol=2**-7)
 
 
 @pytest.mark.parametrize("num_examples, batch_size, num_devices", [(1, 8, 1), (37, 8, 2), (129, 16, 4), (10, 4, 4)])

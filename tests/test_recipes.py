@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from nin_jax import augment, batch_norm, input_pipeline, optim, parallel, steps
-from nin_jax.config import Config, ConfigError
+from nin_jax.config import Config, ConfigError, parse_flags
 from nin_jax.recipes import RECIPES
 
 import train
@@ -296,10 +296,10 @@ def test_random_erasing_changes_the_training_step_only_when_asked():
 
 
 def test_recipe_flag_sets_defaults_that_explicit_flags_override():
-    config, _ = train.parse_config(train.build_parser(), ["--recipe", "strong", "--learning_rate", "0.01"])
+    config, _ = parse_flags(train.build_parser(), ["--recipe", "strong", "--learning_rate", "0.01"])
     assert config == Config.from_recipe("strong", learning_rate=0.01)
     assert (config.momentum, config.nesterov, config.batch_norm, config.learning_rate) == (0.9, True, True, 0.01)
-    assert train.parse_config(train.build_parser(), [])[0] == Config()
+    assert parse_flags(train.build_parser(), [])[0] == Config()
 
 
 def test_every_recipe_is_a_valid_config_and_the_reference_changes_nothing():

@@ -1,0 +1,74 @@
+"""How far `python -m nin_jax.plan` was from the truth on the attached accelerator: the measured
+train images/s beside the plan's roofline bound, and the measured peak device memory beside the
+planned memory, from the files that benchmarks/accelerator.sh writes into its results folder.
+
+    python benchmarks/plan_check.py RESULTS   # reads steps.json and plan_<dtype>.json, writes plan_check.json
+"""
+
+import argparse
+import json
+import os
+import sys
+
+
+def compare(steps: dict, plans: dict[str, dict]) -> list[dict]:
+    """One row per planned dtype: the step-grid result of the same dtype and batch beside its plan.
+    Only the grid's first result has a device peak of its own (the peak is the process's)."""
+    results = steps["results"]
+    rows = []
+    for dtype, planned in plans.items():
+        measured = [(index, result) for index, result in enumerate(results)
+                    if result["config"]["dtype"] == dtype and result["config"]["batch_size"] == planned["batch_size"]
+                    and result["config"]["resize"] == planned["resize"]]
+        if not measured or not planned.get("compiled"):
+            continue
+        index, result = measured[0]
+        roofline = planned["roofline"]["images_per_sec"]
+        row = {"dtype": dtype, "batch_size": planned["batch_size"], "resize": planned["resize"],
+               "measured_images_per_sec": result["train_images_per_sec"], "roofline_images_per_sec": roofline,
+               "measured_over_roofline": result["train_images_per_sec"] / roofline,
+               "planned_bytes": planned["memory"]["total"]}
+        if index == 0 and "device_peak_bytes" in result:
+            row["measured_peak_bytes"] = result["device_peak_bytes"]
+            row["measured_over_planned_bytes"] = result["device_peak_bytes"] / planned["memory"]["total"]
+        rows.append(row)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    line = (f"{row['dtype']} at batch {row['batch_size']}, {row['resize']} px: {row['measured_images_per_sec']:,.0f} "
+            f"train images/s measured against a roofline of {row['roofline_images_per_sec']:,.0f} "
+            f"({row['measured_over_roofline']:.1%} of it)")
+    if "measured_peak_bytes" in row:
+        line += (f"; peak device memory {row['measured_peak_bytes'] / 2**20:,.0f} MiB against "
+                 f"{row['planned_bytes'] / 2**20:,.0f} MiB planned ({row['measured_over_planned_bytes']:.2f}x)")
+    return line
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="the results folder of benchmarks/accelerator.sh")
+    args = parser.parse_args()
+    try:
+        with open(os.path.join(args.results, "steps.json")) as f:
+            steps = json.load(f)
+        plans = {}
+        for dtype in ("float32", "bfloat16"):
+            path = os.path.join(args.results, f"plan_{dtype}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    (plans[dtype],) = json.load(f)
+    except (OSError, ValueError) as error:
+        sys.exit(f"plan_check.py: cannot read the results in {args.results}: {error}")
+    rows = compare(steps, plans)
+    if not rows:
+        sys.exit(f"plan_check.py: {args.results} holds no step result with a plan of the same dtype and batch")
+    for row in rows:
+        print(format_row(row))
+    with open(os.path.join(args.results, "plan_check.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""`python -m nin_jax.plan`: the real train and eval steps compiled for an H100 and for TPU slices
+on this CPU, with what must hold in the compiled programs.
+
+Each plan runs in a process of its own: XLA reads its flags (`--xla_gpu_autotune_level=0`) once,
+when its first backend starts, which in this process has happened long before. Without the
+compilers (`pip install -e '.[plan]'`) the tests fail rather than skip: CI installs them.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nin_jax import levers, plan
+
+from conftest import REPO_ROOT
+
+NUM_PARAMS = 1_992_166
+SPATIAL_LAYERS = ("block1/conv/", "block2/conv/", "block3/conv/", "block4/conv/")
+# TPU steps at 96 px, the size of the recipes' CPU runs: XLA's TPU compiler takes 20 s for them on a
+# 2-core CPU, and over 3 minutes at 224 px (docs/performance.md quotes the plans at 224).
+TPU_RESIZE = ("--resize", "96")
+
+
+@functools.cache
+def run_plan(*flags: str) -> list[dict]:
+    """The plans that `python -m nin_jax.plan FLAGS --json F` writes, once per set of flags."""
+    out = os.path.join(os.environ.get("PYTEST_PLAN_DIR", "/tmp"), f"nin_jax_plan_{os.getpid()}_{abs(hash(flags))}.json")
+    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
+    result = subprocess.run([sys.executable, "-m", "nin_jax.plan", *flags, "--json", out], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    with open(out) as f:
+        plans = json.load(f)
+    os.remove(out)
+    return plans
+
+
+def h100(*flags: str) -> dict:
+    (result,) = run_plan("--target", "h100", "--no-largest_batch", *flags)
+    return result
+
+
+def spatial_cudnn_calls(result: dict) -> dict[str, list[str]]:
+    """For each k x k convolution layer, the cuDNN calls that compute it or its gradients."""
+    calls = {layer: [] for layer in SPATIAL_LAYERS}
+    for call in result["cudnn_calls"]:
+        for layer in SPATIAL_LAYERS:
+            if f"/{layer}" in call["op_name"] and call["window"] != "1x1":
+                calls[layer].append(call["target"].removeprefix("__cudnn$"))
+    return {layer: sorted(targets) for layer, targets in calls.items()}
+
+
+def check_compiled_and_fits(result: dict) -> None:
+    assert result["compiled"], result.get("error")
+    assert result["memory"]["fits"] and result["memory"]["total"] > 0
+    assert result["batch_size"] == 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["reference", "strong"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_both_steps_compile_for_an_h100_and_fit_at_batch_128(recipe, dtype):
+    result = h100("--recipe", recipe, "--dtype", dtype)
+    check_compiled_and_fits(result)
+    assert (result["platform"], result["devices"], result["hosts"]) == ("gpu", 1, 1)
+    assert result["kernels"]["cudnn"] >= 11 and not result["collectives"]
+    assert result["roofline"]["images_per_sec"] > 0 and 4e9 < result["flops_per_image"] < 5e9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["reference", "strong"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_spatial_convolution_and_its_gradients_are_cudnn_calls_on_the_gpu(recipe, dtype):
+    """Forward, weight gradient and (past the stem, whose input is the image) input gradient of
+    each k x k layer, and no convolution left for XLA's own GPU kernels."""
+    result = h100("--recipe", recipe, "--dtype", dtype)
+    calls = spatial_cudnn_calls(result)
+    for layer, targets in calls.items():
+        forward = [target for target in targets if target.startswith("convForward") or "Bias" in target]
+        assert len(forward) == 1 and targets.count("convBackwardFilter") == 1, (layer, targets)
+        assert targets.count("convBackwardInput") == (0 if layer == "block1/conv/" else 1), (layer, targets)
+    assert result["opcodes"].get("convolution", 0) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["reference", "strong"])
+def test_bfloat16_leaves_no_convolution_or_matrix_product_in_float32_on_the_gpu(recipe):
+    assert h100("--recipe", recipe, "--dtype", "bfloat16")["f32_compute"] == []
+
+
+@pytest.mark.slow
+def test_the_largest_batch_is_compiled_and_fits_on_the_gpu():
+    (result,) = run_plan("--target", "h100", "--dtype", "bfloat16")
+    largest = result["largest_batch"]
+    assert largest["batch_size"] > 128 and largest["batch_size"] % result["devices"] == 0
+    fitted = [check for check in largest["checks"] if check["batch_size"] == largest["batch_size"]]
+    assert fitted and fitted[0]["fits"] and fitted[0]["total"] <= result["memory"]["usable"]
+    too_large = [check["batch_size"] for check in largest["checks"] if not check["fits"]]
+    assert all(size > largest["batch_size"] for size in too_large)
+
+
+@pytest.mark.slow
+def test_levers_compile_on_the_gpu_and_auto_is_xlas_plain_ops():
+    plain = h100("--dtype", "bfloat16")
+    lever_ops = h100("--dtype", "bfloat16", "--max_pool", "slices", "--conv1x1", "dot")
+    check_compiled_and_fits(lever_ops)
+    assert (levers.resolve("max_pool", "auto", "gpu"), levers.resolve("conv1x1", "auto", "gpu")) == (
+        "reduce_window", "conv")
+    # nn.max_pool: a reduce-window, whose gradient XLA's GPU compiler writes as a scatter
+    assert plain["opcodes"].get("reduce-window", 0) >= 3 and plain["opcodes"].get("scatter", 0) >= 3
+    assert any(call["window"] == "1x1" for call in plain["cudnn_calls"])  # the 1x1 layers as convolutions
+    assert lever_ops["opcodes"].get("reduce-window", 0) == lever_ops["opcodes"].get("scatter", 0) == 0
+    assert not any(call["window"] == "1x1" for call in lever_ops["cudnn_calls"])
+
+
+@pytest.mark.slow
+def test_the_pmap_steps_compile_for_the_gpu():
+    result = h100("--dtype", "bfloat16", "--parallel", "pmap")
+    check_compiled_and_fits(result)
+    assert result["parallel"] == "pmap" and result["kernels"]["cudnn"] >= 11
+
+
+def check_data_parallel(result: dict) -> None:
+    """The batch split over the devices, the parameters whole on each, and the gradients
+    all-reduced once, in the compute dtype at the least (under sharding XLA sums bf16 weight
+    gradients before their cast to float32): no all-gather of the batch or the parameters."""
+    per_device = result["batch_size"] // result["devices"]
+    shapes = [shape.split("{")[0] for shape in result["entry_parameters"].values()]
+    assert [shape for shape in shapes if shape.startswith("u8[")] == [f"u8[{per_device},28,28,1]"], shapes  # images
+    assert "f32[5,5,96,256]" in shapes, shapes  # block 2's kernel, whole
+    collectives = result["collectives"]
+    assert set(collectives) == {"all-reduce"}, collectives
+    least = NUM_PARAMS * (2 if result["dtype"] == "bfloat16" else 4)
+    assert least <= collectives["all-reduce"]["bytes"] < 2 * NUM_PARAMS * 4, collectives
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["reference", "strong"])
+def test_both_steps_compile_for_a_multi_host_tpu_slice_split_over_its_devices(recipe):
+    (result,) = run_plan("--target", "tpu-v5e-8", "--no-largest_batch", "--recipe", recipe, "--dtype", "bfloat16",
+                         *TPU_RESIZE)
+    check_compiled_and_fits(result)
+    assert (result["platform"], result["devices"], result["hosts"]) == ("tpu", 8, 2)
+    check_data_parallel(result)
+
+
+@pytest.mark.slow
+def test_levers_and_pmap_compile_for_a_single_host_tpu_slice():
+    """The non-default levers under sharding, and the default steps under pmap, on 4 chips."""
+    (lever_ops,) = run_plan("--target", "tpu-v5e-4", "--no-largest_batch", "--dtype", "bfloat16",
+                            "--max_pool", "slices", "--conv1x1", "dot", *TPU_RESIZE)
+    check_compiled_and_fits(lever_ops)
+    check_data_parallel(lever_ops)
+    (pmapped,) = run_plan("--target", "tpu-v5e-4", "--no-largest_batch", "--dtype", "bfloat16", "--parallel", "pmap",
+                          *TPU_RESIZE)
+    check_compiled_and_fits(pmapped)
+    assert pmapped["parallel"] == "pmap" and pmapped["hosts"] == 1
+    assert (levers.resolve("max_pool", "auto", "tpu"), levers.resolve("conv1x1", "auto", "tpu")) == (
+        "reduce_window", "conv")
+
+
+def test_every_target_is_listed_with_its_published_figures():
+    result = subprocess.run([sys.executable, "-m", "nin_jax.plan", "--list"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for name in ("h100", "h200", "a100", "l4", "tpu-v4-4", "tpu-v5e-16", "tpu-v5p-16", "tpu-v6e-256"):
+        assert name in plan.TARGETS and f"\n{name} " in result.stdout
+    gpus = [target for target in plan.TARGETS.values() if target.platform == "gpu"]
+    for target in gpus:
+        text = plan.gpu_target_config(target)
+        assert text.startswith("# NVIDIA") and "device_memory_size" in text  # the figures, and where they come from
+    hosts_of = {target.topology for target in plan.TARGETS.values() if target.platform == "tpu"}
+    assert {"v5e:2x2", "v5e:4x4", "v6e:16x16"} <= hosts_of
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target", "b200"], "argument --target: invalid choice: 'b200'"),
+    ([], "--target is required (see --list)"),
+    (["--target", "tpu-v5e-4", "--devices", "2"], "--devices is for listed GPU targets"),
+    (["--target", "h100", "--batch_size", "0"], "--batch_size must be positive, got 0"),
+])
+def test_wrong_flags_end_with_one_line(flags, message):
+    result = subprocess.run([sys.executable, "-m", "nin_jax.plan", *flags], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_a_batch_that_does_not_split_over_the_slice_is_refused_in_one_line():
+    result = subprocess.run([sys.executable, "-m", "nin_jax.plan", "--target", "tpu-v5e-16", "--batch_size", "100"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "tpu-v5e-16: --batch_size 100 does not split evenly over 16 devices" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_hlo_facts_count_kernels_collectives_and_bytes():
+    """The reading of an optimised module on a small hand-written one."""
+    text = """HloModule m
+
+%fused_computation (p: f32[8,4]) -> f32[8,4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  ROOT %d = f32[8,4]{1,0} dot(%p, %p), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: bf16[2,8,8,3], w: bf16[3,3,3,4], g: f32[8,4]) -> f32[8,4] {
+  %a = bf16[2,8,8,3]{3,2,1,0} parameter(0)
+  %w = bf16[3,3,3,4]{3,2,1,0} parameter(1)
+  %g = f32[8,4]{1,0} parameter(2)
+  %conv = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%a, %w), window={size=3x3 pad=1_1x1_1}, custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/block1/conv/conv_general_dilated"}
+  %gte = bf16[2,8,8,4]{3,2,1,0} get-tuple-element(%conv), index=0
+  %ar = f32[8,4]{1,0} all-reduce-start(%g), replica_groups={}
+  %ard = f32[8,4]{1,0} all-reduce-done(%ar)
+  %copy = f32[8,4]{1,0} copy(%ard)
+  ROOT %f = f32[8,4]{1,0} fusion(%copy), kind=kCustom, calls=%fused_computation, backend_config={"kind":"__triton_gemm"}
+}
+"""
+    facts = plan.program_facts(text)
+    assert facts["kernels"] == {"cudnn": 1, "gemm_fusions": 1, "cublas": 0, "other_fusions": 0, "copies": 1,
+                                "transposes": 0, "collectives": 1, "other": 0, "total": 4}
+    assert facts["collectives"] == {"all-reduce": {"count": 1, "bytes": 128}}
+    conv_bytes = 2 * 8 * 8 * 3 * 2 + 3 * 3 * 3 * 4 * 2 + 2 * 8 * 8 * 4 * 2
+    assert facts["bytes_moved"] == conv_bytes + 128 * 2 + 128 * 2 + 128 * 2
+    assert facts["cudnn_calls"] == [{"target": "__cudnn$convForward", "window": "3x3",
+                                     "op_name": "jit(step)/block1/conv/conv_general_dilated"}]
+    assert plan.f32_compute(text) == ["d (no op_name)"]
+    assert facts["entry_parameters"] == {"a": "bf16[2,8,8,3]{3,2,1,0}", "w": "bf16[3,3,3,4]{3,2,1,0}",
+                                         "g": "f32[8,4]{1,0}"}
