@@ -44,6 +44,13 @@ class Target:
     chips: int = 0  # of a TPU slice; a TPU's devices share its chips' memory, bandwidth and peak
     kind_words: tuple[str, ...] = ()  # in a `device_kind` of the attached device that is this target's
 
+    @property
+    def accelerator_type(self) -> str:
+        """The slice's Cloud TPU name (v5litepod-16; v4 and v5p count two cores per chip: v4-32)."""
+        generation = self.topology.split(":")[0]
+        cores = {"v4": 2, "v5p": 2}.get(generation, 1)
+        return f"{'v5litepod' if generation == 'v5e' else generation}-{cores * self.chips}"
+
     def share(self, num_devices: int) -> float:
         """One device's share of a chip's (TPU) or a GPU's figures."""
         return self.chips / num_devices if self.platform == "tpu" else 1.0
@@ -118,6 +125,7 @@ def prepare_jax() -> None:
     """Keeps JAX on the CPU and XLA from timing GPU kernels it cannot run: before any backend starts."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # plans side by side: there is no TPU to share
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask about a TPU VM
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # nor a TPU VM's workers
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_autotune_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_autotune_level=0".strip()
@@ -143,6 +151,8 @@ def target_devices(target: Target, num_gpus: int = 1) -> list:
         description = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target),
                                                    topology=f"1x1x{num_gpus}")
     else:
+        # What a TPU VM of this slice would set; libtpu warns at its start without it.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.accelerator_type)
         description = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
     return list(description.devices)
 
@@ -555,13 +565,15 @@ def main(argv=None) -> int:
         print(format_targets())
         return 0
     if not flags["target"]:
-        parser.error("--target is required (see --list)")
+        parser.error("--target is required; --list names the targets")
     if flags["devices"] < 1:
         parser.error(f"--devices must be positive, got {flags['devices']}")
     if LOCAL in flags["target"] and len(flags["target"]) > 1:
         parser.error(f"--target {LOCAL} plans for the attached accelerator alone; plan other targets in another run")
     if flags["devices"] > 1 and any(name == LOCAL or TARGETS[name].platform != "gpu" for name in flags["target"]):
         parser.error("--devices is for listed GPU targets; a TPU target's topology, or the machine, fixes its devices")
+    if flags["json"]:
+        _check_writable(flags["json"], parser)  # before minutes of compiling
     if flags["target"] != [LOCAL]:
         prepare_jax()
     plans, status = [], 0
@@ -579,6 +591,15 @@ def main(argv=None) -> int:
     if flags["json"]:
         _write_json(flags["json"], plans, parser)
     return status
+
+
+def _check_writable(path: str, parser: argparse.ArgumentParser) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = ("No such file or directory" if not os.path.isdir(folder) else
+               "Permission denied" if not os.access(folder, os.W_OK) else
+               "Is a directory" if os.path.isdir(path) else None)
+    if problem:
+        parser.exit(1, f"{parser.prog}: error: cannot write --json {path}: {problem}\n")
 
 
 def _write_json(path: str, plans: list[dict[str, Any]], parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,13 @@ compilers (`pip install -e '.[plan]'`) the tests fail rather than skip: CI insta
 """
 
 import functools
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 
@@ -179,15 +182,32 @@ def test_every_target_is_listed_with_its_published_figures():
 
 @pytest.mark.parametrize("flags, message", [
     (["--target", "b200"], "argument --target: invalid choice: 'b200'"),
-    ([], "--target is required (see --list)"),
+    ([], "--target is required; --list names the targets"),
+    (["--target", "h100", "--json", "/no/such/folder/plan.json"], None),
     (["--target", "tpu-v5e-4", "--devices", "2"], "--devices is for listed GPU targets"),
     (["--target", "h100", "--batch_size", "0"], "--batch_size must be positive, got 0"),
 ])
 def test_wrong_flags_end_with_one_line(flags, message):
     result = subprocess.run([sys.executable, "-m", "nin_jax.plan", *flags], cwd=REPO_ROOT, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+    if message is None:  # an output that cannot be written is found before anything is compiled
+        assert result.returncode == 1 and result.stderr == (
+            "python -m nin_jax.plan: error: cannot write --json /no/such/folder/plan.json: No such file or directory\n")
+    else:
+        assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("target, missing, message", [
+    ("h100", "jax_plugins.xla_cuda12", "compiling for NVIDIA H100 SXM 80GB needs jax's CUDA plugin: "
+                                       "pip install -e '.[plan]'"),
+    ("tpu-v5e-4", "libtpu", "compiling for TPU v5e, 4 chips (v5e:2x2) needs libtpu: pip install -e '.[plan]'"),
+])
+def test_a_missing_compiler_is_named_with_its_install(target, missing, message):
+    real_find_spec = importlib.util.find_spec
+    with mock.patch.object(importlib.util, "find_spec", lambda name: None if name == missing else real_find_spec(name)):
+        with pytest.raises(plan.PlanError, match=re.escape(message)):
+            plan.target_devices(plan.TARGETS[target])
 
 
 def test_a_batch_that_does_not_split_over_the_slice_is_refused_in_one_line():
