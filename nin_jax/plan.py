@@ -42,7 +42,7 @@ class Target:
     peak_tflops: dict[str, tuple[float, str]]
     source: str
     chips: int = 0  # of a TPU slice; a TPU's devices share its chips' memory, bandwidth and peak
-    kind_words: tuple[str, ...] = ()  # in a `device_kind` of the attached device that is this target's
+    kind_words: tuple[str, ...] = ()  # a GPU's: in the attached device's `device_kind`; a TPU's: all of it
 
     @property
     def accelerator_type(self) -> str:
@@ -56,24 +56,37 @@ class Target:
         return self.chips / num_devices if self.platform == "tpu" else 1.0
 
 
-def _gpu(name, description, memory_gib, bandwidth_gbs, bf16, tf32, source, kind_words):
+def _gpu(name, description, memory_gib, bandwidth_gbs, bf16, tf32, datasheet, kind_words):
+    source = (f"{datasheet}: {bf16:g} TFLOP/s bf16 and {tf32:g} TF32 dense, {memory_gib} GB at {bandwidth_gbs:,} GB/s; "
+              f"the rest in nin_jax/gpu_targets/{name}.txtpb")
     return Target(name, description, "gpu", f"{name}.txtpb", memory_gib, bandwidth_gbs,
                   {"bfloat16": (bf16, "bf16 dense tensor-core peak"),
                    "float32": (tf32, "TF32 dense tensor-core peak (XLA's default for float32 convolutions and dots)")},
                   source, kind_words=kind_words)
 
 
-def _tpu(generation, chips, topology, memory_gib, bandwidth_gbs, bf16, source, kind):
+# Per chip, from each generation's Cloud TPU documentation: HBM (GiB), its bandwidth (GB/s), the
+# bf16 peak (TFLOP/s), and the `device_kind` that JAX gives its devices.
+_TPU_CHIPS = {
+    "v4": (32, 1200, 275.0, "TPU v4", "Google Cloud TPU v4 documentation"),
+    "v5e": (16, 819, 197.0, "TPU v5 lite", "Google Cloud TPU v5e documentation"),
+    "v5p": (95, 2765, 459.0, "TPU v5", "Google Cloud TPU v5p documentation"),
+    "v6e": (32, 1640, 918.0, "TPU v6 lite", "Google Cloud TPU v6e (Trillium) documentation"),
+}
+_TPU_SLICES = ("v4:2x2x1", "v4:2x2x4", "v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:16x16", "v5p:2x2x1", "v5p:2x2x4",
+               "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:16x16")
+
+
+def _tpu(topology: str) -> Target:
+    generation, shape = topology.split(":")
+    chips = math.prod(int(size) for size in shape.split("x"))
+    memory_gib, bandwidth_gbs, bf16, kind, documentation = _TPU_CHIPS[generation]
     # At JAX's default precision a TPU multiplies float32 operands in bf16 passes on its matrix units.
     peaks = {dtype: (bf16, "bf16 peak of the matrix units") for dtype in ("bfloat16", "float32")}
+    source = f"{documentation}: {bf16:g} TFLOP/s bf16, {memory_gib} GiB HBM at {bandwidth_gbs:,} GB/s per chip"
     return Target(f"tpu-{generation}-{chips}", f"TPU {generation}, {chips} chips ({topology})", "tpu", topology,
                   memory_gib, bandwidth_gbs, peaks, source, chips, (kind,))
 
-
-_TPU_V4 = "Google Cloud TPU v4 documentation: 275 TFLOP/s bf16, 32 GiB HBM2 at 1,200 GB/s per chip"
-_TPU_V5E = "Google Cloud TPU v5e documentation: 197 TFLOP/s bf16, 16 GiB HBM2 at 819 GB/s per chip"
-_TPU_V5P = "Google Cloud TPU v5p documentation: 459 TFLOP/s bf16, 95 GiB HBM2e at 2,765 GB/s per chip"
-_TPU_V6E = "Google Cloud TPU v6e (Trillium) documentation: 918 TFLOP/s bf16, 32 GiB HBM at 1,640 GB/s per chip"
 
 TARGETS = {target.name: target for target in (
     _gpu("h100", "NVIDIA H100 SXM 80GB", 80, 3350, 989.4, 494.7, "NVIDIA H100 Tensor Core GPU datasheet (SXM5)",
@@ -84,18 +97,7 @@ TARGETS = {target.name: target for target in (
          ("A100",)),
     _gpu("l4", "NVIDIA L4 24GB", 24, 300, 121.0, 60.0, "NVIDIA L4 Tensor Core GPU datasheet (dense, without sparsity)",
          ("L4",)),
-    _tpu("v4", 4, "v4:2x2x1", 32, 1200, 275.0, _TPU_V4, "TPU v4"),
-    _tpu("v4", 16, "v4:2x2x4", 32, 1200, 275.0, _TPU_V4, "TPU v4"),
-    _tpu("v5e", 4, "v5e:2x2", 16, 819, 197.0, _TPU_V5E, "TPU v5 lite"),
-    _tpu("v5e", 8, "v5e:2x4", 16, 819, 197.0, _TPU_V5E, "TPU v5 lite"),
-    _tpu("v5e", 16, "v5e:4x4", 16, 819, 197.0, _TPU_V5E, "TPU v5 lite"),
-    _tpu("v5e", 256, "v5e:16x16", 16, 819, 197.0, _TPU_V5E, "TPU v5 lite"),
-    _tpu("v5p", 4, "v5p:2x2x1", 95, 2765, 459.0, _TPU_V5P, "TPU v5p"),
-    _tpu("v5p", 16, "v5p:2x2x4", 95, 2765, 459.0, _TPU_V5P, "TPU v5p"),
-    _tpu("v6e", 4, "v6e:2x2", 32, 1640, 918.0, _TPU_V6E, "TPU v6 lite"),
-    _tpu("v6e", 8, "v6e:2x4", 32, 1640, 918.0, _TPU_V6E, "TPU v6 lite"),
-    _tpu("v6e", 16, "v6e:4x4", 32, 1640, 918.0, _TPU_V6E, "TPU v6 lite"),
-    _tpu("v6e", 256, "v6e:16x16", 32, 1640, 918.0, _TPU_V6E, "TPU v6 lite"),
+    *map(_tpu, _TPU_SLICES),
 )}
 
 
@@ -106,7 +108,8 @@ def local_target(devices: list) -> Target:
     """The attached devices as a target, with the published figures of the listed target of their kind."""
     kind = devices[0].device_kind
     for target in TARGETS.values():
-        if target.platform == _platform(devices[0]) and any(word in kind for word in target.kind_words):
+        matches = kind in target.kind_words if target.platform == "tpu" else any(word in kind for word in target.kind_words)
+        if target.platform == _platform(devices[0]) and matches:
             chips = len(devices) if target.platform == "tpu" else 0
             return dataclasses.replace(target, name=LOCAL, description=f"{kind} (attached)", chips=chips)
     raise PlanError(f"the attached devices ({kind}) are none of the listed targets (see --list), whose published "
