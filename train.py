@@ -12,10 +12,9 @@ every flag with its default.
 import argparse
 import sys
 
-from nin_jax.checkpoints import WorkdirError
-from nin_jax.config import ConfigError, FlagParser, add_config_flags, parse_flags
+from nin_jax.config import FlagParser, add_config_flags, parse_flags
 from nin_jax.divergence import Diverged
-from nin_jax.input_pipeline import DataError
+from nin_jax.errors import ConfigError, DataError, WorkdirError
 from nin_jax.interrupts import Interrupted
 
 # Errors whose message is all the user needs: printed as one line, without a traceback.

@@ -29,6 +29,7 @@ from flax import serialization
 
 from nin_jax import background, input_pipeline, steps
 from nin_jax.config import Config
+from nin_jax.errors import WorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
 # A run resumed under other values of these would not continue the run that was checkpointed.
@@ -37,10 +38,6 @@ RESUME_FIELDS = (
     "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "label_smoothing", "augment", "batch_norm",
     "random_erasing", "ema_decay",
 )
-
-
-class WorkdirError(RuntimeError):
-    """The workdir or a checkpoint in it cannot be used; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import jax
 
-from nin_jax.config import ConfigError
+from nin_jax.errors import ConfigError
 
 OFF = "off"
 # Compiles shorter than this are not worth a file. JAX's default, 1 s, would leave out NiN's steps

@@ -14,6 +14,7 @@ import typing
 from typing import Optional
 
 from nin_jax import recipes
+from nin_jax.errors import ConfigError
 
 PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
@@ -22,10 +23,6 @@ WEIGHT_INITS = ("kaiming", "xavier")
 CPU_KERNELS = ("tuned", "default")  # see nin_jax/xla_cpu.py
 MAX_POOL_CHOICES = ("auto", "slices", "reduce_window")  # see nin_jax/levers.py
 CONV1X1_CHOICES = ("auto", "dot", "conv")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; its message is meant for the user."""
 
 
 def _field(default, help_text: str, **extra):

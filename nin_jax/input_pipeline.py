@@ -2,7 +2,7 @@
 
 The whole dataset is 55 MB as uint8, so it is loaded once into NumPy arrays. Batches leave the
 host as 28x28 uint8 images (784 bytes each); scaling to [0, 1] and the resize to 224x224 happen
-on the accelerator inside the jitted step (`preprocess`), which keeps the host out of the way.
+on the accelerator inside the jitted step (`steps.preprocess`), which keeps the host out of the way.
 
 Every batch has the configured global size. A short last batch is padded and carries a `mask`
 that is 0 on padding, so every example is used exactly once per epoch, in training and in
@@ -16,11 +16,11 @@ import os
 import sys
 from typing import Iterator, Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import array_cache
+from nin_jax import array_cache, locks
+from nin_jax.distributed import ProcessSlice
+from nin_jax.errors import DataError
 
 DATASET = "fashion_mnist"
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -36,10 +36,6 @@ SOURCE_FILES = (
 )
 
 Batch = dict[str, np.ndarray]
-
-
-class DataError(RuntimeError):
-    """The data cannot be had; its message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +114,6 @@ def _build_lock(data_dir: str) -> Iterator[None]:
     """One build per data_dir at a time: two builds into one folder would collide (tfds renames its
     finished build into place, and the second rename fails). Whoever finds the lock taken says so
     and waits for the build to end."""
-    from nin_jax import locks  # which imports the multi-process runtime, itself importing this module
-
     def wait(holder: str) -> None:
         print(f"waiting for {holder}, which is building Fashion-MNIST in {data_dir}", file=sys.stderr, flush=True)
 
@@ -251,19 +245,6 @@ def _read_split(builder, split: str, chunk: int = 10_000) -> Split:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class ProcessSlice:
-    """Which part of every global batch this process loads: with several processes (hosts) each
-    reads only its own contiguous slice, and together they read the whole batch."""
-
-    index: int = 0
-    count: int = 1
-
-    def of(self, values: np.ndarray) -> np.ndarray:
-        size = len(values) // self.count
-        return values[self.index * size : (self.index + 1) * size]
-
-
 def _padded_batch(split: Split, indices: np.ndarray, batch_size: int, process: ProcessSlice) -> Batch:
     """This process's slice of the global batch `indices`, padded to `batch_size` globally."""
     if len(indices) == batch_size:  # every batch but an epoch's last: nothing to pad, one gather per array
@@ -296,14 +277,3 @@ def eval_batches(split: Split, batch_size: int, process: ProcessSlice = ProcessS
     """The split in order; the last batch is padded and masked, never dropped."""
     for start in range(0, len(split), batch_size):
         yield _padded_batch(split, np.arange(start, min(start + batch_size, len(split))), batch_size, process)
-
-
-def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
-    """uint8 [B, 28, 28, 1] -> `dtype` [B, resize, resize, 1] in [0, 1], resized bilinearly like the
-    book's `transforms.Resize`. Runs inside the jitted step, on the accelerator, in `dtype`: in bf16
-    the resize's two matrix products run on the accelerator's bf16 units, not as float32 at the
-    highest precision, and the images come out rounded to bf16 as before."""
-    images = images.astype(dtype) / 255
-    if images.shape[1:3] != (resize, resize):
-        images = jax.image.resize(images, (images.shape[0], resize, resize, images.shape[3]), "bilinear")
-    return images.astype(dtype)

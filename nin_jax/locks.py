@@ -14,7 +14,7 @@ import sys
 from typing import Callable, Iterator, Optional
 
 from nin_jax import distributed, peers
-from nin_jax.checkpoints import WorkdirError
+from nin_jax.errors import WorkdirError
 
 WORKDIR_LOCK = "run.lock"
 

@@ -20,7 +20,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nin_jax import steps, xla_cpu
-from nin_jax.config import Config, ConfigError
+from nin_jax.config import Config
+from nin_jax.errors import ConfigError
 
 AXIS_NAME = "batch"
 

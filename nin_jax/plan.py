@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any, Optional
 
+from nin_jax.errors import ConfigError
+
 GPU_PREALLOCATED = 0.75  # the share of a GPU's memory that JAX takes for its pool by default
 
 
@@ -424,8 +426,6 @@ def plan(config, target_name: str, num_gpus: int = 1, find_largest_batch: bool =
               "devices": len(devices), "hosts": hosts, "recipe": config.recipe, "batch_size": config.batch_size,
               "resize": config.resize, "dtype": config.dtype, "batch_norm": config.batch_norm,
               "parallel": "pmap" if config.parallel == "pmap" else "sharding", "source": target.source}
-    from nin_jax.config import ConfigError
-
     try:
         compiled = compile_steps(config, devices)
     except ConfigError:
@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    from nin_jax.config import ConfigError, parse_flags
+    from nin_jax.config import parse_flags
 
     config, flags = parse_flags(parser, argv)
     if flags["list"]:

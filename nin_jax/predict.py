@@ -46,7 +46,7 @@ def predict_classes(config: Config, variables: Variables, split: input_pipeline.
 
     @jax.jit
     def predict(variables, images):
-        images = input_pipeline.preprocess(images, config.resize, jnp.dtype(config.dtype))
+        images = steps.preprocess(images, config.resize, jnp.dtype(config.dtype))
         return jnp.argmax(model.apply(variables, images), -1)
 
     predictions, masks = [], []

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from nin_jax.config import ConfigError
+from nin_jax.errors import ConfigError
 
 PROFILE_DIR = "profile"
 

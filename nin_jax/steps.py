@@ -44,6 +44,17 @@ class TrainState(train_state.TrainState):
         return self.ema or self.variables()
 
 
+def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
+    """uint8 [B, 28, 28, 1] -> `dtype` [B, resize, resize, 1] in [0, 1], resized bilinearly like the
+    book's `transforms.Resize`. Runs inside the jitted step, on the accelerator, in `dtype`: in bf16
+    the resize's two matrix products run on the accelerator's bf16 units, not as float32 at the
+    highest precision, and the images come out rounded to bf16 as before."""
+    images = images.astype(dtype) / 255
+    if images.shape[1:3] != (resize, resize):
+        images = jax.image.resize(images, (images.shape[0], resize, resize, images.shape[3]), "bilinear")
+    return images.astype(dtype)
+
+
 def create_model(config: Config) -> NiN:
     return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
                weight_init=config.weight_init, batch_norm=config.batch_norm, max_pool=config.max_pool,
@@ -153,7 +164,7 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, d
         images = augment.random_crop_and_flip(augment_key, images)
     if random_erasing:
         images = augment.random_erasing(jax.random.fold_in(augment_key, 1), images, random_erasing)
-    images = input_pipeline.preprocess(images, resize, dtype)
+    images = preprocess(images, resize, dtype)
 
     def summed_loss(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
@@ -175,7 +186,7 @@ def eval_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dt
               test_time_flips: bool = False, axis_name: Optional[str] = None) -> Metrics:
     """Summed loss, correct predictions and real-example count of one padded batch; with
     `test_time_flips`, of the mean logits of each image and its left-right mirror image."""
-    images = input_pipeline.preprocess(batch["image"], resize, dtype)
+    images = preprocess(batch["image"], resize, dtype)
     logits = state.apply_fn(state.eval_variables(), images, train=False)
     if test_time_flips:
         logits = (logits + state.apply_fn(state.eval_variables(), images[:, :, ::-1], train=False)) / 2

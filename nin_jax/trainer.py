@@ -22,7 +22,7 @@ from nin_jax.profiling import StepTrace, check_profile_steps
 
 
 def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, batch_size: int, desc: str = "test",
-             process: input_pipeline.ProcessSlice = input_pipeline.ProcessSlice()) -> dict[str, float]:
+             process: distributed.ProcessSlice = distributed.ProcessSlice()) -> dict[str, float]:
     """Loss, accuracy and the number of examples counted, over every example of `split` once.
     The running sums stay on the devices, added up inside the eval step."""
     totals = strategy.zero_totals()
@@ -64,7 +64,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
             return _train(config, strategy, process, checkpoints, workdir, log)
 
 
-def _train(config: Config, strategy, process: input_pipeline.ProcessSlice, checkpoints: Optional[Checkpoints],
+def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoints: Optional[Checkpoints],
            workdir: Optional[str], log: Callable[[str], None]) -> tuple[steps.TrainState, list[dict[str, Any]]]:
     datasets = input_pipeline.load_datasets(config)
     train_split = datasets["train"].take(config.train_examples)

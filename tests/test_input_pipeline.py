@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import array_cache, input_pipeline, parallel, steps, trainer
+from nin_jax import array_cache, distributed, input_pipeline, parallel, steps, trainer
 from nin_jax.config import Config
 
 
@@ -61,7 +61,7 @@ def test_preprocess_scales_to_unit_range_and_resizes_bilinearly():
     images = np.zeros((2, 28, 28, 1), np.uint8)
     images[0] = 255
     images[1, :, 14:] = 255
-    out = input_pipeline.preprocess(images, 96)
+    out = steps.preprocess(images, 96)
     chex.assert_shape(out, (2, 96, 96, 1))
     np.testing.assert_allclose(out[0], 1.0)
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
@@ -73,12 +73,12 @@ def test_preprocess_in_bfloat16_resizes_in_bfloat16_to_within_its_rounding_of_fl
     """bf16 images are resized in bf16 (the GPU's bf16 units, not float32 dots at the highest
     precision): within bf16's rounding of the float32 resize, whose every value is as before."""
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
-    fp32 = np.asarray(input_pipeline.preprocess(images, 96))
+    fp32 = np.asarray(steps.preprocess(images, 96))
     before = jax.image.resize(images.astype(np.float32) / 255.0, (4, 96, 96, 1), "bilinear")
     np.testing.assert_array_equal(fp32, before)
-    bf16 = input_pipeline.preprocess(images, 96, jax.numpy.bfloat16)
+    bf16 = steps.preprocess(images, 96, jax.numpy.bfloat16)
     assert bf16.dtype == jax.numpy.bfloat16
-    lowered = jax.jit(input_pipeline.preprocess, static_argnums=(1, 2)).lower(images, 96, jax.numpy.bfloat16).as_text()
+    lowered = jax.jit(steps.preprocess, static_argnums=(1, 2)).lower(images, 96, jax.numpy.bfloat16).as_text()
     assert "dot_general" in lowered and not re.search(r"dot_general[^\n]*-> tensor<[^\n]*f32>", lowered)
     np.testing.assert_allclose(np.asarray(bf16, np.float32), fp32, atol=2**-7)
 
@@ -125,13 +125,13 @@ def test_processes_read_disjoint_slices_that_make_up_the_global_batch(num_proces
     split = numbered_split(45)
     whole = list(input_pipeline.train_batches(split, 8, seed=3, epoch=2))
     parts = [
-        list(input_pipeline.train_batches(split, 8, seed=3, epoch=2, process=input_pipeline.ProcessSlice(i, num_processes)))
+        list(input_pipeline.train_batches(split, 8, seed=3, epoch=2, process=distributed.ProcessSlice(i, num_processes)))
         for i in range(num_processes)
     ]
     for step, batch in enumerate(whole):
         for key in batch:
             np.testing.assert_array_equal(np.concatenate([part[step][key] for part in parts]), batch[key])
-    eval_parts = [list(input_pipeline.eval_batches(split, 8, input_pipeline.ProcessSlice(i, num_processes)))
+    eval_parts = [list(input_pipeline.eval_batches(split, 8, distributed.ProcessSlice(i, num_processes)))
                   for i in range(num_processes)]
     assert sum(b["mask"].sum() for part in eval_parts for b in part) == 45
 

@@ -22,7 +22,7 @@ COMBINATIONS = list(itertools.product(("slices", "reduce_window"), ("dot", "conv
 
 def loss_and_grads(config: Config, params, batch):
     model = steps.create_model(config)
-    images = input_pipeline.preprocess(batch["image"], config.resize)
+    images = steps.preprocess(batch["image"], config.resize)
 
     def loss(params):
         logits = model.apply({"params": params}, images)

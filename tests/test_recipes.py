@@ -234,7 +234,7 @@ def test_the_compiled_batch_norm_gradient_is_the_op_by_op_gradient():
     program's gradient must still be the model's."""
     config = Config(resize=67, batch_norm=True, dropout_rate=0.0)
     state = steps.create_train_state(config)
-    images = input_pipeline.preprocess(random_batch(16, 16)["image"], config.resize)
+    images = steps.preprocess(random_batch(16, 16)["image"], config.resize)
 
     def loss(params):
         logits, _ = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
@@ -273,7 +273,7 @@ def test_test_time_flips_average_the_logits_of_each_image_and_its_mirror_image()
     config = Config(resize=67, batch_size=16, test_time_flips=True, weight_init="xavier")  # kaiming starts input-blind
     state = steps.create_train_state(config)
     batch = random_batch(config.batch_size, 11)
-    images = input_pipeline.preprocess(batch["image"], config.resize)
+    images = steps.preprocess(batch["image"], config.resize)
     logits = (state.apply_fn(state.variables(), images) + state.apply_fn(state.variables(), images[:, :, ::-1])) / 2
     expected = steps._summed_metrics(logits, batch["label"], batch["mask"])
     flipped = parallel.JitStrategy(config).eval_step(state, batch)

@@ -65,7 +65,7 @@ def test_sharding_step_equals_pmap_step_over_a_few_steps():
 def test_train_step_is_sgd_on_the_mean_loss_of_real_examples():
     batch = random_batch(CONFIG.batch_size, num_real=11)
     state = steps.create_train_state(CONFIG)
-    images = input_pipeline.preprocess(batch["image"][:11], CONFIG.resize)
+    images = steps.preprocess(batch["image"][:11], CONFIG.resize)
 
     def mean_loss(params):
         logits = state.apply_fn({"params": params}, images)
@@ -146,7 +146,7 @@ def test_bfloat16_step_computes_in_bf16_and_keeps_parameters_optimizer_and_loss_
     bf16 = dataclasses.replace(CONFIG, dtype="bfloat16")
     model = steps.create_model(bf16)
     state = steps.create_train_state(bf16)
-    images = input_pipeline.preprocess(batch["image"], bf16.resize, jax.numpy.bfloat16)
+    images = steps.preprocess(batch["image"], bf16.resize, jax.numpy.bfloat16)
     logits, intermediates = model.apply({"params": state.params}, images, mutable=["intermediates"])
     assert logits.dtype == np.float32
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(intermediates)} == {jax.numpy.dtype("bfloat16")}
