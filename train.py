@@ -12,7 +12,7 @@ every flag with its default.
 import argparse
 import sys
 
-from nin_jax.config import FlagParser, add_config_flags, parse_flags
+from nin_jax.config import TRAINING, FlagParser, add_config_flags, parse_flags
 from nin_jax.divergence import Diverged
 from nin_jax.errors import ConfigError, DataError, WorkdirError
 from nin_jax.interrupts import Interrupted
@@ -22,12 +22,12 @@ USER_ERRORS = (DataError, WorkdirError, Diverged)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per Config field, with the field's default and help text, and --summary."""
+    """One flag per Config field, with the field's default and help text, in the field's group."""
     parser = FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(parser)
-    parser.add_argument("--summary", action="store_true",
-                        help="print each layer's output shape (NHWC) and parameter count at --resize, then exit "
-                             "without loading data or training")
+    groups = add_config_flags(parser)
+    groups[TRAINING].add_argument(
+        "--summary", action="store_true", help="print each layer's output shape (NHWC) and parameter count at "
+        "--resize, then exit without loading data or training")
     return parser
 
 

@@ -6,7 +6,8 @@ A checkpoint holds everything the rest of the run depends on:
     step's dropout key is derived from the step, see `steps.TrainState`), batch-norm statistics
     and the weights' moving average where the run has them;
   * the running train-metric sums and training seconds of the unfinished epoch;
-  * the config fields that fix the shapes, the data order or what a step does (`RESUME_FIELDS`);
+  * the config fields that fix the shapes, the data order or what a step does
+    (`config.RESUME_FIELDS`, the fields marked `resume`);
   * a SHA-256 of the saved arrays: orbax restores damaged bytes without noticing.
 The data order needs no saving: the step gives the epoch and the batch within it, and
 `input_pipeline.train_batches` draws an epoch's order from (seed, epoch).
@@ -28,16 +29,12 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from nin_jax import background, input_pipeline, steps
-from nin_jax.config import Config
+from nin_jax.config import RESUME_FIELDS, Config
 from nin_jax.errors import WorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
-# A run resumed under other values of these would not continue the run that was checkpointed.
-RESUME_FIELDS = (
-    "resize", "dtype", "batch_size", "learning_rate", "dropout_rate", "seed", "train_examples", "weight_init",
-    "lr_schedule", "warmup_epochs", "momentum", "nesterov", "weight_decay", "label_smoothing", "augment", "batch_norm",
-    "random_erasing", "ema_decay",
-)
+# Options that earlier versions had and this one has not: their checkpoints resume where they were off.
+REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +52,8 @@ class Snapshot:
 
     def saved_arrays(self) -> dict[str, Any]:
         """The arrays to save. The step, an int in a fresh state, is always saved as an int32 array,
-        so that the template a checkpoint is restored into has the saved dtypes. A run without a
-        moving average saves none, like the runs from before --ema_decay, whose checkpoints still
-        restore."""
+        so that the template a checkpoint is restored into has the saved dtypes."""
         state = serialization.to_state_dict(self.state)
-        state = {name: value for name, value in state.items() if name != "ema" or value}
         return {"train_state": {**state, "step": np.asarray(state["step"], np.int32)}, "epoch_totals": self.epoch_totals}
 
 
@@ -154,11 +148,9 @@ class Checkpoints:
             raise self._damaged(step, f"its files are incomplete or damaged (reading them raised {type(error).__name__})") from error
 
     def _check_compatible(self, step: int, saved: dict[str, Any]) -> None:
-        defaults = _resume_record(Config())  # what a checkpoint from before a field existed ran with
-        saved = {**defaults, **saved}
-        differences = [
-            f"{name} {saved.get(name)} (this run: {value})" for name, value in self._record.items() if saved.get(name) != value
-        ]
+        removed = {name: off for name, off in REMOVED_OPTIONS.items() if name in saved}
+        differences = [f"{name} {saved.get(name)} (this run: {value})"
+                       for name, value in {**self._record, **removed}.items() if saved.get(name) != value]
         if differences:
             raise self._refusal(step, f"it comes from a run with {', '.join(differences)}", "rerun with that run's flags")
 

@@ -25,108 +25,126 @@ MAX_POOL_CHOICES = ("auto", "slices", "reduce_window")  # see nin_jax/levers.py
 CONV1X1_CHOICES = ("auto", "dot", "conv")
 
 
-def _field(default, help_text: str, **extra):
-    return dataclasses.field(default=default, metadata={"help": help_text, **extra})
+# The groups of `python train.py --help`, in its order: each field says which one it is in.
+TRAINING = "the recipe and its training options"
+DATA = "data"
+OUTPUTS = "workdir, logging and checkpoints"
+DEVICES = "several devices and hosts"
+ADVANCED = "kernel levers and other advanced settings"
+GROUPS = (TRAINING, DATA, OUTPUTS, DEVICES, ADVANCED)
+
+
+def _field(group: str, default, help_text: str, resume: bool = False, **extra):
+    """A field with its flag's group and help text; `resume=True` for the fields that fix the
+    shapes, the data order or what a step does, which a resumed run must share with its checkpoint."""
+    return dataclasses.field(default=default, metadata={"group": group, "help": help_text, "resume": resume, **extra})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     recipe: str = _field(
-        "reference", "a named set of defaults for the flags below, which override it: reference (the book's) or "
+        TRAINING, "reference", "a named set of defaults for the flags below, which override it: reference (the book's) or "
         "strong (see nin_jax/recipes.py)", choices=tuple(recipes.RECIPES),
     )
-    workdir: Optional[str] = _field(None, "where metrics, plots and checkpoints go; none: write nothing")
-    num_epochs: int = _field(10, "passes over the training set")
-    batch_size: int = _field(128, "global batch size, split evenly over all devices")
-    learning_rate: float = _field(0.1, "SGD learning rate; with --lr_schedule cosine or onecycle, the peak")
+    num_epochs: int = _field(TRAINING, 10, "passes over the training set")
+    batch_size: int = _field(TRAINING, 128, "global batch size, split evenly over all devices", resume=True)
+    learning_rate: float = _field(
+        TRAINING, 0.1, "SGD learning rate; with --lr_schedule cosine or onecycle, the peak", resume=True,
+    )
     lr_schedule: str = _field(
-        "constant", "constant; cosine: linear warm-up from 0 over --warmup_epochs, then cosine decay to 0; or onecycle: "
+        TRAINING, "constant", "constant; cosine: linear warm-up from 0 over --warmup_epochs, then cosine decay to 0; or onecycle: "
         "cosine rise from peak/25 over --warmup_epochs, then cosine decay to peak/250,000 (optax's one-cycle)",
-        choices=LR_SCHEDULES,
+        choices=LR_SCHEDULES, resume=True,
     )
-    warmup_epochs: float = _field(0.0, "with --lr_schedule cosine or onecycle: epochs of rising learning rate")
-    momentum: float = _field(0.0, "SGD momentum (0 = plain SGD, the book's)")
-    nesterov: bool = _field(False, "Nesterov momentum; needs --momentum")
-    weight_decay: float = _field(0.0, "L2 weight decay on the kernels, added to the gradient (0 = off)")
-    label_smoothing: float = _field(0.0, "training targets put this much probability evenly on all classes (0 = off)")
-    augment: bool = _field(
-        False, "random crops (shifts of up to 2 px, zero-padded) and left-right flips of the training images"
+    warmup_epochs: float = _field(
+        TRAINING, 0.0, "with --lr_schedule cosine or onecycle: epochs of rising learning rate", resume=True,
     )
-    batch_norm: bool = _field(False, "batch normalisation after every convolution: a NiN variant, not the book's")
-    resize: int = _field(224, "images are resized (bilinear) to resize x resize; at least 67")
-    seed: int = _field(0, "seed of the initial parameters, the data order and dropout")
-    data_dir: Optional[str] = _field(None, "tensorflow-datasets data directory; none: tfds' own, ~/tensorflow_datasets")
+    momentum: float = _field(TRAINING, 0.0, "SGD momentum (0 = plain SGD, the book's)", resume=True)
+    nesterov: bool = _field(TRAINING, False, "Nesterov momentum; needs --momentum", resume=True)
+    weight_decay: float = _field(
+        TRAINING, 0.0, "L2 weight decay on the kernels, added to the gradient (0 = off)", resume=True,
+    )
+    label_smoothing: float = _field(
+        TRAINING, 0.0, "training targets put this much probability evenly on all classes (0 = off)", resume=True,
+    )
+    dropout_rate: float = _field(TRAINING, 0.5, "dropout before the last NiN block", resume=True)
+    batch_norm: bool = _field(
+        TRAINING, False, "batch normalisation after every convolution: a NiN variant, not the book's", resume=True,
+    )
+    weight_init: str = _field(
+        TRAINING, "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier (the book's, which can stall)",
+        choices=WEIGHT_INITS, resume=True,
+    )
+    resize: int = _field(TRAINING, 224, "images are resized (bilinear) to resize x resize; at least 67", resume=True)
+    dtype: str = _field(
+        TRAINING, "float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES, resume=True,
+    )
+    seed: int = _field(TRAINING, 0, "seed of the initial parameters, the data order and dropout", resume=True)
+
+    data_dir: Optional[str] = _field(
+        DATA, None, "tensorflow-datasets data directory; none: tfds' own, ~/tensorflow_datasets",
+    )
     manual_dir: Optional[str] = _field(
-        None, "folder holding the four Fashion-MNIST .gz files, for offline use; none: <data_dir>/downloads/manual"
+        DATA, None, "folder holding the four Fashion-MNIST .gz files, for offline use; none: <data_dir>/downloads/manual",
     )
-    download: bool = _field(False, "let tfds download the four files when they are not on disk (needs internet)")
+    download: bool = _field(DATA, False, "let tfds download the four files when they are not on disk (needs internet)")
     data_arrays: Optional[str] = _field(
-        None, "read the data from this .npz, written by `python -m nin_jax.export_arrays` from tfds, instead of "
-        "from tfds: for machines without TensorFlow"
+        DATA, None, "read the data from this .npz, written by `python -m nin_jax.export_arrays` from tfds, instead of "
+        "from tfds: for machines without TensorFlow",
     )
-    train_examples: int = _field(0, "train on the first N training examples only (0 = all 60,000)")
-    eval_examples: int = _field(0, "evaluate on the first N test examples only (0 = all 10,000)")
+    train_examples: int = _field(DATA, 0, "train on the first N training examples only (0 = all 60,000)", resume=True)
+    eval_examples: int = _field(DATA, 0, "evaluate on the first N test examples only (0 = all 10,000)")
+
+    workdir: Optional[str] = _field(OUTPUTS, None, "where metrics, plots and checkpoints go; none: write nothing")
+    log_every_steps: int = _field(
+        OUTPUTS, 0, "every N training steps, log a line with the running loss, accuracy and images/s (0 = off)",
+    )
+    checkpoint_every_steps: int = _field(
+        OUTPUTS, 0, "also checkpoint every N steps within an epoch (0 = at the end of each epoch only); needs --workdir",
+    )
+    keep_checkpoints: int = _field(OUTPUTS, 3, "how many of the latest checkpoints to keep in <workdir>/checkpoints")
+    profile_steps: int = _field(
+        OUTPUTS, 0, "trace N training steps after the first with jax.profiler into <workdir>/profile, for TensorBoard's "
+        "profile plugin or Perfetto (0 = off); needs --workdir",
+    )
+    compile_cache: Optional[str] = _field(
+        OUTPUTS, None, "folder of the persistent compilation cache, which spares later runs the compiling; none: "
+        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/nin_jax/jax; off: no cache",
+    )
+
     parallel: str = _field(
-        "auto",
+        DEVICES, "auto",
         "auto, jit, pmap or sharding (jit over a device mesh); auto is sharding when there is more than one device",
         choices=PARALLEL_MODES,
     )
-    dtype: str = _field("float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES)
+    distributed: bool = _field(
+        DEVICES, False, "start jax.distributed from the environment (TPU pod slices, SLURM, ...), one process per host",
+    )
+    coordinator_address: Optional[str] = _field(
+        DEVICES, None, "host:port of process 0, to start jax.distributed by hand with --num_processes and --process_id",
+    )
+    num_processes: int = _field(DEVICES, 1, "with --coordinator_address: how many processes take part")
+    process_id: int = _field(DEVICES, 0, "with --coordinator_address: this process's rank, 0 .. num_processes-1")
+    peer_timeout_seconds: int = _field(
+        DEVICES, 60, "with several processes: a process not heard from for this long is taken for dead, and the others "
+        "stop with one line",
+    )
+
     cpu_kernels: str = _field(
-        "tuned", "on a CPU: tuned (XLA's own convolutions and dots, YNNPACK's reductions: measured fastest for NiN, "
+        ADVANCED, "tuned", "on a CPU: tuned (XLA's own convolutions and dots, YNNPACK's reductions: measured fastest for NiN, "
         "see nin_jax/xla_cpu.py) or default (XLA's choice); no effect on GPU, TPU or with --parallel pmap",
         choices=CPU_KERNELS,
     )
-    dropout_rate: float = _field(0.5, "dropout before the last NiN block")
-    weight_init: str = _field(
-        "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier (the book's, which can stall)",
-        choices=WEIGHT_INITS,
-    )
-    distributed: bool = _field(
-        False, "start jax.distributed from the environment (TPU pod slices, SLURM, ...), one process per host"
-    )
-    coordinator_address: Optional[str] = _field(
-        None, "host:port of process 0, to start jax.distributed by hand with --num_processes and --process_id"
-    )
-    num_processes: int = _field(1, "with --coordinator_address: how many processes take part")
-    process_id: int = _field(0, "with --coordinator_address: this process's rank, 0 .. num_processes-1")
-    log_every_steps: int = _field(
-        0, "every N training steps, log a line with the running loss, accuracy and images/s (0 = off)"
-    )
-    checkpoint_every_steps: int = _field(
-        0, "also checkpoint every N steps within an epoch (0 = at the end of each epoch only); needs --workdir"
-    )
-    keep_checkpoints: int = _field(3, "how many of the latest checkpoints to keep in <workdir>/checkpoints")
     max_pool: str = _field(
-        "auto", "how the max-pools are computed: slices (strided slices with their own gradient, measured faster "
+        ADVANCED, "auto", "how the max-pools are computed: slices (strided slices with their own gradient, measured faster "
         "on a CPU) or reduce_window (flax's nn.max_pool); auto: slices on a CPU, reduce_window elsewhere. "
         "The same function either way (see nin_jax/levers.py)", choices=MAX_POOL_CHOICES,
     )
     conv1x1: str = _field(
-        "auto", "how the 1x1 convolutions are computed: dot (over channels, measured faster on a CPU) or conv; "
+        ADVANCED, "auto", "how the 1x1 convolutions are computed: dot (over channels, measured faster on a CPU) or conv; "
         "auto: dot on a CPU, conv elsewhere. The same function and parameters either way (see nin_jax/levers.py)",
         choices=CONV1X1_CHOICES,
     )
-    peer_timeout_seconds: int = _field(
-        60, "with several processes: a process not heard from for this long is taken for dead, and the others "
-        "stop with one line"
-    )
-    compile_cache: Optional[str] = _field(
-        None, "folder of the persistent compilation cache, which spares later runs the compiling; none: "
-        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/nin_jax/jax; off: no cache"
-    )
-    profile_steps: int = _field(
-        0, "trace N training steps after the first with jax.profiler into <workdir>/profile, for TensorBoard's "
-        "profile plugin or Perfetto (0 = off); needs --workdir"
-    )
-    random_erasing: float = _field(
-        0.0, "probability that a training image has a random rectangle (1/50 to 2/5 of its area) replaced by noise (0 = off)"
-    )
-    ema_decay: float = _field(
-        0.0, "evaluate an exponential moving average of the weights (and batch-norm statistics) with this decay, "
-        "e.g. 0.999 (0 = off: evaluate the trained weights)"
-    )
-    test_time_flips: bool = _field(False, "evaluate on the mean of the logits of each test image and its mirror image")
 
     @classmethod
     def from_recipe(cls, name: str, **overrides) -> "Config":
@@ -172,14 +190,11 @@ class Config:
             raise ConfigError(f"--weight_decay must be 0 (off) or positive, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.random_erasing <= 1:
-            raise ConfigError(f"--random_erasing must be in [0, 1], got {self.random_erasing}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         return self
 
 
 _CHOICE_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if "choices" in field.metadata)
+RESUME_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if field.metadata["resume"])
 
 
 def _check_choice(name: str, value: str) -> None:
@@ -201,16 +216,20 @@ def _flag_type(field: dataclasses.Field):
     return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field, with the field's default and help text: the flags of `train.py`,
-    which `python -m nin_jax.plan` shares so that it plans the run that `train.py` would make."""
+def add_config_flags(parser: argparse.ArgumentParser) -> dict:
+    """One flag per Config field, with the field's default and help text, in the field's group: the
+    flags of `train.py`, which `python -m nin_jax.plan` shares so that it plans the run that
+    `train.py` would make. Returns the groups by title, for the caller's own flags."""
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
     for field in dataclasses.fields(Config):
         flag_type = _flag_type(field)
+        group = groups[field.metadata["group"]]
         kwargs = dict(default=field.default, help=field.metadata["help"])
         if flag_type is bool:
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"), **kwargs)
+            group.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"), **kwargs)
+    return groups
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, dict]:

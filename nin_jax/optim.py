@@ -5,11 +5,8 @@ Every part is off in the reference recipe (`Config()`), which leaves `optax.sgd(
   * a learning-rate schedule: linear warm-up from 0, then cosine decay to 0 at the last step; or
     optax's one-cycle, which rises over the warm-up from a 25th of the peak, then decays;
   * L2 weight decay on the convolution kernels, added to the gradient like PyTorch's SGD
-    `weight_decay` (biases and batch-norm scales are not decayed);
-  * an exponential moving average (EMA) of the weights, kept beside them and used for evaluation.
+    `weight_decay` (biases and batch-norm scales are not decayed).
 """
-
-from typing import Any
 
 import jax
 import optax
@@ -52,14 +49,3 @@ def create_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTran
         return sgd
     return optax.chain(optax.masked(optax.add_decayed_weights(config.weight_decay), _is_kernel), sgd)
 
-
-def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
-    """The EMA's decay at `step`: `decay`, or less over the first steps, min(decay, (1 + step) /
-    (10 + step)) as in TensorFlow's ExponentialMovingAverage(num_updates=step), so that the average
-    forgets the random initial weights within a few hundred steps, also in a short run."""
-    return jax.numpy.minimum(decay, (1 + step) / (10 + step))
-
-
-def update_ema(ema: Any, variables: Any, step: jax.Array, decay: float) -> Any:
-    """The moving average of `variables` after the update of `step` (the step it was taken at)."""
-    return optax.incremental_update(variables, ema, step_size=1 - ema_decay_at(step, decay))

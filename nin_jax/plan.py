@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--json", metavar="FILE", help="also write the plans to this JSON file")
     own.add_argument("--largest_batch", action=argparse.BooleanOptionalAction, default=True,
                      help="find the largest batch that fits, by compiling two to four more train steps")
-    add_config_flags(parser.add_argument_group("the run (train.py's flags)"))
+    add_config_flags(parser)
     return parser
 
 

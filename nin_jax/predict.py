@@ -28,8 +28,7 @@ Variables = Any
 
 def restore_variables(workdir: str) -> tuple[Config, Variables]:
     """The run's Config (<workdir>/config.json) and the model variables of its latest checkpoint
-    that evaluation uses: the parameters, and the batch-norm statistics where the model has them
-    (their moving average with --ema_decay)."""
+    that evaluation uses: the parameters, and the batch-norm statistics where the model has them."""
     if not os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)):
         raise WorkdirError(f"{workdir} holds no trained model; train one first with `python train.py --workdir {workdir}`")
     config = reporting.read_config(workdir)
@@ -37,7 +36,7 @@ def restore_variables(workdir: str) -> tuple[Config, Variables]:
         snapshot = checkpoints.restore_latest(steps.create_train_state(config))
         if snapshot is None:
             raise WorkdirError(f"{checkpoints.directory} holds no finished checkpoint; train first")
-    return config, snapshot.state.eval_variables()
+    return config, snapshot.state.variables()
 
 
 def predict_classes(config: Config, variables: Variables, split: input_pipeline.Split, batch_size: int) -> np.ndarray:

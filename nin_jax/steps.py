@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from nin_jax import augment, input_pipeline, optim
+from nin_jax import input_pipeline, optim
 from nin_jax.config import Config
 from nin_jax.models import MIN_INPUT_SIZE, NiN
 
@@ -24,24 +24,19 @@ Metrics = dict[str, jax.Array]
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState plus the key that dropout masks and augmentations are derived from, the
-    batch-norm running statistics (an empty dict for the book's NiN, which has none), and the
-    moving average of both variables that evaluation uses with --ema_decay (an empty dict without).
+    """Flax's TrainState plus the key that dropout masks are derived from and the batch-norm
+    running statistics (an empty dict for the book's NiN, which has none).
 
     Each step's random key is `fold_in(dropout_key, step)`: a pure function of the state, so a
-    resumed run draws exactly the masks and crops an uninterrupted one would.
+    resumed run draws exactly the masks an uninterrupted one would.
     """
 
     dropout_key: jax.Array
     batch_stats: Any
-    ema: Any
 
     def variables(self) -> dict[str, Any]:
+        """The variables that the model applies, in training, evaluation and prediction."""
         return {"params": self.params, "batch_stats": self.batch_stats}
-
-    def eval_variables(self) -> dict[str, Any]:
-        """The variables that evaluation and prediction use: the moving average where one is kept."""
-        return self.ema or self.variables()
 
 
 def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
@@ -75,9 +70,7 @@ def create_train_state(config: Config, model: Optional[nn.Module] = None,
     variables = jax.jit(model.init)(params_key, images)
     tx = optim.create_optimizer(config, steps_per_epoch or optim.default_steps_per_epoch(config))
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    ema = jax.tree_util.tree_map(jnp.copy, variables) if config.ema_decay else {}  # the average starts at the start
-    return TrainState.create(apply_fn=model.apply, tx=tx, dropout_key=jax.random.key_data(dropout_key), ema=ema,
-                             **variables)
+    return TrainState.create(apply_fn=model.apply, tx=tx, dropout_key=jax.random.key_data(dropout_key), **variables)
 
 
 def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> Metrics:
@@ -148,8 +141,7 @@ def _sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:
 
 
 def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dtype: Any = jnp.float32,
-               augment_images: bool = False, random_erasing: float = 0.0, label_smoothing: float = 0.0,
-               ema_decay: float = 0.0, axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
+               label_smoothing: float = 0.0, axis_name: Optional[str] = None) -> tuple[TrainState, Metrics]:
     """One optimizer step on the mean cross-entropy of the batch's real (unmasked) examples.
 
     Batch-norm statistics are those of the real examples of the whole batch, summed over the
@@ -158,13 +150,8 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, d
     key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
     if axis_name is not None:
         key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    dropout_key, augment_key = jax.random.split(key)
-    images = batch["image"]
-    if augment_images:
-        images = augment.random_crop_and_flip(augment_key, images)
-    if random_erasing:
-        images = augment.random_erasing(jax.random.fold_in(augment_key, 1), images, random_erasing)
-    images = preprocess(images, resize, dtype)
+    dropout_key = jax.random.split(key)[0]  # the first of two, as ever: the masks of a run never change
+    images = preprocess(batch["image"], resize, dtype)
 
     def summed_loss(params):
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
@@ -176,20 +163,13 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, d
     grads, (metrics, batch_stats) = jax.grad(summed_loss, has_aux=True)(state.params)
     grads, metrics = _sum_over_devices((grads, metrics), axis_name)
     grads = jax.tree_util.tree_map(lambda g: g / metrics["count"], grads)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    if ema_decay:
-        new_state = new_state.replace(ema=optim.update_ema(state.ema, new_state.variables(), state.step, ema_decay))
-    return new_state, metrics
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 def eval_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dtype: Any = jnp.float32,
-              test_time_flips: bool = False, axis_name: Optional[str] = None) -> Metrics:
-    """Summed loss, correct predictions and real-example count of one padded batch; with
-    `test_time_flips`, of the mean logits of each image and its left-right mirror image."""
-    images = preprocess(batch["image"], resize, dtype)
-    logits = state.apply_fn(state.eval_variables(), images, train=False)
-    if test_time_flips:
-        logits = (logits + state.apply_fn(state.eval_variables(), images[:, :, ::-1], train=False)) / 2
+              axis_name: Optional[str] = None) -> Metrics:
+    """Summed loss, correct predictions and real-example count of one padded batch."""
+    logits = state.apply_fn(state.variables(), preprocess(batch["image"], resize, dtype), train=False)
     return _sum_over_devices(_summed_metrics(logits, batch["label"], batch["mask"]), axis_name)
 
 
@@ -197,9 +177,6 @@ def step_functions(config: Config, axis_name: Optional[str] = None):
     """`train_step` and `eval_step` bound to the config's resize, dtype and training options, with
     the loop's running sums added in (`summing_train_step`, `summing_eval_step`)."""
     kwargs = dict(resize=config.resize, dtype=jnp.dtype(config.dtype), axis_name=axis_name)
-    train_kwargs = dict(augment_images=config.augment, random_erasing=config.random_erasing,
-                        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
-    eval_kwargs = dict(test_time_flips=config.test_time_flips)
-    return (functools.partial(summing_train_step(functools.partial(train_step, **kwargs, **train_kwargs)),
-                              axis_name=axis_name),
-            summing_eval_step(functools.partial(eval_step, **kwargs, **eval_kwargs)))
+    train_step_of_config = functools.partial(train_step, **kwargs, label_smoothing=config.label_smoothing)
+    return (functools.partial(summing_train_step(train_step_of_config), axis_name=axis_name),
+            summing_eval_step(functools.partial(eval_step, **kwargs)))

@@ -196,31 +196,6 @@ def load_benchmark(name):
     return module
 
 
-def test_every_recipe_probe_is_a_valid_train_command():
-    import train
-
-    probes = load_benchmark("recipe_probes")
-    args = type("Args", (), {"manual_dir": "M", "seed": 0, "out": "O"})
-    for name in probes.PROBES:
-        command = probes.command(name, args)
-        assert command[:2] == ["python", "train.py"]
-        config, _ = parse_flags(train.build_parser(), command[2:])
-        config.validate()
-        assert (config.resize, config.num_epochs, config.train_examples, config.workdir) == (67, 3, 20000, os.path.join("O", name))
-
-
-def test_recipe_probes_reads_a_finished_probe_instead_of_running_it_again(tmp_path):
-    workdir = tmp_path / "bn_lr0.2"
-    workdir.mkdir()
-    records = [{"epoch": e, "test_accuracy": 0.8 + e / 100, "train_accuracy": 0.7} for e in (1, 2, 3)]
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    result = run_script(sys.executable, "benchmarks/recipe_probes.py", "--only", "bn_lr0.2", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    row = result.stdout.splitlines()[-1]
-    assert row.startswith("| bn_lr0.2 | 0.830 | 0.700 | `python train.py --resize 67 ") and "--learning_rate 0.2" in row
-    assert not (tmp_path / "bn_lr0.2.log").exists()  # nothing was run
-
-
 def test_plan_check_sets_the_measured_step_beside_its_plan(tmp_path):
     """benchmarks/plan_check.py on the files that accelerator.sh writes: the grid's first result
     (whose peak memory is its own) and a later one of the other dtype."""

@@ -1,10 +1,8 @@
-"""The strong recipe's pieces: augmentation (crops, flips, random erasing), schedules (cosine,
-one-cycle), momentum, weight decay, label smoothing, batch norm over the real examples only, the
-moving average of the weights, test-time flips, and the --recipe flag. Each is off in the
+"""The strong recipe's pieces: schedules (cosine, one-cycle), momentum, weight decay, label
+smoothing, batch norm over the real examples only, and the --recipe flag. Each is off in the
 reference recipe."""
 
 import dataclasses
-import itertools
 
 import chex
 import jax
@@ -13,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from nin_jax import augment, batch_norm, input_pipeline, optim, parallel, steps
+from nin_jax import batch_norm, input_pipeline, optim, parallel, steps
 from nin_jax.config import Config, ConfigError, parse_flags
 from nin_jax.recipes import RECIPES
 
@@ -22,67 +20,6 @@ import train
 from test_steps import random_batch
 
 STEPS_PER_EPOCH = 10
-
-
-def crops_and_flips(image: np.ndarray, padding: int) -> list[np.ndarray]:
-    """Every output `random_crop_and_flip` may make of `image`."""
-    height, width = image.shape[:2]
-    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-    crops = [padded[i : i + height, j : j + width] for i, j in itertools.product(range(2 * padding + 1), repeat=2)]
-    return crops + [crop[:, ::-1] for crop in crops]
-
-
-def test_augmentation_keeps_shape_dtype_and_each_image_in_its_place():
-    images = np.random.default_rng(0).integers(1, 256, (32, 28, 28, 1), dtype=np.uint8)
-    out = np.asarray(jax.jit(augment.random_crop_and_flip)(jax.random.key(0), images))
-    chex.assert_shape(out, images.shape)
-    chex.assert_type(out, np.uint8)
-    for i in range(len(images)):  # image i comes from image i (so labels stay aligned), and from no other
-        assert any(np.array_equal(out[i], c) for c in crops_and_flips(images[i], augment.PADDING)), i
-        assert not any(np.array_equal(out[i], c) for c in crops_and_flips(images[(i + 1) % 32], augment.PADDING))
-
-
-def test_augmentation_draws_every_shift_and_flip_and_depends_on_the_key():
-    images = np.random.default_rng(0).integers(1, 256, (256, 28, 28, 1), dtype=np.uint8)
-    out = np.asarray(augment.random_crop_and_flip(jax.random.key(0), images))
-    drawn = [[np.array_equal(o, c) for c in crops_and_flips(i, augment.PADDING)].index(True) for o, i in zip(out, images)]
-    assert len(set(drawn)) >= 45  # of the 25 shifts x 2 flips (256 uniform draws miss 0.3 of them on average)
-    assert 0.4 < np.mean(np.array(drawn) >= 25) < 0.6  # about half are flipped
-    np.testing.assert_array_equal(out, augment.random_crop_and_flip(jax.random.key(0), images))
-    assert not np.array_equal(out, augment.random_crop_and_flip(jax.random.key(1), images))
-
-
-def erased_box(original: np.ndarray, erased: np.ndarray) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of the smallest rectangle holding every changed pixel."""
-    rows, columns = np.nonzero((original != erased).any(-1))
-    return rows.min(), columns.min(), rows.max() - rows.min() + 1, columns.max() - columns.min() + 1
-
-
-def test_random_erasing_replaces_one_rectangle_of_each_image_with_noise():
-    images = np.full((256, 28, 28, 1), 7, np.uint8)
-    out = np.asarray(jax.jit(augment.random_erasing, static_argnums=2)(jax.random.key(0), images, 1.0))
-    chex.assert_shape(out, images.shape)
-    chex.assert_type(out, np.uint8)
-    boxes = [erased_box(image, erased) for image, erased in zip(images, out)]  # every image has one
-    for (top, left, height, width), erased in zip(boxes, out):
-        box = erased[top : top + height, left : left + width]
-        assert np.mean(box != 7) > 0.9  # noise fills the rectangle (1 in 256 of its pixels stay 7)
-        area = height * width / 28**2
-        assert augment.ERASED_AREA[0] / 2 <= area <= augment.ERASED_AREA[1] * 1.2, (height, width)
-        assert 0.2 <= height / width <= 5, (height, width)  # ERASED_ASPECT, with rounding and clipping
-    assert len({box[:2] for box in boxes}) > 100  # the rectangles are all over the image
-    assert len({box[2:] for box in boxes}) > 50
-
-
-def test_random_erasing_erases_with_its_probability_and_depends_on_the_key():
-    images = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
-    out = np.asarray(augment.random_erasing(jax.random.key(0), images, 0.5))
-    erased = (out != images).any(axis=(1, 2, 3))
-    assert 0.4 < erased.mean() < 0.6
-    np.testing.assert_array_equal(out[~erased], images[~erased])  # image i stays in place i
-    np.testing.assert_array_equal(out, augment.random_erasing(jax.random.key(0), images, 0.5))
-    assert not np.array_equal(out, augment.random_erasing(jax.random.key(1), images, 0.5))
-    np.testing.assert_array_equal(augment.random_erasing(jax.random.key(0), images, 0.0), images)
 
 
 def strong(**changes) -> Config:
@@ -157,7 +94,7 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
 
 
 def test_the_strong_recipe_step_learns_on_one_batch_under_jit_and_pmap():
-    """Momentum, schedule, decay, smoothing and augmentation together lower the loss of a batch."""
+    """Momentum, schedule, decay and smoothing together lower the loss of a batch."""
     config = strong(num_epochs=1, warmup_epochs=0.1, dropout_rate=0.0)
     batch = random_batch(config.batch_size, 16)
     for strategy in (parallel.JitStrategy(config), parallel.PmapStrategy(config)):
@@ -185,11 +122,10 @@ def test_batch_norm_variant_updates_running_statistics_the_same_on_every_device(
     assert eval_metrics["count"] == 16 and np.isfinite(eval_metrics["loss_sum"])
 
 
-def test_the_reference_model_has_no_batch_statistics_and_no_moving_average():
+def test_the_reference_model_has_no_batch_statistics():
     state = steps.create_train_state(Config(resize=67))
-    assert state.batch_stats == {} and state.ema == {}
-    assert state.eval_variables() == {"params": state.params, "batch_stats": {}}
-    assert (Config().random_erasing, Config().ema_decay, Config().test_time_flips) == (0.0, 0.0, False)
+    assert state.batch_stats == {}
+    assert state.variables() == {"params": state.params, "batch_stats": {}}
 
 
 def padded_batch(num_real: int, batch_size: int = 16) -> input_pipeline.Batch:
@@ -247,54 +183,6 @@ def test_the_compiled_batch_norm_gradient_is_the_op_by_op_gradient():
                            jax.jit(jax.grad(loss))(state.params), expected)
 
 
-def test_the_moving_average_follows_the_weights_and_is_what_evaluation_uses():
-    decay = 0.9
-    config = strong(ema_decay=decay, batch_norm=True, dropout_rate=0.0)
-    state = steps.create_train_state(config, steps_per_epoch=STEPS_PER_EPOCH)
-    expected = jax.device_get(state.variables())  # a copy: the train step donates the state's arrays
-    chex.assert_trees_all_equal(state.ema, expected)  # the average starts at the initial weights
-    strategy = parallel.JitStrategy(config)
-    state = strategy.put_state(state)
-    for step in range(3):
-        state, _ = strategy.train_step(state, random_batch(config.batch_size, 16, seed=step))
-        rate = 1 - min(decay, (1 + step) / (10 + step))
-        expected = jax.tree_util.tree_map(lambda e, v: (1 - rate) * e + rate * v, expected, state.variables())
-    chex.assert_trees_all_close(state.ema, expected, rtol=1e-5, atol=1e-7)
-    assert not np.allclose(state.ema["params"]["block1"]["conv"]["kernel"], state.params["block1"]["conv"]["kernel"])
-
-    batch = random_batch(config.batch_size, 11)
-    averaged = state.replace(params=state.ema["params"], batch_stats=state.ema["batch_stats"], ema={})
-    chex.assert_trees_all_close(strategy.eval_step(state, batch), strategy.eval_step(averaged, batch), rtol=1e-6)
-    trained = state.replace(ema={})
-    assert strategy.eval_step(state, batch)["loss_sum"] != strategy.eval_step(trained, batch)["loss_sum"]
-
-
-def test_test_time_flips_average_the_logits_of_each_image_and_its_mirror_image():
-    config = Config(resize=67, batch_size=16, test_time_flips=True, weight_init="xavier")  # kaiming starts input-blind
-    state = steps.create_train_state(config)
-    batch = random_batch(config.batch_size, 11)
-    images = steps.preprocess(batch["image"], config.resize)
-    logits = (state.apply_fn(state.variables(), images) + state.apply_fn(state.variables(), images[:, :, ::-1])) / 2
-    expected = steps._summed_metrics(logits, batch["label"], batch["mask"])
-    flipped = parallel.JitStrategy(config).eval_step(state, batch)
-    chex.assert_trees_all_close(flipped, expected, rtol=1e-5)
-    plain = parallel.JitStrategy(dataclasses.replace(config, test_time_flips=False)).eval_step(state, batch)
-    assert plain["loss_sum"] != flipped["loss_sum"]
-
-
-def test_random_erasing_changes_the_training_step_only_when_asked():
-    config = strong(dropout_rate=0.0, augment=False, weight_init="xavier")  # kaiming's first logits ignore the input
-    batch = random_batch(config.batch_size, 16)
-    losses = {}
-    for probability in (0.0, 1.0):
-        erasing = dataclasses.replace(config, random_erasing=probability)
-        state = steps.create_train_state(erasing, steps_per_epoch=STEPS_PER_EPOCH)
-        losses[probability] = float(parallel.JitStrategy(erasing).train_step(state, batch)[1]["loss_sum"])
-    plain_state = steps.create_train_state(config, steps_per_epoch=STEPS_PER_EPOCH)
-    assert losses[0.0] == float(parallel.JitStrategy(config).train_step(plain_state, batch)[1]["loss_sum"])
-    assert losses[1.0] != losses[0.0]
-
-
 def test_recipe_flag_sets_defaults_that_explicit_flags_override():
     config, _ = parse_flags(train.build_parser(), ["--recipe", "strong", "--learning_rate", "0.01"])
     assert config == Config.from_recipe("strong", learning_rate=0.01)
@@ -316,8 +204,6 @@ def test_every_recipe_is_a_valid_config_and_the_reference_changes_nothing():
     (dict(warmup_epochs=11.0), "--warmup_epochs must be in [0, --num_epochs=10]"),
     (dict(weight_decay=-1.0), "--weight_decay must be 0 (off) or positive"),
     (dict(label_smoothing=1.0), "--label_smoothing must be in [0, 1)"),
-    (dict(random_erasing=1.5), "--random_erasing must be in [0, 1]"),
-    (dict(ema_decay=1.0), "--ema_decay must be in [0, 1)"),
     (dict(lr_schedule="linear"), "--lr_schedule must be one of constant, cosine, onecycle"),
 ])
 def test_impossible_recipe_values_are_refused(changes, message):

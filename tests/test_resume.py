@@ -104,12 +104,10 @@ def resume(workdir, parallel: str, fake_data, **changes) -> tuple[steps.TrainSta
     return state, records, lines
 
 
-# Every option of the strong recipe, and the parts a stronger one may add: momentum, schedule,
-# augmentation keys (crops, flips, erasing), running statistics and the moving average of the
-# weights must all continue where they stopped.
+# Every option of the strong recipe: momentum, schedule, weight decay, label smoothing and the
+# batch-norm running statistics must all continue where they stopped.
 STRONG = dict(recipe="strong", learning_rate=0.02, momentum=0.9, nesterov=True, lr_schedule="onecycle",
-              warmup_epochs=1.0, weight_decay=5e-4, label_smoothing=0.1, augment=True, batch_norm=True,
-              random_erasing=0.5, ema_decay=0.9, test_time_flips=True)
+              warmup_epochs=1.0, weight_decay=5e-4, label_smoothing=0.1, batch_norm=True)
 
 
 @pytest.mark.parametrize("changes", [{}, STRONG], ids=["reference", "strong_with_every_option"])

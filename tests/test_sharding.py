@@ -11,9 +11,9 @@ from nin_jax.config import Config
 
 NUM_EXAMPLES = 40
 # 3 steps of 8 an epoch (2 examples per device), 13 test examples: the last eval batch holds 5 of 8.
-# Dropout and augmentation on: under sharding the masks and crops must be jit's.
+# Dropout on: under sharding the masks must be jit's.
 SETTINGS = Config(resize=67, batch_size=8, num_epochs=2, train_examples=24, eval_examples=13, dropout_rate=0.5,
-                  augment=True, weight_init="xavier")
+                  weight_init="xavier")
 
 
 def test_sharding_trains_evaluates_and_resumes_like_jit(fake_data, tmp_path):

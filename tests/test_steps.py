@@ -121,11 +121,11 @@ def test_pmap_state_goes_to_every_device_and_comes_back_unchanged():
     jax.tree_util.tree_map(np.testing.assert_array_equal, strategy.get_state(placed), jax.device_get(state))
 
 
-def test_jit_and_sharding_draw_the_same_dropout_masks_and_crops():
-    """Under sharding the step is jit's, with the same key: dropout masks and augmentations do
+def test_jit_and_sharding_draw_the_same_dropout_masks():
+    """Under sharding the step is jit's, with the same key: dropout masks do
     not depend on how the batch is split, so the parameters agree to float rounding. A step from
     another seed's key, the same parameters otherwise, does not."""
-    config = dataclasses.replace(CONFIG, dropout_rate=0.5, augment=True)
+    config = dataclasses.replace(CONFIG, dropout_rate=0.5)
     batch = random_batch(config.batch_size, config.batch_size)
     initial = jax.device_get(steps.create_train_state(config))  # host copies: each step donates its input
     other_key = initial.replace(dropout_key=steps.create_train_state(dataclasses.replace(config, seed=1)).dropout_key)

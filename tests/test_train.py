@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+import train
+from nin_jax import config as config_module
 from nin_jax import reporting, trainer
 from nin_jax.config import Config
 
@@ -100,10 +102,29 @@ def test_cli_unwritable_workdir_is_one_line(tmp_path):
 
 
 def test_docs_document_every_flag():
-    """docs/flags.md has each field of Config as --help shows it: its flag, default and help text."""
+    """docs/flags.md has each field of Config as --help shows it: its flag, default and help text,
+    under the heading of the field's group, in --help's order of groups."""
     with open(os.path.join(REPO_ROOT, "docs", "flags.md")) as f:
         flags_page = f.read()
-    rows = [f"| `--{field.name}` | `{field.default}` | {field.metadata['help']} |"
-            for field in dataclasses.fields(Config)]
-    missing = [row for row in rows if row not in flags_page.splitlines()]
-    assert not missing, "docs/flags.md lacks these rows (or has them otherwise):\n" + "\n".join(missing)
+    sections = {}
+    for section in flags_page.split("\n## ")[1:]:
+        title, _, rows = section.partition("\n")
+        sections[title.lower()] = rows.splitlines()
+    assert list(sections) == list(config_module.GROUPS)
+    expected = {group: [f"| `--{field.name}` | `{field.default}` | {field.metadata['help']} |"
+                        for field in dataclasses.fields(Config) if field.metadata["group"] == group]
+                for group in config_module.GROUPS}
+    missing = {group: [row for row in rows if row not in sections[group]] for group, rows in expected.items()}
+    assert not any(missing.values()), "docs/flags.md lacks these rows (or has them otherwise):\n" + "\n".join(
+        f"## {group}\n" + "\n".join(rows) for group, rows in expected.items() if missing[group])
+
+
+def test_help_shows_the_flags_in_groups_each_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    shown = capsys.readouterr().out
+    positions = [shown.index(f"\n{group}:\n") for group in config_module.GROUPS]
+    assert positions == sorted(positions)
+    for field in dataclasses.fields(Config):
+        help_of_flag = shown[shown.index(f"  --{field.name}"):].split("\n  --")[0]
+        assert "(default: " in " ".join(help_of_flag.split()), field.name
