@@ -1,5 +1,5 @@
-"""An uncompressed copy of the built tfds dataset, kept beside it, that later runs read in a blink
-and without importing TensorFlow; tfds takes seconds to read the same records back.
+"""An uncompressed copy of the built tfds dataset, kept beside it, that later runs read at once
+and without importing TensorFlow, where tfds would decode its records again.
 
 The copy records the names, sizes and modification times of the tfds files it was made from; a
 rebuilt dataset changes them, and the copy is then stale. A stale, damaged or foreign copy reads

@@ -1,5 +1,5 @@
 """JAX's persistent compilation cache, on by default, so that a second run loads NiN's compiled
-steps and initializer from disk instead of compiling them again (seconds each on a CPU).
+steps and initializer from disk instead of compiling them again.
 
 The folder is, first found: `--compile_cache`, $JAX_COMPILATION_CACHE_DIR, then
 $XDG_CACHE_HOME/nin_jax/jax (~/.cache/nin_jax/jax). `--compile_cache off` turns the cache off.

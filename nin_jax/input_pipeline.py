@@ -1,7 +1,7 @@
 """Fashion-MNIST from tensorflow-datasets, held in host memory as uint8, batched for the steps.
 
-The whole dataset is 55 MB as uint8, so it is loaded once into NumPy arrays. Batches leave the
-host as 28x28 uint8 images (784 bytes each); scaling to [0, 1] and the resize to 224x224 happen
+The whole dataset fits in host memory as uint8, so it is loaded once into NumPy arrays. Batches
+leave the host as 28x28 uint8 images, the smallest form; scaling to [0, 1] and the resize to 224x224 happen
 on the accelerator inside the jitted step (`steps.preprocess`), which keeps the host out of the way.
 
 Every batch has the configured global size. A short last batch is padded and carries a `mask`
@@ -182,7 +182,7 @@ def _read_copy(dataset_dir: str) -> Optional[dict[str, Split]]:
 
 
 def save_arrays(datasets: dict[str, Split], path: str) -> None:
-    """Writes the splits to one compressed .npz (31 MB for Fashion-MNIST), for machines without TensorFlow."""
+    """Writes the splits to one compressed .npz, for machines without TensorFlow."""
     np.savez_compressed(path, **_as_arrays(datasets))
 
 

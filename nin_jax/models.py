@@ -40,8 +40,8 @@ class Init:
 
 INITS = {
     # The book's `train_ch6`: Xavier-uniform kernels, zero biases. The Xavier variance shrinks the
-    # signal about 4x per block, and about a third of the final ReLUs start dead for every input:
-    # some seeds sit at chance (loss 2.303) for hundreds of steps.
+    # signal at every block, and many of the final ReLUs start dead for every input: some seeds
+    # sit at chance for hundreds of steps (docs/results.md).
     "xavier": Init(nn.initializers.xavier_uniform(), nn.initializers.xavier_uniform(), nn.initializers.zeros),
     # He-normal on fan-out (torchvision's ResNet init) keeps the signal's scale through the depth;
     # the class layer starts with zero kernels and bias 1, so every class score starts alive

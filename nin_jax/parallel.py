@@ -1,6 +1,6 @@
 """How the steps run: `jax.jit` on one device, `jax.jit` over a device mesh with sharded batches
 (`sharding`, the way current JAX recommends, and `auto`'s choice for several devices), or
-`jax.pmap` over every local device (in maintenance mode since JAX 0.8, kept for those who want it).
+`jax.pmap` over every local device (in maintenance mode in JAX, kept for those who want it).
 
 A strategy owns the compiled steps and the layout of states and batches on its devices, so the
 training loop is the same for all: `put_state` and `put_carry`, then
@@ -154,7 +154,7 @@ class PmapStrategy(JitStrategy):
     `jax.pmap` takes no compiler options: on CPU devices it runs XLA's default kernels
     (`--cpu_kernels` applies to jit and sharding).
 
-    Since JAX 0.8 pmap runs on `jit` and `shard_map`, and indexing its outputs (`x[0]`) costs a
+    pmap runs on `jit` and `shard_map`, and indexing its outputs (`x[0]`) costs a
     dispatch: so the state is placed and read back through its sharding, and the metrics, summed
     over devices inside the step, come out unmapped (`out_axes=None`), one value for all devices;
     so does the loop's carry, which goes in unmapped (`in_axes=None`).

@@ -3,7 +3,7 @@ line that says so and how to resume.
 
 The JAX runtime notices a dead peer by its missed heartbeats, or at once when the coordinator's
 socket closes, and then ends every other process with a multi-line fatal log and a stack trace (its
-Python callback for this fails in jaxlib 0.10 with std::bad_cast). So, in a job of several
+Python callback for this fails with std::bad_cast). So, in a job of several
 processes:
 
 * `PeerWatch`, a thread, beats through the runtime's key-value store and ends the process with

@@ -1,4 +1,4 @@
-"""Max pooling written as slices, with a gradient XLA's CPU backend runs several times faster.
+"""Max pooling written as slices, with a gradient that XLA's CPU backend runs faster.
 
 `nn.max_pool` lowers to `reduce_window`, whose gradient is `select_and_scatter`. On the CPU XLA
 runs that scatter element by element, slower than the pools' neighbouring convolutions; written

@@ -1,6 +1,6 @@
 """The XLA compiler option that makes NiN's training step fast on a CPU: a measured choice.
 
-jaxlib 0.10's XLA hands convolutions, dots, reductions and elementwise work to the YNNPACK
+XLA hands convolutions, dots, reductions and elementwise work to the YNNPACK
 library on the CPU. For NiN its convolutions, the backward ones above all, are slower than XLA's
 own Eigen kernels, while YNNPACK's reductions (the bias gradients) are the faster ones, so handing
 YNNPACK the reductions only makes the training step fastest (docs/performance.md has the

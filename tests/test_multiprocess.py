@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from nin_jax import reporting, steps, trainer
+from nin_jax import peers, reporting, steps, trainer
 from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
 from nin_jax.interrupts import STOPPED_BY_ANOTHER_PROCESS
@@ -149,3 +149,10 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
     records = [[{key: value for key, value in record.items() if key not in timings} for record in
                 reporting.read_metrics(str(workdir))] for workdir in (stopped, uninterrupted)]
     assert records[0] == records[1] and len(records[0]) == 2
+
+
+def test_the_runtime_client_is_where_peers_reaches_for_it():
+    """`peers.client` is the one place that reads JAX's private `jax._src.distributed`: should JAX
+    move it, this fails before any job of several processes does. Without `jax.distributed` started
+    there is no client."""
+    assert peers.client() is None
