@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import input_pipeline, plots, reporting, steps
+from nin_jax import input_pipeline, plots, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, WorkdirError
 from nin_jax.config import Config
 
@@ -29,9 +29,9 @@ Variables = Any
 def restore_variables(workdir: str) -> tuple[Config, Variables]:
     """The run's Config (<workdir>/config.json) and the model variables of its latest checkpoint
     that evaluation uses: the parameters, and the batch-norm statistics where the model has them."""
-    if not os.path.isfile(os.path.join(workdir, reporting.CONFIG_FILE)):
+    if not os.path.isfile(os.path.join(workdir, run_outputs.CONFIG_FILE)):
         raise WorkdirError(f"{workdir} holds no trained model; train one first with `python train.py --workdir {workdir}`")
-    config = reporting.read_config(workdir)
+    config = run_outputs.read_config(workdir)
     with Checkpoints(workdir, config) as checkpoints:
         snapshot = checkpoints.restore_latest(steps.create_train_state(config))
         if snapshot is None:

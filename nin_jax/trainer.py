@@ -12,8 +12,7 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from nin_jax import (cpu_estimate, distributed, epoch_outputs, input_pipeline, locks, optim, parallel, peers, progress,
-                     reporting, steps)
+from nin_jax import cpu_estimate, distributed, input_pipeline, locks, optim, parallel, peers, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.divergence import check_losses
@@ -26,7 +25,7 @@ def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, bat
     """Loss, accuracy and the number of examples counted, over every example of `split` once.
     The running sums stay on the devices, added up inside the eval step."""
     totals = strategy.zero_totals()
-    bar = progress.StepProgress(desc, len(split), batch_size, fetch=strategy.fetch)
+    bar = run_outputs.StepProgress(desc, len(split), batch_size, fetch=strategy.fetch)
     for batch in input_pipeline.eval_batches(split, batch_size, process):
         totals = strategy.summed_eval_step(state, totals, batch)
         bar.update(totals)
@@ -73,7 +72,7 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
     snapshot = _start_or_resume(config, checkpoints, steps_per_epoch)
     step = int(snapshot.state.step)
     done_epochs, start_batch = divmod(step, steps_per_epoch)
-    records = reporting.keep_epochs(workdir, done_epochs) if workdir else []
+    records = run_outputs.keep_epochs(workdir, done_epochs) if workdir else []
     if done_epochs >= config.num_epochs:
         log(f"the run in {workdir} is finished: its checkpoint has all {done_epochs} epochs ({step} steps); "
             f"raise --num_epochs to train on")
@@ -81,9 +80,9 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
     if step:
         log(f"resuming from the checkpoint of step {step} in {checkpoints.directory}: "
             f"epoch {done_epochs + 1}, batch {start_batch + 1} of {steps_per_epoch} is next")
-    reporting.write_config(workdir, config)
+    run_outputs.write_config(workdir, config)
 
-    outputs = epoch_outputs.EpochOutputs(workdir, config)
+    outputs = run_outputs.EpochOutputs(workdir, config)
     with stop_requests() as stop, contextlib.closing(outputs), \
             StepTrace(workdir, config.profile_steps, log) as trace:  # a first Ctrl-C saves, then stops
         devices = parallel.describe_devices(strategy)
@@ -115,7 +114,7 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
         epoch_seconds = snapshot.epoch_seconds
         for epoch in range(done_epochs + 1, config.num_epochs + 1):
             start = time.perf_counter() - epoch_seconds
-            bar = progress.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size,
+            bar = run_outputs.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size,
                                         log, config.log_every_steps, start_batch, fetch=strategy.fetch)
             batches = input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch, start_batch,
                                                    process)
@@ -152,8 +151,8 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
                 "parallel": strategy.name,
             }
             records.append(record)
-            log(reporting.epoch_line(record, config.num_epochs))
-            reporting.append_metrics(workdir, record)
+            log(run_outputs.epoch_line(record, config.num_epochs))
+            run_outputs.append_metrics(workdir, record)
             outputs.write(records)
             carry, epoch_seconds, start_batch = strategy.zero_carry(), 0.0, 0
             save(state, steps.zero_carry(), epoch_seconds)

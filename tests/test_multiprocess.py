@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from nin_jax import peers, reporting, steps, trainer
+from nin_jax import peers, run_outputs, steps, trainer
 from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
 from nin_jax.interrupts import STOPPED_BY_ANOTHER_PROCESS
@@ -76,7 +76,7 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path, p
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), two_process_state.params,
         one_process_state.params,
     )
-    (record,) = reporting.read_metrics(str(workdir))
+    (record,) = run_outputs.read_metrics(str(workdir))
     assert record["devices"] == "4 cpu devices in 2 processes" and record["parallel"] == parallel
     assert record["train_examples"] == NUM_EXAMPLES and record["test_examples"] == 13
     np.testing.assert_allclose(record["test_accuracy"], one_process_records[0]["test_accuracy"])
@@ -84,7 +84,7 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path, p
 
 
 STOP_SETTINGS = dict(resize=67, batch_size=8, num_epochs=2, eval_examples=8, dropout_rate=0.0, checkpoint_every_steps=0)
-STOP_EXAMPLES = 256  # 32 steps per epoch: more than progress.LAG_STEPS, so the stop lands within epoch 1
+STOP_EXAMPLES = 256  # 32 steps per epoch: more than run_outputs.LAG_STEPS, so the stop lands within epoch 1
 STOP_STEPS_PER_EPOCH = 32
 
 
@@ -147,7 +147,7 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
                            serialization.to_state_dict(states[1]))
     timings = {"examples_per_sec", "train_seconds", "compile_seconds"}
     records = [[{key: value for key, value in record.items() if key not in timings} for record in
-                reporting.read_metrics(str(workdir))] for workdir in (stopped, uninterrupted)]
+                run_outputs.read_metrics(str(workdir))] for workdir in (stopped, uninterrupted)]
     assert records[0] == records[1] and len(records[0]) == 2
 
 

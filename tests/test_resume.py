@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from nin_jax import input_pipeline, reporting, steps, trainer
+from nin_jax import input_pipeline, run_outputs, steps, trainer
 from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
 from nin_jax.interrupts import Interrupted
@@ -121,7 +121,7 @@ def test_resuming_mid_epoch_ends_like_the_uninterrupted_run_and_a_finished_run_s
     state, records, lines = resume(tmp_path, "jit", fake_data, **changes)
     assert lines[0] == f"resuming from the checkpoint of step 8 in {tmp_path / CHECKPOINT_DIR}: epoch 2, batch 4 of 5 is next"
     assert_same_state(state, full_state)
-    assert deterministic(reporting.read_metrics(str(tmp_path))) == deterministic(records) == deterministic(full_records)
+    assert deterministic(run_outputs.read_metrics(str(tmp_path))) == deterministic(records) == deterministic(full_records)
 
     state, records, lines = resume(tmp_path, "jit", fake_data, **changes)
     assert lines == [f"the run in {tmp_path} is finished: its checkpoint has all 2 epochs (10 steps); raise --num_epochs to train on"]
@@ -142,7 +142,7 @@ def test_a_pmap_run_killed_mid_epoch_resumes_to_the_same_parameters_and_metrics(
     state, records, lines = resume(workdir, "pmap", fake_data)
     assert lines[0].startswith(f"resuming from the checkpoint of step {killed_at} ")
     assert_same_state(state, reference_state)
-    assert deterministic(reporting.read_metrics(str(workdir))) == deterministic(records) == deterministic(reference_records)
+    assert deterministic(run_outputs.read_metrics(str(workdir))) == deterministic(records) == deterministic(reference_records)
 
 
 def test_a_first_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 import train
 from nin_jax import config as config_module
-from nin_jax import reporting, trainer
+from nin_jax import run_outputs, trainer
 from nin_jax.config import Config
 
 from conftest import REPO_ROOT
@@ -31,7 +31,7 @@ def test_train_and_evaluate_on_mock_data(mock_data, tmp_path, parallel):
         assert record["train_examples"] == 20 and record["test_examples"] == 13
         assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
     assert records[0]["devices"] == ("4 cpu devices" if parallel == "pmap" else "1 cpu device")
-    logged = reporting.read_metrics(str(tmp_path))
+    logged = run_outputs.read_metrics(str(tmp_path))
     assert logged == records and REQUIRED_FIELDS <= set(logged[0])
     assert lines[-1].startswith("epoch 2/2: loss ") and "examples/sec on" in lines[-1]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import cpu_estimate, epoch_outputs, predict, reporting, trainer
+from nin_jax import cpu_estimate, predict, run_outputs, trainer
 from nin_jax.config import Config
 
 from conftest import REPO_ROOT, mock_fashion_mnist
@@ -58,7 +58,7 @@ def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run)
 
 
 def test_curves_png_is_written(trained_run):
-    with Image.open(os.path.join(trained_run["workdir"], epoch_outputs.CURVES_FILE)) as image:
+    with Image.open(os.path.join(trained_run["workdir"], run_outputs.CURVES_FILE)) as image:
         assert image.format == "PNG" and image.width > 200 and image.height > 150
 
 
@@ -74,12 +74,12 @@ def logged_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def expected_scalars(records) -> dict[str, list[tuple[int, float]]]:
-    return {tag: [(r["epoch"], r[key]) for r in records] for tag, key in epoch_outputs.SCALARS.items()}
+    return {tag: [(r["epoch"], r[key]) for r in records] for tag, key in run_outputs.SCALARS.items()}
 
 
 def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
     logged = logged_scalars(trained_run["workdir"])
-    assert set(logged) == set(epoch_outputs.SCALARS)
+    assert set(logged) == set(run_outputs.SCALARS)
     for tag, expected in expected_scalars(trained_run["records"]).items():
         np.testing.assert_allclose(logged[tag], expected, rtol=1e-6)
 
@@ -87,11 +87,11 @@ def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
 def test_events_are_written_without_tensorflow(trained_run, tmp_path):
     """As on an accelerator machine that reads --data_arrays and has no TensorFlow."""
     with mock.patch.dict(sys.modules, {"tensorflow": None}):  # None: `import tensorflow` fails, as when absent
-        outputs = epoch_outputs.EpochOutputs(str(tmp_path), CONFIG)
+        outputs = run_outputs.EpochOutputs(str(tmp_path), CONFIG)
         outputs.write(trained_run["records"][:1])
         outputs.write(trained_run["records"])
         outputs.close()
-    assert epoch_outputs.CURVES_FILE in os.listdir(tmp_path)
+    assert run_outputs.CURVES_FILE in os.listdir(tmp_path)
     logged = logged_scalars(str(tmp_path))
     assert logged.keys() == expected_scalars(trained_run["records"]).keys()
     for tag, expected in expected_scalars(trained_run["records"]).items():
@@ -100,7 +100,7 @@ def test_events_are_written_without_tensorflow(trained_run, tmp_path):
 
 def test_writing_events_leaves_tensorflow_unimported(tmp_path):
     """Importing TensorFlow takes seconds of every start; the events need none of it."""
-    script = (f"import sys; from nin_jax import epoch_outputs; events = epoch_outputs.ScalarEvents({str(tmp_path)!r}); "
+    script = (f"import sys; from nin_jax import run_outputs; events = run_outputs.ScalarEvents({str(tmp_path)!r}); "
               "events.write({'train/loss': 1.5}, 1); events.close(); print(sorted(sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
@@ -110,14 +110,14 @@ def test_writing_events_leaves_tensorflow_unimported(tmp_path):
 
 def test_without_the_tensorboard_package_the_curves_are_drawn_and_the_events_left_out(trained_run, tmp_path):
     with mock.patch.dict(sys.modules, {"tensorboard.summary.writer.record_writer": None}):
-        outputs = epoch_outputs.EpochOutputs(str(tmp_path), CONFIG)
+        outputs = run_outputs.EpochOutputs(str(tmp_path), CONFIG)
         outputs.write(trained_run["records"])
         outputs.close()
-    assert os.listdir(tmp_path) == [epoch_outputs.CURVES_FILE]
+    assert os.listdir(tmp_path) == [run_outputs.CURVES_FILE]
 
 
 def test_config_json_reads_back_as_the_run_config(trained_run):
-    assert reporting.read_config(trained_run["workdir"]) == CONFIG
+    assert run_outputs.read_config(trained_run["workdir"]) == CONFIG
 
 
 def test_predict_counts_every_test_example_once_with_the_trained_parameters(trained_run):

@@ -1,0 +1,270 @@
+"""What a run tells its user while it trains and leaves behind in its workdir.
+
+On the terminal: progress within an epoch (`StepProgress`: a tqdm bar with images/s and the time
+left, and optional plain step lines) and the book's line per epoch (`epoch_line`). In the
+workdir: metrics.jsonl and config.json, which later tools read (`nin_jax.predict`), and
+curves.png and TensorBoard events (`EpochOutputs`, written off the training thread).
+`tensorboard --logdir <workdir>` shows the run; the scalars' step is the epoch, as on curves.png.
+
+JAX dispatches steps asynchronously, so the host can queue a whole epoch before the device has
+finished its first step; a bar that counted dispatched steps would race to 100% and then wait.
+`StepProgress` counts a step once it is done, and waits only for the step `LAG_STEPS` before the
+one just dispatched: the devices always have the next steps queued, so the loop never stalls on
+the bar, and the host never runs further ahead than that. Running loss and accuracy are fetched
+to the host only every `log_every_steps` steps and, for the bar, at most every few seconds. The
+bar is drawn only when stderr is a terminal (tqdm's `disable=None`), so CI logs stay readable;
+the step lines of `log_every_steps` are written either way.
+"""
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import tqdm
+
+from nin_jax import background, distributed, input_pipeline, steps
+from nin_jax.config import Config
+
+# The per-epoch line, metrics.jsonl and config.json.
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
+    """The book's `train_ch6` summary for one epoch, e.g.
+    'epoch 3/10: loss 0.563, train acc 0.786, test acc 0.790, 3087.6 examples/sec on 2 cpu devices'."""
+    return (
+        f"epoch {record['epoch']}/{num_epochs}: loss {record['train_loss']:.3f}, "
+        f"train acc {record['train_accuracy']:.3f}, test acc {record['test_accuracy']:.3f}, "
+        f"{record['examples_per_sec']:.1f} examples/sec on {record['devices']}"
+    )
+
+
+def append_metrics(workdir: Optional[str], record: dict[str, Any]) -> None:
+    """Appends one JSON object per epoch to <workdir>/metrics.jsonl."""
+    if workdir:
+        with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def keep_epochs(workdir: str, num_epochs: int) -> list[dict[str, Any]]:
+    """Drops the records of epochs after `num_epochs` from metrics.jsonl and returns the rest. A
+    resumed run calls it with its checkpoint's finished epochs: the later ones run again and would
+    otherwise be logged twice. The kept lines stay byte for byte as they were."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= num_epochs]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)  # atomic: a kill leaves the old file or the new one
+    return [json.loads(line) for line in kept]
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_config(workdir: Optional[str], config: Config) -> None:
+    """Writes <workdir>/config.json: every Config field, as the flags of train.py name them."""
+    if workdir:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def read_config(workdir: str) -> Config:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+        return Config(**json.load(f))
+
+
+# Progress within an epoch.
+
+POSTFIX_EVERY_SECONDS = 5.0
+LAG_STEPS = 8
+
+
+def running_metrics(totals: steps.Metrics) -> dict[str, float]:
+    """Mean loss and accuracy of the examples summed into the host values `totals` so far."""
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count, "acc": float(totals["correct"]) / count}
+
+
+class StepProgress:
+    """Call `update(totals)` after dispatching each step with the running sums on the device,
+    `close()` at the end; `fetch` brings running sums to the host (`strategy.fetch`)."""
+
+    def __init__(self, desc: str, num_examples: int, batch_size: int, log: Callable[[str], None] = print,
+                 log_every_steps: int = 0, start_batch: int = 0,
+                 fetch: Callable[[steps.Metrics], steps.Metrics] = jax.device_get):
+        self._desc = desc
+        self._fetch = fetch
+        self._num_examples = num_examples
+        self._num_steps = input_pipeline.num_batches(num_examples, batch_size)
+        self._batch_size = batch_size
+        self._log = log
+        self._log_every_steps = log_every_steps
+        self._steps_done = start_batch  # a resumed epoch starts part-way
+        self._examples_done = min(start_batch * batch_size, num_examples)
+        self._bar = tqdm.tqdm(total=num_examples, initial=self._examples_done, desc=desc, unit="img", unit_scale=True,
+                              leave=False, disable=None if distributed.is_main_process() else True, dynamic_ncols=True)
+        self._pending: collections.deque[steps.Metrics] = collections.deque()
+        self._last_log = (self._examples_done, time.perf_counter())  # (examples done, time) at the last step line
+        self._last_postfix_time = time.perf_counter()
+
+    def update(self, totals: steps.Metrics) -> Optional[steps.Metrics]:
+        """Keeps this step's totals; once more than `LAG_STEPS` steps are pending, waits for the
+        oldest, counts it and returns its totals (still on the device), else returns None."""
+        self._pending.append(totals)
+        if len(self._pending) > LAG_STEPS:
+            return self._count(self._pending.popleft())
+        return None
+
+    def close(self) -> None:
+        """Waits for and counts every pending step."""
+        while self._pending:
+            self._count(self._pending.popleft())
+        self._bar.close()
+
+    def _count(self, totals: steps.Metrics) -> steps.Metrics:
+        jax.block_until_ready(totals["count"])  # one output of the step stands for all: they are ready together
+        examples = min(self._batch_size, self._num_examples - self._examples_done)
+        self._steps_done += 1
+        self._examples_done += examples
+        self._bar.update(examples)
+        if self._log_every_steps and self._steps_done % self._log_every_steps == 0:
+            self._log_step(running_metrics(self._fetch(totals)))
+        elif not self._bar.disable and time.perf_counter() - self._last_postfix_time > POSTFIX_EVERY_SECONDS:
+            self._bar.set_postfix({name: f"{value:.3f}" for name, value in running_metrics(self._fetch(totals)).items()})
+            self._last_postfix_time = time.perf_counter()
+        return totals
+
+    def _log_step(self, metrics: dict[str, float]) -> None:
+        last_examples, last_time = self._last_log
+        now = time.perf_counter()
+        images_per_sec = (self._examples_done - last_examples) / (now - last_time)
+        self._last_log = (self._examples_done, now)
+        line = (f"{self._desc} step {self._steps_done}/{self._num_steps}: loss {metrics['loss']:.3f}, "
+                f"acc {metrics['acc']:.3f}, {images_per_sec:.1f} images/s")
+        with tqdm.tqdm.external_write_mode():
+            self._log(line)
+
+
+# curves.png and TensorBoard events.
+
+CURVES_FILE = "curves.png"
+REDRAW_EVERY_SECONDS = 10.0
+# TensorBoard tag -> epoch record key.
+SCALARS = {
+    "train/loss": "train_loss",
+    "train/accuracy": "train_accuracy",
+    "train/images_per_sec": "examples_per_sec",
+    "test/loss": "test_loss",
+    "test/accuracy": "test_accuracy",
+    "train/learning_rate": "learning_rate",
+}
+
+
+class ScalarEvents:
+    """TensorBoard scalars in an event file of `logdir`, written with the `tensorboard` package's
+    record writer. Its EventFileWriter opens files through `tensorboard.compat.tf`, which imports
+    TensorFlow where it is installed (seconds); a plain file needs none. Each value is the float32
+    'scalars' tensor summary that `tf.summary.scalar` would write."""
+
+    def __init__(self, logdir: str):
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        # TensorBoard finds event files by this name; the pid keeps two writers apart.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+        self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+        self._add(file_version="brain.Event:2")
+
+    def write(self, values: dict[str, float], step: int) -> None:
+        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.plugins.scalar import summary_v2
+
+        summary = summary_pb2.Summary(value=[summary_v2.scalar_pb(tag, value).value[0] for tag, value in values.items()])
+        self._add(step=step, summary=summary)
+
+    def _add(self, **fields) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._records.write(event_pb2.Event(wall_time=time.time(), **fields).SerializeToString())
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
+
+
+def _scalar_events(workdir: str) -> Optional[ScalarEvents]:
+    """The workdir's event writer, or None where the `tensorboard` package is not installed."""
+    try:
+        return ScalarEvents(workdir)
+    except ImportError:
+        return None
+
+
+class EpochOutputs:
+    """Call `write(records)` after every epoch and `close()` after the last, which waits for the
+    files; without a workdir both do nothing. Without the `tensorboard` package, the TensorBoard
+    events are left out.
+
+    The files are written on a thread of their own, so the next epoch starts at once. Every
+    epoch's scalars reach TensorBoard; curves.png, which takes far longer to draw, is redrawn at
+    most every `REDRAW_EVERY_SECONDS` during the run and always at its end.
+    """
+
+    def __init__(self, workdir: Optional[str], config: Config):
+        self._workdir = workdir
+        self._config = config
+        self._events = _scalar_events(workdir) if workdir else None
+        self._jobs = background.InOrder("epoch_outputs")
+        self._lock = threading.Lock()
+        self._records: list[dict[str, Any]] = []
+        self._written = self._drawn = 0  # epochs sent to TensorBoard, epochs on curves.png
+        self._last_drawn = -math.inf  # time.monotonic() of the last redraw
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Starts writing the epochs that the files lack; `records` holds every epoch so far."""
+        if not self._workdir:
+            return
+        with self._lock:
+            self._records = list(records)
+        if self._jobs.idle:  # else the job under way catches up, or the next one does
+            self._jobs.submit(self._catch_up, False)
+
+    def _catch_up(self, final: bool) -> None:
+        with self._lock:
+            records = self._records
+        if self._events and self._written < len(records):
+            for record in records[self._written:]:
+                self._events.write({tag: record[key] for tag, key in SCALARS.items()}, record["epoch"])
+            self._written = len(records)
+        due = final or time.monotonic() - self._last_drawn >= REDRAW_EVERY_SECONDS
+        if due and self._drawn < len(records):
+            from nin_jax import plots  # matplotlib, imported once there is something to draw
+
+            self._last_drawn = time.monotonic()
+            plots.plot_curves(records, self._config.num_epochs, os.path.join(self._workdir, CURVES_FILE))
+            self._drawn = len(records)
+
+    def close(self) -> None:
+        try:
+            if self._workdir:
+                self._jobs.submit(self._catch_up, True)
+            self._jobs.close()
+        finally:
+            if self._events:
+                self._events.close()
