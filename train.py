@@ -13,9 +13,8 @@ import argparse
 import sys
 
 from nin_jax.config import TRAINING, FlagParser, add_config_flags, parse_flags
-from nin_jax.divergence import Diverged
 from nin_jax.errors import ConfigError, DataError, WorkdirError
-from nin_jax.interrupts import Interrupted
+from nin_jax.stopping import Diverged, Interrupted
 
 # Errors whose message is all the user needs: printed as one line, without a traceback.
 USER_ERRORS = (DataError, WorkdirError, Diverged)

@@ -15,8 +15,7 @@ import jax
 from nin_jax import cpu_estimate, distributed, input_pipeline, locks, optim, parallel, peers, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
-from nin_jax.divergence import check_losses
-from nin_jax.interrupts import Interrupted, StopAgreement, stop_requests
+from nin_jax.stopping import Interrupted, StopAgreement, check_losses, stop_requests
 from nin_jax.profiling import StepTrace, check_profile_steps
 
 

@@ -18,7 +18,7 @@ from flax import serialization
 from nin_jax import peers, run_outputs, steps, trainer
 from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
-from nin_jax.interrupts import STOPPED_BY_ANOTHER_PROCESS
+from nin_jax.stopping import STOPPED_BY_ANOTHER_PROCESS
 
 from conftest import REPO_ROOT
 

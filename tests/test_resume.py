@@ -19,7 +19,7 @@ from flax import serialization
 from nin_jax import input_pipeline, run_outputs, steps, trainer
 from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
-from nin_jax.interrupts import Interrupted
+from nin_jax.stopping import Interrupted
 
 import train
 

@@ -1,10 +1,17 @@
-"""A first Ctrl-C (SIGINT) or SIGTERM asks the training loop to stop after the current step and
-save a checkpoint; a second one acts as it always does."""
+"""Why a run stops before its last epoch, and what it tells the user then.
+
+A first Ctrl-C (SIGINT) or SIGTERM asks the training loop to stop after the current step and save
+a checkpoint; a second one acts as it always does. With several processes, all of them stop after
+the same step, whichever of them the signal reached (`StopAgreement`). A non-finite training loss
+stops the run without saving the bad state (`check_losses`, which raises `Diverged`).
+"""
 
 import contextlib
 import signal
 import threading
 from typing import Iterator, Optional
+
+from nin_jax import steps
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -84,3 +91,25 @@ class StopAgreement:
             return Interrupted(f"stopped by {self.request.name} after step {step}: {resume}", 128 + self.request.signum)
         return Interrupted(f"stopped after step {step} because another process of this run was asked to stop "
                            f"(SIGINT or SIGTERM): {resume}", STOPPED_BY_ANOTHER_PROCESS)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; its message names the step."""
+
+
+def check_losses(carry: steps.Metrics, steps_per_epoch: int, learning_rate: float) -> None:
+    """Raises Diverged if the host values of the loop's carry recorded a non-finite loss.
+
+    The train step itself records the first step whose loss was not finite
+    (`steps.summing_train_step`), so the loop looks only where it waits for the devices anyway:
+    before a checkpoint is saved and at the end of an epoch. A bad state is thus never saved or
+    evaluated, and the message still names the first bad step.
+    """
+    step = int(carry["bad_step"])
+    if step:
+        epoch, batch = divmod(step - 1, steps_per_epoch)
+        raise Diverged(
+            f"the training loss is {float(carry['bad_loss'])} at step {step} (epoch {epoch + 1}, batch {batch + 1}): "
+            f"the learning rate {learning_rate:g} is likely too high; start again with a smaller "
+            f"--learning_rate in a new --workdir. Nothing from step {step} on was saved."
+        )
