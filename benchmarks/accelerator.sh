@@ -16,7 +16,7 @@
 #   plan_<dtype>.json python -m nin_jax.plan --target local at 224, batch 128: planned memory, kernels, roofline
 #   plan_check.json   measured train images/s beside the roofline, measured peak memory beside the plan
 #   pmap.json         the same step under --parallel pmap, batch 128
-#   levers.json       --max_pool slices/reduce_window x --conv1x1 dot/conv, batch 128 (nin_jax/levers.py)
+#   levers.json       --max_pool slices/reduce_window x --conv1x1 dot/conv, batch 128 (nin_jax/kernels.py)
 #   pytorch_<dtype>.json  the book's PyTorch step on the same device, where torch can use it
 #   reference.jsonl   the 10-epoch reference recipe at 224 in fp32, evaluation included
 #   strong.jsonl      the strong recipe in bf16, if time is left

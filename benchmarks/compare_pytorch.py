@@ -89,12 +89,11 @@ def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, 
     batch = random_batch(batch_size)
     state = strategy.put_state(steps.create_train_state(config))
     strategy.compile(state, batch)
-    device_batch = strategy.device_batch(batch)
 
     def step():
         nonlocal state
-        state, metrics = strategy.train_placed(state, strategy.zero_carry(), device_batch)
-        return jax.block_until_ready(metrics)
+        state, carry = strategy.train_step(state, strategy.zero_carry(), batch)
+        return jax.block_until_ready(carry)
 
     return step
 
@@ -109,7 +108,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=tuple(TORCH_DEVICES),
                         help="where both run: the CPU, or the first NVIDIA GPU (JAX's gpu, torch's cuda)")
     parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS,
-                        help="nin_jax's --cpu_kernels (nin_jax/xla_cpu.py)")
+                        help="nin_jax's --cpu_kernels (nin_jax/kernels.py)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")
     parser.add_argument("--rounds", type=int, default=5, help="A B rounds; medians are reported")
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")

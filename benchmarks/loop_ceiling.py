@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import input_pipeline, steps, trainer
+from nin_jax import dataset, input_pipeline, steps, trainer
 from nin_jax.config import PARALLEL_MODES, Config
 
 from common import write_json
@@ -58,7 +58,7 @@ def free_steps_on_random_data(train_examples: int, eval_examples: int):
     """The loop as it is, with the steps and the dataset swapped for the free ones above."""
     datasets = {"train": random_split(train_examples, 0), "test": random_split(eval_examples, 1)}
     with mock.patch.object(steps, "train_step", free_train_step), mock.patch.object(steps, "eval_step", free_eval_step), \
-            mock.patch.object(input_pipeline, "load_datasets", return_value=datasets):
+            mock.patch.object(dataset, "load_datasets", return_value=datasets):
         yield
 
 

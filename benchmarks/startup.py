@@ -32,7 +32,7 @@ def time_phases(args) -> dict:
     import jax
 
     import train  # noqa: F401  (the command line's imports)
-    from nin_jax import compile_cache, input_pipeline, parallel, steps, trainer  # noqa: F401
+    from nin_jax import compile_cache, dataset, input_pipeline, parallel, steps, trainer  # noqa: F401
     from nin_jax.config import Config
 
     seconds["import"] = time.perf_counter() - start
@@ -46,12 +46,12 @@ def time_phases(args) -> dict:
         seconds[name] = time.perf_counter() - start
         return result
 
-    datasets = phase("data", lambda: input_pipeline.load_datasets(config))
+    datasets = phase("data", lambda: dataset.load_datasets(config))
     strategy = parallel.create_strategy(config)
     state = phase("init", lambda: strategy.put_state(steps.create_train_state(config)))
     batch = next(input_pipeline.eval_batches(datasets["train"], config.batch_size))
     phase("compile", lambda: strategy.compile(state, batch))
-    phase("first_step", lambda: strategy.train_step(state, batch))
+    phase("first_step", lambda: strategy.train_step(state, strategy.zero_carry(), batch))
     return {"seconds": seconds, "tensorflow_imported": "tensorflow" in sys.modules}
 
 

@@ -1,4 +1,4 @@
-"""Images/s of nin_jax's train and eval steps on in-memory data (no input pipeline involved).
+"""Images/s of nin_jax's train and eval steps on one in-memory NumPy batch, handed over as the loop does.
 
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 --dtype float32
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 256 512 --dtype float32 bfloat16
@@ -28,14 +28,13 @@ def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
     batch = random_batch(config.batch_size)
     state = strategy.put_state(steps.create_train_state(config))
     compile_seconds = strategy.compile(state, batch)
-    device_batch = strategy.device_batch(batch)
 
     def train_once():
         nonlocal state
-        state, metrics = strategy.train_placed(state, strategy.zero_carry(), device_batch)
-        return metrics
+        state, carry = strategy.train_step(state, strategy.zero_carry(), batch)
+        return carry
 
-    eval_once = lambda: strategy.eval_placed(state, strategy.zero_totals(), device_batch)  # noqa: E731
+    eval_once = lambda: strategy.eval_step(state, strategy.zero_totals(), batch)  # noqa: E731
     for _ in range(warmup):
         jax.block_until_ready((train_once(), eval_once()))
     train_times = [seconds_per_call(train_once, num_steps) for _ in range(repeats)]
@@ -60,11 +59,11 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES,
                         help="one or more compute dtypes")
     parser.add_argument("--cpu_kernels", nargs="+", default=["tuned"], choices=CPU_KERNELS,
-                        help="one or more of train.py's --cpu_kernels (nin_jax/xla_cpu.py)")
+                        help="one or more of train.py's --cpu_kernels (nin_jax/kernels.py)")
     parser.add_argument("--max_pool", nargs="+", default=["auto"], choices=MAX_POOL_CHOICES,
-                        help="one or more of train.py's --max_pool (nin_jax/levers.py)")
+                        help="one or more of train.py's --max_pool (nin_jax/kernels.py)")
     parser.add_argument("--conv1x1", nargs="+", default=["auto"], choices=CONV1X1_CHOICES,
-                        help="one or more of train.py's --conv1x1 (nin_jax/levers.py)")
+                        help="one or more of train.py's --conv1x1 (nin_jax/kernels.py)")
     parser.add_argument("--parallel", default="auto", choices=PARALLEL_MODES)
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")

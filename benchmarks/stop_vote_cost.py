@@ -3,7 +3,7 @@
     python benchmarks/stop_vote_cost.py
 
 Every batch carries this process's stop vote into the jitted step, which sums it with the step's
-other sums (`steps.summing_train_step`); with several processes the loop also reads a finished
+other sums (`steps.with_carry`); with several processes the loop also reads a finished
 step's summed votes. It times the free step with the vote as an input against the same step with
 the vote folded in as a constant, alternating, and the read of one finished step's votes.
 """
@@ -45,10 +45,10 @@ def main():
         batch = next(input_pipeline.eval_batches(random_split(args.batch_size, 0), args.batch_size))
         state = strategy.put_state(steps.create_train_state(config))
         strategy.compile(state, batch)
-        summed = steps.summing_train_step(free_train_step)
+        summed = steps.with_carry(free_train_step)
         no_input = jax.jit(lambda s, c, b: summed(s, c, {**b, "stop": jnp.zeros((1,), jnp.float32)}), donate_argnums=0)
         no_input = no_input.lower(state, strategy.zero_carry(), batch).compile()
-    with_vote = lambda s, c, b: strategy.summed_train_step(s, c, b, False)  # noqa: E731
+    with_vote = lambda s, c, b: strategy.train_step(s, c, b, False)  # noqa: E731
     times = {"vote as input": [], "vote constant": []}
     carry = strategy.zero_carry()
     for _ in range(args.rounds):
@@ -59,7 +59,7 @@ def main():
     for _ in range(args.rounds):
         start = time.perf_counter()
         for _ in range(args.steps):
-            strategy.fetch(carry["stop_votes"])
+            strategy.fetch(carry["watch"]["stop_votes"])
         reads.append((time.perf_counter() - start) / args.steps)
     medians = {name: float(np.median(seconds)) * 1e6 for name, seconds in times.items()}
     read_us = float(np.median(reads)) * 1e6

@@ -60,6 +60,6 @@ def measure_and_estimate(strategy, state: steps.TrainState, batch: input_pipelin
     """Times train and eval steps on a copy of `state` (which stays as it is) and returns the
     estimate line."""
     copy = strategy.put_state(strategy.get_state(state))
-    train_seconds, copy = seconds_per_step(lambda s: strategy.train_step(s, batch), copy)
-    eval_seconds, _ = seconds_per_step(lambda s: (s, strategy.eval_step(s, batch)), copy)
+    train_seconds, copy = seconds_per_step(lambda s: strategy.train_step(s, strategy.zero_carry(), batch), copy)
+    eval_seconds, _ = seconds_per_step(lambda s: (s, strategy.eval_step(s, strategy.zero_totals(), batch)), copy)
     return estimate_line(train_seconds, eval_seconds, config, num_train_examples, num_test_examples)

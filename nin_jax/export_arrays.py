@@ -6,7 +6,7 @@ without TensorFlow, e.g. on an accelerator machine that has JAX but neither Tens
 
 import argparse
 
-from nin_jax import input_pipeline
+from nin_jax import data_arrays, dataset, errors
 
 
 def main(argv=None) -> None:
@@ -16,10 +16,10 @@ def main(argv=None) -> None:
     parser.add_argument("--manual_dir", default=None, help="folder holding the four Fashion-MNIST .gz files")
     args = parser.parse_args(argv)
     try:
-        datasets = input_pipeline.load_fashion_mnist(args.data_dir, args.manual_dir)
-    except input_pipeline.DataError as error:
+        datasets = dataset.load_fashion_mnist(args.data_dir, args.manual_dir)
+    except errors.DataError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    input_pipeline.save_arrays(datasets, args.out)
+    data_arrays.save(datasets, args.out)
     print(f"wrote {args.out}: {len(datasets['train']):,} training and {len(datasets['test']):,} test examples")
 
 

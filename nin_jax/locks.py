@@ -2,7 +2,7 @@
 file), so that a run killed with SIGKILL or a machine that lost power never blocks the next one.
 
 Two uses: one run per workdir (`workdir_lock`), and one build per tfds data directory (see
-`input_pipeline.load_fashion_mnist`). The lock file holds the host and pid of its holder, so that
+`dataset.load_fashion_mnist`). The lock file holds the host and pid of its holder, so that
 whoever finds it taken can say by whom.
 """
 

@@ -3,10 +3,10 @@
 `jax.pmap` over every local device (in maintenance mode in JAX, kept for those who want it).
 
 A strategy owns the compiled steps and the layout of states and batches on its devices, so the
-training loop is the same for all: `put_state` and `put_carry`, then
-`summed_train_step(state, carry, batch, stop)` with this process's NumPy batches (the whole
-global batch when there is one process), `fetch` for host values and `get_state` for a host copy
-of the state. `train_step(state, batch)` and `eval_step(state, batch)` run one step on its own.
+training loop is the same for all: `put_state` and `zero_carry` (or `put_carry`), then
+`train_step(state, carry, batch, stop)` and `eval_step(state, totals, batch)` with this process's
+NumPy batches (the whole global batch when there is one process), `fetch` for host values and
+`get_state` for a host copy of the state. Benchmarks and tests use the same calls.
 
 Batches are handed to the compiled steps as NumPy arrays: the call moves them to the devices
 faster than a `jax.device_put` of its own would.
@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from nin_jax import steps, xla_cpu
+from nin_jax import kernels, steps
 from nin_jax.config import Config
 from nin_jax.errors import ConfigError
 
@@ -31,20 +31,19 @@ class JitStrategy:
 
     name = "jit"
     num_devices = 1
-    _batch_placement = None  # where `device_batch` puts a batch: the default device
 
     def __init__(self, config: Config):
         if jax.process_count() > 1:
             raise ConfigError("--parallel jit runs on one device; with several processes use pmap or sharding")
         train_step, eval_step = steps.step_functions(config)
-        options = xla_cpu.compiler_options(config.cpu_kernels)
+        options = kernels.compiler_options(config.cpu_kernels)
         self._train = jax.jit(train_step, donate_argnums=0, compiler_options=options)
         self._eval = jax.jit(eval_step, compiler_options=options)
         self._init_votes()
 
     def _init_votes(self, num_local_devices: int = 1) -> None:
         """This process's stop vote, 0 or 1 on each of its devices, placed once for every batch."""
-        self._votes = tuple(self.put_batch({"stop": np.full(num_local_devices, vote, np.float32)})["stop"]
+        self._votes = tuple(self._lay_out({"stop": np.full(num_local_devices, vote, np.float32)})["stop"]
                             for vote in (0, 1))
         self._zero_carry = None
 
@@ -62,18 +61,13 @@ class JitStrategy:
         """The host values of a carry or running sums; waits for the step that made them."""
         return jax.device_get(carry)
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _lay_out(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return batch
-
-    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """`batch` on the devices, laid out as the steps want it: for benchmarks that time the
-        steps alone (`train_placed`, `eval_placed`), without the transfer."""
-        return jax.device_put(self.put_batch(batch), self._batch_placement)
 
     def _with_vote(self, batch: dict[str, Any], stop: bool) -> dict[str, Any]:
         return {**batch, "stop": self._votes[bool(stop)]}
 
-    def zero_carry(self) -> steps.Metrics:
+    def zero_carry(self) -> dict[str, Any]:
         """A zero `steps.zero_carry()` on the devices, made once: the steps never change their inputs."""
         if self._zero_carry is None:
             self._zero_carry = self.put_carry(steps.zero_carry())
@@ -83,8 +77,8 @@ class JitStrategy:
         """Compiles both steps ahead of time for this state and batch layout; returns seconds."""
         start = time.perf_counter()
         zero = self.zero_carry()
-        self._train = self._train.lower(state, zero, self._with_vote(self.put_batch(batch), False)).compile()
-        self._eval = self._eval.lower(state, self._metric_sums(zero), self.put_batch(batch)).compile()
+        self._train = self._train.lower(state, zero, self._with_vote(self._lay_out(batch), False)).compile()
+        self._eval = self._eval.lower(state, zero["metrics"], self._lay_out(batch)).compile()
         return time.perf_counter() - start
 
     def lower(self, state: Any, batch: dict[str, Any]) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
@@ -97,7 +91,7 @@ class JitStrategy:
         batch = self._batch_spec({name: spec(x) for name, x in batch.items()})
         votes = self._batch_spec({"stop": jax.ShapeDtypeStruct((self.num_devices,), np.float32)})
         return (self._train.lower(state, carry, {**batch, **votes}),
-                self._eval.lower(state, self._metric_sums(carry), batch))
+                self._eval.lower(state, carry["metrics"], batch))
 
     def _state_spec(self, state: Any) -> Any:
         return state
@@ -105,39 +99,19 @@ class JitStrategy:
     def _batch_spec(self, batch: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.ShapeDtypeStruct]:
         return batch
 
-    def summed_train_step(self, state: steps.TrainState, carry: steps.Metrics, batch: dict[str, np.ndarray],
-                          stop: bool = False) -> tuple[steps.TrainState, steps.Metrics]:
-        """One step that also adds into `carry` (`steps.summing_train_step`); `stop` is this
-        process's vote to stop. Returns at once, before the devices have finished the step."""
-        return self.train_placed(state, carry, self.put_batch(batch), stop)
+    def train_step(self, state: steps.TrainState, carry: dict[str, Any], batch: dict[str, np.ndarray],
+                   stop: bool = False) -> tuple[steps.TrainState, dict[str, Any]]:
+        """One step that also adds into `carry` (`steps.with_carry`); `stop` is this process's
+        vote to stop. Returns at once, before the devices have finished the step."""
+        return self._train(state, carry, self._with_vote(self._lay_out(batch), stop))
 
-    def summed_eval_step(self, state: steps.TrainState, totals: steps.Metrics,
-                         batch: dict[str, np.ndarray]) -> steps.Metrics:
-        return self.eval_placed(state, totals, self.put_batch(batch))
-
-    def train_placed(self, state: steps.TrainState, carry: steps.Metrics, batch: dict[str, Any],
-                     stop: bool = False) -> tuple[steps.TrainState, steps.Metrics]:
-        """`summed_train_step` on a batch that `put_batch` or `device_batch` has placed."""
-        return self._train(state, carry, self._with_vote(batch, stop))
-
-    def eval_placed(self, state: steps.TrainState, totals: steps.Metrics, batch: dict[str, Any]) -> steps.Metrics:
-        return self._eval(state, totals, batch)
+    def eval_step(self, state: steps.TrainState, totals: steps.Metrics, batch: dict[str, np.ndarray]) -> steps.Metrics:
+        """`totals` plus the metric sums of one padded batch."""
+        return self._eval(state, totals, self._lay_out(batch))
 
     def zero_totals(self) -> steps.Metrics:
         """Where evaluation's running sums start, on the devices."""
-        return self._metric_sums(self.zero_carry())
-
-    def train_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> tuple[steps.TrainState, steps.Metrics]:
-        """One step on its own: the new state and the step's metric sums."""
-        state, carry = self.summed_train_step(state, self.zero_carry(), batch)
-        return state, self._metric_sums(carry)
-
-    def eval_step(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> steps.Metrics:
-        return self.summed_eval_step(state, self.zero_totals(), batch)
-
-    @staticmethod
-    def _metric_sums(carry: steps.Metrics) -> steps.Metrics:
-        return {name: carry[name] for name in steps.METRIC_NAMES}
+        return self.zero_carry()["metrics"]
 
 
 def _check_batch_splits(batch_size: int, num_devices: int) -> None:
@@ -172,7 +146,6 @@ class PmapStrategy(JitStrategy):
         self._train = jax.pmap(train_step, axis_name=AXIS_NAME, in_axes=(0, None, 0), out_axes=(0, None),
                                donate_argnums=0, devices=devices)
         self._eval = jax.pmap(eval_step, axis_name=AXIS_NAME, in_axes=(0, None, 0), out_axes=None, devices=devices)
-        self._batch_placement = self._stacked
         self._init_votes(len(self.devices))
 
     def compile(self, state, batch):
@@ -180,8 +153,8 @@ class PmapStrategy(JitStrategy):
         steps are compiled by running each once, the train step on a throwaway copy of `state`.
         The seconds returned include those two runs."""
         start = time.perf_counter()
-        jax.block_until_ready(self.train_step(self.put_state(self.get_state(state)), batch))
-        jax.block_until_ready(self.eval_step(state, batch))
+        jax.block_until_ready(self.train_step(self.put_state(self.get_state(state)), self.zero_carry(), batch))
+        jax.block_until_ready(self.eval_step(state, self.zero_totals(), batch))
         return time.perf_counter() - start
 
     def put_state(self, state):
@@ -198,7 +171,7 @@ class PmapStrategy(JitStrategy):
     def get_state(self, state):
         return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_shards[0].data)[0], state)
 
-    def put_batch(self, batch):
+    def _lay_out(self, batch):
         shard = lambda x: x.reshape((len(self.devices), -1) + x.shape[1:])  # noqa: E731
         return jax.tree_util.tree_map(shard, batch)
 
@@ -227,7 +200,7 @@ class ShardingStrategy(JitStrategy):
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(AXIS_NAME))
         train_step, eval_step = steps.step_functions(config)
-        options = xla_cpu.compiler_options(config.cpu_kernels, self.devices[0].platform)
+        options = kernels.compiler_options(config.cpu_kernels, self.devices[0].platform)
         self._train = jax.jit(
             train_step,
             in_shardings=(self._replicated, self._replicated, self._batch_sharding),
@@ -237,7 +210,6 @@ class ShardingStrategy(JitStrategy):
         )
         self._eval = jax.jit(eval_step, in_shardings=(self._replicated, self._replicated, self._batch_sharding),
                              out_shardings=self._replicated, compiler_options=options)
-        self._batch_placement = self._batch_sharding
         self._init_votes(sum(device.process_index == jax.process_index() for device in self.devices))
 
     def put_state(self, state):
@@ -245,7 +217,7 @@ class ShardingStrategy(JitStrategy):
         from which no process can reach the others' devices."""
         return jax.device_put(jax.device_get(state), self._replicated)
 
-    def put_batch(self, batch):
+    def _lay_out(self, batch):
         """Each process hands over its own slice; together they form the global batch. One
         process's NumPy batch is the global batch already, and the step shards it."""
         if jax.process_count() == 1:

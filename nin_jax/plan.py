@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from nin_jax.errors import ConfigError
 
@@ -325,9 +325,9 @@ def compile_steps(config, devices, with_eval: bool = True) -> Compiled:
     """Both steps (or the train step alone) of `config` compiled for `devices`."""
     import jax
 
-    from nin_jax import levers, steps
+    from nin_jax import kernels, steps
 
-    config = levers.for_platform(config, devices[0].platform)
+    config = kernels.for_platform(config, devices[0].platform)
     start = time.perf_counter()
     state = jax.eval_shape(lambda: steps.create_train_state(config))
     train, evaluate = _strategy(config, devices).lower(state, batch_spec(config.batch_size))
@@ -339,9 +339,9 @@ def train_flops(config) -> float:
     lowered for this machine's CPU (the same operations on any device)."""
     import jax
 
-    from nin_jax import levers, parallel, steps
+    from nin_jax import kernels, parallel, steps
 
-    config = levers.for_platform(config, "cpu")
+    config = kernels.for_platform(config, "cpu")
     state = jax.eval_shape(lambda: steps.create_train_state(config))
     lowered, _ = parallel.ShardingStrategy(config, jax.devices()[:1]).lower(state, batch_spec(config.batch_size))
     return float(lowered.cost_analysis()["flops"])

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import input_pipeline, plots, run_outputs, steps
+from nin_jax import dataset, errors, input_pipeline, plots, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, WorkdirError
 from nin_jax.config import Config
 
@@ -81,7 +81,7 @@ def predict_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir: Op
     confusion matrix over the whole test set."""
     config, variables = restore_variables(workdir)
     config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, manual_dir=manual_dir or config.manual_dir)
-    test = input_pipeline.load_datasets(config)["test"]
+    test = dataset.load_datasets(config)["test"]
     predictions = predict_classes(config, variables, test, config.batch_size)
     shown = test.take(num_images)
     plots.plot_predictions(shown.images, shown.labels, predictions[:num_images], input_pipeline.CLASS_NAMES,
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
-    except (WorkdirError, input_pipeline.DataError) as error:
+    except (WorkdirError, errors.DataError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(format_report(matrix))
     print(f"\nwrote {os.path.join(args.workdir, PREDICTIONS_FILE)}")

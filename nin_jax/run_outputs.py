@@ -124,13 +124,12 @@ class StepProgress:
         self._last_log = (self._examples_done, time.perf_counter())  # (examples done, time) at the last step line
         self._last_postfix_time = time.perf_counter()
 
-    def update(self, totals: steps.Metrics) -> Optional[steps.Metrics]:
+    def update(self, totals: steps.Metrics) -> None:
         """Keeps this step's totals; once more than `LAG_STEPS` steps are pending, waits for the
-        oldest, counts it and returns its totals (still on the device), else returns None."""
+        oldest and counts it."""
         self._pending.append(totals)
         if len(self._pending) > LAG_STEPS:
-            return self._count(self._pending.popleft())
-        return None
+            self._count(self._pending.popleft())
 
     def close(self) -> None:
         """Waits for and counts every pending step."""
@@ -138,7 +137,7 @@ class StepProgress:
             self._count(self._pending.popleft())
         self._bar.close()
 
-    def _count(self, totals: steps.Metrics) -> steps.Metrics:
+    def _count(self, totals: steps.Metrics) -> None:
         jax.block_until_ready(totals["count"])  # one output of the step stands for all: they are ready together
         examples = min(self._batch_size, self._num_examples - self._examples_done)
         self._steps_done += 1
@@ -149,7 +148,6 @@ class StepProgress:
         elif not self._bar.disable and time.perf_counter() - self._last_postfix_time > POSTFIX_EVERY_SECONDS:
             self._bar.set_postfix({name: f"{value:.3f}" for name, value in running_metrics(self._fetch(totals)).items()})
             self._last_postfix_time = time.perf_counter()
-        return totals
 
     def _log_step(self, metrics: dict[str, float]) -> None:
         last_examples, last_time = self._last_log

@@ -30,14 +30,14 @@ SHARED_FASHION_MNIST = os.path.join(REPO_ROOT, "..", "shared", "data", "fashion_
 @contextlib.contextmanager
 def mock_fashion_mnist(num_examples: int):
     """tfds' random stand-in for Fashion-MNIST: `num_examples` random images per split, read from
-    tfds even where a copy of a real build lies in the data dir (`nin_jax.array_cache`)."""
+    tfds even where a copy of a real build lies in the data dir (`nin_jax.data_arrays`)."""
     import tensorflow_datasets as tfds
 
-    from nin_jax import input_pipeline
+    from nin_jax import data_arrays
 
     with tfds.testing.mock_data(num_examples=num_examples), mock.patch.object(
         tfds.core.DatasetBuilder, "is_prepared", return_value=True
-    ), mock.patch.object(input_pipeline, "_read_copy", return_value=None):
+    ), mock.patch.object(data_arrays, "read_copy", return_value=None):
         yield
 
 
@@ -47,7 +47,7 @@ def fake_fashion_mnist(num_examples: int):
     faster than `mock_fashion_mnist` for tests of the training loop, which do not need tfds."""
     import numpy as np
 
-    from nin_jax import input_pipeline
+    from nin_jax import dataset, input_pipeline
 
     rng = np.random.default_rng(0)
     datasets = {
@@ -57,8 +57,19 @@ def fake_fashion_mnist(num_examples: int):
         )
         for split in ("train", "test")
     }
-    with mock.patch.object(input_pipeline, "load_fashion_mnist", return_value=datasets):
+    with mock.patch.object(dataset, "load_fashion_mnist", return_value=datasets):
         yield
+
+
+def one_train_step(strategy, state, batch):
+    """One train step on its own, through the loop's call: the new state and the step's metric sums."""
+    state, carry = strategy.train_step(state, strategy.zero_carry(), batch)
+    return state, carry["metrics"]
+
+
+def one_eval_step(strategy, state, batch):
+    """The metric sums of one eval step on its own."""
+    return strategy.eval_step(state, strategy.zero_totals(), batch)
 
 
 def pytest_configure(config):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from nin_jax import input_pipeline
+from nin_jax import data_arrays, input_pipeline
 
 from accelerator import accelerator_platform, run_code, run_python, unpinned_env
 
@@ -24,12 +24,14 @@ from common import random_batch
 from nin_jax import parallel, steps
 from nin_jax.config import Config
 
+from conftest import one_train_step
+
 results = {}
 for dtype in ("float32", "bfloat16"):
     config = Config(resize=67, batch_size=16, parallel="jit", dtype=dtype, weight_init="xavier")  # every layer learns
     strategy = parallel.JitStrategy(config)
     initial = jax.device_get(steps.create_train_state(config))
-    state, metrics = strategy.train_step(strategy.put_state(initial), random_batch(config.batch_size))
+    state, metrics = one_train_step(strategy, strategy.put_state(initial), random_batch(config.batch_size))
     params = jax.tree_util.tree_leaves(state.params)
     images = jax.numpy.zeros((2, 67, 67, 1), config.dtype)
     _, intermediates = steps.create_model(config).apply({"params": state.params}, images, mutable=["intermediates"])
@@ -73,7 +75,7 @@ def test_an_epoch_on_the_accelerator_matches_the_cpu_within_tolerance(tmp_path):
     split = lambda n: input_pipeline.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),  # noqa: E731
                                            rng.integers(0, 10, n, dtype=np.int32))
     data = tmp_path / "arrays.npz"
-    input_pipeline.save_arrays({"train": split(256), "test": split(100)}, str(data))
+    data_arrays.save({"train": split(256), "test": split(100)}, str(data))
     records = {}
     for name, env in (("accelerator", unpinned_env()), ("cpu", unpinned_env(JAX_PLATFORMS="cpu"))):
         workdir = tmp_path / name

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from nin_jax import input_pipeline
-from nin_jax.config import parse_flags
+from nin_jax import data_arrays, input_pipeline
 
 from conftest import REPO_ROOT
 
@@ -41,7 +40,7 @@ def random_arrays(path, train_examples: int, test_examples: int) -> None:
     rng = np.random.default_rng(0)
     split = lambda n: input_pipeline.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),  # noqa: E731
                                            rng.integers(0, 10, n, dtype=np.int32))
-    input_pipeline.save_arrays({"train": split(train_examples), "test": split(test_examples)}, str(path))
+    data_arrays.save({"train": split(train_examples), "test": split(test_examples)}, str(path))
 
 
 def test_epoch_overhead_compares_the_real_loop_with_the_step_alone(tmp_path):

@@ -45,4 +45,4 @@ def test_train_py_caches_the_steps_and_the_initializer_unless_off(tmp_path):
     on = run_script(sys.executable, *args, env=env)
     assert on.returncode == 0, on.stderr
     names = {name.split("-")[0] for name in os.listdir(cache)}
-    assert {"jit_summed_train_step", "jit_summed_eval_step", "jit_init"} <= names
+    assert {"jit_carried_train_step", "jit_totalled_eval_step", "jit_init"} <= names

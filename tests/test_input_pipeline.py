@@ -1,6 +1,5 @@
 """Batching, padding, shuffling, preprocessing and loading of Fashion-MNIST."""
 
-import dataclasses
 import json
 import os
 import re
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import array_cache, distributed, input_pipeline, parallel, steps, trainer
+from nin_jax import data_arrays, dataset, distributed, errors, input_pipeline, parallel, steps, trainer
 from nin_jax.config import Config
 
 
@@ -102,7 +101,7 @@ def test_take_limits_the_examples():
 
 def test_load_from_tfds_mock_data(mock_data):
     with mock_data(num_examples=12):
-        datasets = input_pipeline.load_fashion_mnist(data_dir="/nonexistent")
+        datasets = dataset.load_fashion_mnist(data_dir="/nonexistent")
     for name in ("train", "test"):
         split = datasets[name]
         assert len(split) == 12
@@ -112,8 +111,8 @@ def test_load_from_tfds_mock_data(mock_data):
 
 
 def test_missing_data_names_the_four_files_and_where_to_put_them(tmp_path):
-    with pytest.raises(input_pipeline.DataError) as error:
-        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "empty"))
+    with pytest.raises(errors.DataError) as error:
+        dataset.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "empty"))
     message = str(error.value)
     for name in input_pipeline.SOURCE_FILES:
         assert name in message
@@ -141,8 +140,8 @@ def test_a_damaged_data_file_is_named_before_tfds_builds_anything(tmp_path):
     manual_dir.mkdir()
     for name in input_pipeline.SOURCE_FILES:
         (manual_dir / name).write_bytes(b"not the published file")
-    with pytest.raises(input_pipeline.DataError) as error:
-        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual_dir))
+    with pytest.raises(errors.DataError) as error:
+        dataset.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual_dir))
     message = str(error.value)
     assert message.startswith("4 Fashion-MNIST files damaged or altered, with another SHA-256 than the published one: ")
     assert f"{manual_dir / 'train-labels-idx1-ubyte.gz'} (22 bytes, the original has 29,515)" in message
@@ -156,8 +155,8 @@ def test_exported_arrays_train_like_tfds_data_without_tensorflow(mock_data, tmp_
     path = str(tmp_path / "fashion_mnist.npz")
     with mock_data(24):
         export_arrays.main(["--out", path, "--data_dir", str(tmp_path / "tfds")])
-        from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"))
-    from_arrays = input_pipeline.load_arrays(path)
+        from_tfds = dataset.load_fashion_mnist(data_dir=str(tmp_path / "tfds"))
+    from_arrays = data_arrays.load(path)
     for split in ("train", "test"):
         np.testing.assert_array_equal(from_arrays[split].images, from_tfds[split].images)
         np.testing.assert_array_equal(from_arrays[split].labels, from_tfds[split].labels)
@@ -179,8 +178,8 @@ def test_bad_data_arrays_are_one_clear_error(tmp_path, content, message):
         path.write_bytes(content)
     elif content is not None:
         np.savez(path, **content)
-    with pytest.raises(input_pipeline.DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
-        input_pipeline.load_arrays(str(path))
+    with pytest.raises(errors.DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
+        data_arrays.load(str(path))
     assert "\n" not in str(error.value)
 
 
@@ -198,7 +197,7 @@ def without_tfds(monkeypatch):
     def no_tfds():
         raise AssertionError("tfds was imported, though the copy of its arrays should have been read")
 
-    monkeypatch.setattr(input_pipeline, "_import_tfds", no_tfds)
+    monkeypatch.setattr(dataset, "_import_tfds", no_tfds)
 
 
 def assert_same_splits(got, expected):
@@ -210,10 +209,10 @@ def assert_same_splits(got, expected):
 def test_the_tfds_read_is_kept_as_a_copy_that_later_loads_read_without_tensorflow(mock_data, tmp_path, monkeypatch):
     fake_tfds_build(tmp_path, num_examples=12)
     with mock_data(num_examples=12):
-        from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
-    assert array_cache.FILE_NAME in os.listdir(tmp_path / input_pipeline.DATASET)
+        from_tfds = dataset.load_fashion_mnist(data_dir=str(tmp_path))
+    assert data_arrays.FILE_NAME in os.listdir(tmp_path / input_pipeline.DATASET)
     without_tfds(monkeypatch)
-    assert_same_splits(input_pipeline.load_fashion_mnist(data_dir=str(tmp_path)), from_tfds)
+    assert_same_splits(dataset.load_fashion_mnist(data_dir=str(tmp_path)), from_tfds)
 
 
 def rebuild(copy, build_file):
@@ -240,14 +239,14 @@ def foreign(copy, build_file):
 def test_a_stale_or_damaged_copy_is_read_again_from_tfds_and_rewritten(mock_data, tmp_path, monkeypatch, spoil):
     build_file = fake_tfds_build(tmp_path, num_examples=12)
     with mock_data(num_examples=12):
-        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
-    spoil(tmp_path / input_pipeline.DATASET / array_cache.FILE_NAME, build_file)
+        dataset.load_fashion_mnist(data_dir=str(tmp_path))
+    spoil(tmp_path / input_pipeline.DATASET / data_arrays.FILE_NAME, build_file)
     with mock_data(num_examples=12):
-        from_tfds = input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
+        from_tfds = dataset.load_fashion_mnist(data_dir=str(tmp_path))
     assert len(from_tfds["train"]) == 12
     without_tfds(monkeypatch)
-    assert_same_splits(input_pipeline.load_fashion_mnist(data_dir=str(tmp_path)), from_tfds)
-    assert sorted(os.listdir(tmp_path / input_pipeline.DATASET)) == ["3.0.1", array_cache.FILE_NAME]  # no temporary left
+    assert_same_splits(dataset.load_fashion_mnist(data_dir=str(tmp_path)), from_tfds)
+    assert sorted(os.listdir(tmp_path / input_pipeline.DATASET)) == ["3.0.1", data_arrays.FILE_NAME]  # no temporary left
 
 
 def test_a_read_that_is_not_the_build_on_disk_is_never_kept_nor_read_as_its_copy(mock_data, tmp_path):
@@ -255,18 +254,18 @@ def test_a_read_that_is_not_the_build_on_disk_is_never_kept_nor_read_as_its_copy
     fake_tfds_build(tmp_path, num_examples=60_000)
     dataset_dir = str(tmp_path / input_pipeline.DATASET)
     with mock_data(num_examples=12):
-        assert len(input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))["train"]) == 12
-    assert array_cache.FILE_NAME not in os.listdir(dataset_dir)
+        assert len(dataset.load_fashion_mnist(data_dir=str(tmp_path))["train"]) == 12
+    assert data_arrays.FILE_NAME not in os.listdir(dataset_dir)
     few = {f"{split}_{name}": np.zeros((12,) + shape, np.uint8)
            for split in input_pipeline.SPLITS for name, shape in (("images", input_pipeline.IMAGE_SHAPE), ("labels", ()))}
-    array_cache.save(dataset_dir, few)
-    assert array_cache.FILE_NAME not in os.listdir(dataset_dir)
-    np.savez(os.path.join(dataset_dir, array_cache.FILE_NAME), **few, tfds_files=array_cache.tfds_files(dataset_dir))
-    assert array_cache.load(dataset_dir) is None  # a copy left by older code that kept such reads
+    data_arrays.save_copy(dataset_dir, few)
+    assert data_arrays.FILE_NAME not in os.listdir(dataset_dir)
+    np.savez(os.path.join(dataset_dir, data_arrays.FILE_NAME), **few, tfds_files=data_arrays.tfds_files(dataset_dir))
+    assert data_arrays.load_copy(dataset_dir) is None  # a copy left by older code that kept such reads
 
 
 def test_no_copy_without_a_finished_tfds_build(mock_data, tmp_path):
     (tmp_path / input_pipeline.DATASET / "3.0.1.incomplete1234").mkdir(parents=True)
     with mock_data(num_examples=4):
-        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path))
+        dataset.load_fashion_mnist(data_dir=str(tmp_path))
     assert os.listdir(tmp_path / input_pipeline.DATASET) == ["3.0.1.incomplete1234"]

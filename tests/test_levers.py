@@ -1,4 +1,4 @@
-"""The kernel levers (nin_jax/levers.py, --cpu_kernels) change how NiN is computed, never what:
+"""The kernel levers (nin_jax/kernels.py, --cpu_kernels) change how NiN is computed, never what:
 every combination gives the same parameters, loss and gradients, and `auto` picks per backend."""
 
 import dataclasses
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from nin_jax import input_pipeline, levers, steps, xla_cpu
+from nin_jax import kernels, steps
 from nin_jax.config import Config
 
 from test_steps import random_batch
@@ -28,7 +28,7 @@ def loss_and_grads(config: Config, params, batch):
         logits = model.apply({"params": params}, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
-    grad_fn = jax.jit(jax.value_and_grad(loss), compiler_options=xla_cpu.compiler_options(config.cpu_kernels))
+    grad_fn = jax.jit(jax.value_and_grad(loss), compiler_options=kernels.compiler_options(config.cpu_kernels))
     return jax.device_get(grad_fn(params))
 
 
@@ -62,8 +62,8 @@ def primitive_counts(config: Config) -> dict[str, int]:
     ("cpu", "slices", "dot"), ("gpu", "reduce_window", "conv"), ("tpu", "reduce_window", "conv"),
 ])
 def test_auto_applies_the_levers_where_they_were_measured_and_plain_ops_elsewhere(backend, pool, conv1x1):
-    with mock.patch.object(levers.jax, "default_backend", return_value=backend):
-        assert (levers.resolve("max_pool", "auto"), levers.resolve("conv1x1", "auto")) == (pool, conv1x1)
+    with mock.patch.object(kernels.jax, "default_backend", return_value=backend):
+        assert (kernels.resolve("max_pool", "auto"), kernels.resolve("conv1x1", "auto")) == (pool, conv1x1)
         auto = primitive_counts(CONFIG)
     assert auto == primitive_counts(dataclasses.replace(CONFIG, max_pool=pool, conv1x1=conv1x1))
     # 4 blocks of one k x k and two 1x1 convolutions; 3 max-pools
@@ -72,5 +72,5 @@ def test_auto_applies_the_levers_where_they_were_measured_and_plain_ops_elsewher
 
 
 def test_explicit_choices_override_auto_on_any_backend():
-    with mock.patch.object(levers.jax, "default_backend", return_value="gpu"):
-        assert levers.resolve("max_pool", "slices") == "slices" and levers.resolve("conv1x1", "dot") == "dot"
+    with mock.patch.object(kernels.jax, "default_backend", return_value="gpu"):
+        assert kernels.resolve("max_pool", "slices") == "slices" and kernels.resolve("conv1x1", "dot") == "dot"

@@ -17,7 +17,7 @@ from unittest import mock
 
 import pytest
 
-from nin_jax import levers, plan
+from nin_jax import kernels, plan
 
 from conftest import REPO_ROOT
 
@@ -111,7 +111,7 @@ def test_levers_compile_on_the_gpu_and_auto_is_xlas_plain_ops():
     plain = h100("--dtype", "bfloat16")
     lever_ops = h100("--dtype", "bfloat16", "--max_pool", "slices", "--conv1x1", "dot")
     check_compiled_and_fits(lever_ops)
-    assert (levers.resolve("max_pool", "auto", "gpu"), levers.resolve("conv1x1", "auto", "gpu")) == (
+    assert (kernels.resolve("max_pool", "auto", "gpu"), kernels.resolve("conv1x1", "auto", "gpu")) == (
         "reduce_window", "conv")
     # nn.max_pool: a reduce-window, whose gradient XLA's GPU compiler writes as a scatter
     assert plain["opcodes"].get("reduce-window", 0) >= 3 and plain["opcodes"].get("scatter", 0) >= 3
@@ -162,7 +162,7 @@ def test_levers_and_pmap_compile_for_a_single_host_tpu_slice():
                           *TPU_RESIZE)
     check_compiled_and_fits(pmapped)
     assert pmapped["parallel"] == "pmap" and pmapped["hosts"] == 1
-    assert (levers.resolve("max_pool", "auto", "tpu"), levers.resolve("conv1x1", "auto", "tpu")) == (
+    assert (kernels.resolve("max_pool", "auto", "tpu"), kernels.resolve("conv1x1", "auto", "tpu")) == (
         "reduce_window", "conv")
 
 

@@ -1,4 +1,4 @@
-"""`pooling.max_pool` is `nn.max_pool`: the same outputs, and gradients routed to the same elements."""
+"""`kernels.max_pool` is `nn.max_pool`: the same outputs, and gradients routed to the same elements."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nin_jax import pooling
+from nin_jax import kernels
 
 
 def reference(x, window, stride):
@@ -14,7 +14,7 @@ def reference(x, window, stride):
 
 
 def check_against_reference(x, window, stride):
-    pooled, pool_vjp = jax.vjp(lambda x: pooling.max_pool(x, window, stride), x)
+    pooled, pool_vjp = jax.vjp(lambda x: kernels.max_pool(x, window, stride), x)
     expected, reference_vjp = jax.vjp(lambda x: reference(x, window, stride), x)
     cotangent = jax.random.normal(jax.random.key(1), expected.shape, x.dtype)
     np.testing.assert_array_equal(pooled, expected)
@@ -39,7 +39,7 @@ def test_ties_route_the_gradient_to_the_first_maximum_like_nn_max_pool():
     assert float((x == 0).mean()) > 0.8
     check_against_reference(x, 3, 2)
     constant = jnp.ones((1, 7, 7, 1))
-    grad = jax.grad(lambda x: pooling.max_pool(x, 3, 2).sum())(constant)[0, :, :, 0]
+    grad = jax.grad(lambda x: kernels.max_pool(x, 3, 2).sum())(constant)[0, :, :, 0]
     expected = np.zeros((7, 7))
     expected[0:5:2, 0:5:2] = 1.0  # each of the 3x3 windows gives its gradient to its top-left element
     np.testing.assert_array_equal(grad, expected)
@@ -47,9 +47,9 @@ def test_ties_route_the_gradient_to_the_first_maximum_like_nn_max_pool():
 
 def test_bfloat16_and_jit():
     x = jax.random.normal(jax.random.key(0), (2, 26, 26, 4), jnp.bfloat16)
-    pooled = jax.jit(pooling.max_pool, static_argnums=(1, 2))(x, 3, 2)
+    pooled = jax.jit(kernels.max_pool, static_argnums=(1, 2))(x, 3, 2)
     assert pooled.dtype == jnp.bfloat16
     np.testing.assert_array_equal(pooled, reference(x, 3, 2))
-    grad = jax.jit(jax.grad(lambda x: pooling.max_pool(x, 3, 2).astype(jnp.float32).sum()))(x)
+    grad = jax.jit(jax.grad(lambda x: kernels.max_pool(x, 3, 2).astype(jnp.float32).sum()))(x)
     expected = jax.grad(lambda x: reference(x, 3, 2).astype(jnp.float32).sum())(x)
     np.testing.assert_array_equal(grad, expected)

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from nin_jax import array_cache, input_pipeline, trainer
+from nin_jax import data_arrays, dataset, errors, input_pipeline, trainer
 from nin_jax.config import Config
 
 from conftest import SHARED_FASHION_MNIST
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 def data_dir(tmp_path_factory):
     """tfds builds the dataset from the four files once per test session (about 15 s)."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    datasets = input_pipeline.load_fashion_mnist(data_dir=data_dir, manual_dir=SHARED_FASHION_MNIST)
+    datasets = dataset.load_fashion_mnist(data_dir=data_dir, manual_dir=SHARED_FASHION_MNIST)
     assert len(datasets["train"]) == 60_000 and len(datasets["test"]) == 10_000
     return data_dir
 
@@ -36,10 +36,10 @@ def test_real_data_short_run_beats_chance_by_far(data_dir, tmp_path):
 
 def test_the_copy_beside_the_build_holds_what_tfds_reads(data_dir, monkeypatch):
     """The fixture's load left the uncompressed copy; reading tfds itself gives the same arrays."""
-    assert array_cache.load(os.path.join(data_dir, input_pipeline.DATASET)) is not None
-    from_copy = input_pipeline.load_fashion_mnist(data_dir=data_dir)
-    monkeypatch.setattr(array_cache, "load", lambda dataset_dir: None)
-    from_tfds = input_pipeline.load_fashion_mnist(data_dir=data_dir)
+    assert data_arrays.load_copy(os.path.join(data_dir, input_pipeline.DATASET)) is not None
+    from_copy = dataset.load_fashion_mnist(data_dir=data_dir)
+    monkeypatch.setattr(data_arrays, "load_copy", lambda dataset_dir: None)
+    from_tfds = dataset.load_fashion_mnist(data_dir=data_dir)
     for split in input_pipeline.SPLITS:
         for name in ("images", "labels"):
             np.testing.assert_array_equal(getattr(from_copy[split], name), getattr(from_tfds[split], name), strict=True)
@@ -50,8 +50,8 @@ def test_a_truncated_file_is_named_in_one_line(tmp_path):
     shutil.copytree(SHARED_FASHION_MNIST, manual_dir)
     labels = manual_dir / "t10k-labels-idx1-ubyte.gz"
     os.truncate(labels, 1000)
-    with pytest.raises(input_pipeline.DataError) as error:
-        input_pipeline.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual_dir))
+    with pytest.raises(errors.DataError) as error:
+        dataset.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(manual_dir))
     assert str(error.value) == (
         f"a Fashion-MNIST file damaged or altered, with another SHA-256 than the published one: {labels} "
         f"(1,000 bytes, the original has 5,148). Replace it with the original and run again."

@@ -11,12 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from nin_jax import batch_norm, input_pipeline, optim, parallel, steps
+from nin_jax import input_pipeline, models, parallel, steps
 from nin_jax.config import Config, ConfigError, parse_flags
-from nin_jax.recipes import RECIPES
+from nin_jax.config import RECIPES
 
 import train
 
+from conftest import one_eval_step, one_train_step
 from test_steps import random_batch
 
 STEPS_PER_EPOCH = 10
@@ -28,7 +29,7 @@ def strong(**changes) -> Config:
 
 def test_cosine_schedule_warms_up_to_the_peak_and_decays_to_zero():
     config = strong(num_epochs=4, warmup_epochs=1.0, learning_rate=0.02, lr_schedule="cosine")
-    schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
+    schedule = steps.learning_rate_schedule(config, STEPS_PER_EPOCH)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(schedule(5), 0.01, rtol=1e-6)  # halfway through the warm-up
     np.testing.assert_allclose(schedule(STEPS_PER_EPOCH), 0.02, rtol=1e-6)  # the peak, at the warm-up's end
@@ -40,7 +41,7 @@ def test_cosine_schedule_warms_up_to_the_peak_and_decays_to_zero():
 
 def test_onecycle_schedule_rises_over_the_warm_up_then_decays_to_almost_zero():
     config = strong(num_epochs=4, warmup_epochs=1.0, learning_rate=0.2, lr_schedule="onecycle")
-    schedule = optim.learning_rate_schedule(config, STEPS_PER_EPOCH)
+    schedule = steps.learning_rate_schedule(config, STEPS_PER_EPOCH)
     np.testing.assert_allclose(schedule(0), 0.2 / 25, rtol=1e-6)
     np.testing.assert_allclose(schedule(STEPS_PER_EPOCH), 0.2, rtol=1e-6)  # the peak, at the warm-up's end
     np.testing.assert_allclose(schedule(4 * STEPS_PER_EPOCH), 0.2 / 25 / 1e4, rtol=1e-5)
@@ -52,7 +53,7 @@ def test_onecycle_schedule_rises_over_the_warm_up_then_decays_to_almost_zero():
 def test_reference_optimizer_is_the_books_plain_sgd():
     params = {"conv": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)}}
     grads = jax.tree_util.tree_map(lambda p: p * 0.5, params)
-    tx = optim.create_optimizer(Config(), STEPS_PER_EPOCH)
+    tx = steps.create_optimizer(Config(), STEPS_PER_EPOCH)
     expected = optax.sgd(0.1)
     chex.assert_trees_all_equal_structs(tx.init(params), expected.init(params))
     chex.assert_trees_all_close(tx.update(grads, tx.init(params))[0], expected.update(grads, expected.init(params))[0])
@@ -61,7 +62,7 @@ def test_reference_optimizer_is_the_books_plain_sgd():
 def test_weight_decay_reaches_the_update_of_kernels_only():
     params = {"conv": {"kernel": jnp.full((3, 3), 2.0), "bias": jnp.full(3, 2.0)}}
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    tx = optim.create_optimizer(Config(learning_rate=0.1, weight_decay=0.01), STEPS_PER_EPOCH)
+    tx = steps.create_optimizer(Config(learning_rate=0.1, weight_decay=0.01), STEPS_PER_EPOCH)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     np.testing.assert_allclose(updates["conv"]["kernel"], -0.1 * 0.01 * 2.0, rtol=1e-6)
     np.testing.assert_array_equal(updates["conv"]["bias"], 0.0)
@@ -70,7 +71,7 @@ def test_weight_decay_reaches_the_update_of_kernels_only():
 def test_nesterov_momentum_builds_up_over_steps():
     params = {"kernel": jnp.zeros(2)}
     grads = {"kernel": jnp.ones(2)}
-    tx = optim.create_optimizer(Config(learning_rate=0.1, momentum=0.9, nesterov=True), STEPS_PER_EPOCH)
+    tx = steps.create_optimizer(Config(learning_rate=0.1, momentum=0.9, nesterov=True), STEPS_PER_EPOCH)
     state = tx.init(params)
     first, state = tx.update(grads, state, params)
     second, _ = tx.update(grads, state, params)
@@ -101,7 +102,7 @@ def test_the_strong_recipe_step_learns_on_one_batch_under_jit_and_pmap():
         state = strategy.put_state(steps.create_train_state(config, steps_per_epoch=STEPS_PER_EPOCH))
         losses = []
         for _ in range(6):
-            state, metrics = strategy.train_step(state, batch)
+            state, metrics = one_train_step(strategy, state, batch)
             losses.append(float(metrics["loss_sum"] / metrics["count"]))
         assert losses[-1] < losses[0], (strategy.name, losses)
 
@@ -112,13 +113,13 @@ def test_batch_norm_variant_updates_running_statistics_the_same_on_every_device(
     initial = steps.create_train_state(config)
     assert jax.tree_util.tree_leaves(initial.batch_stats)
     strategy = parallel.PmapStrategy(config)
-    state, metrics = strategy.train_step(strategy.put_state(initial), batch)
+    state, metrics = one_train_step(strategy, strategy.put_state(initial), batch)
     for leaf in jax.tree_util.tree_leaves(state.batch_stats):  # replicas agree after the pmean
         np.testing.assert_allclose(leaf, np.broadcast_to(leaf[0], leaf.shape), rtol=1e-6)
     moved = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), strategy.get_state(state).batch_stats,
                                    initial.batch_stats)
     assert all(jax.tree_util.tree_leaves(moved))
-    eval_metrics = strategy.eval_step(state, batch)
+    eval_metrics = one_eval_step(strategy, state, batch)
     assert eval_metrics["count"] == 16 and np.isfinite(eval_metrics["loss_sum"])
 
 
@@ -140,9 +141,9 @@ def test_batch_statistics_are_those_of_the_real_examples_on_one_device_and_acros
     x = np.random.default_rng(0).normal(3.0, 2.0, (16, 5, 5, 8)).astype(np.float32)
     mask = (np.arange(16) < 3).astype(np.float32)  # 3 real examples: shards 2 to 4 are all padding
     expected = x[:3].mean((0, 1, 2)), x[:3].var((0, 1, 2))
-    np.testing.assert_allclose(jax.jit(batch_norm.batch_statistics)(x, mask), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(models.batch_statistics)(x, mask), expected, rtol=1e-5, atol=1e-5)
     shard = lambda a: a.reshape((4, -1) + a.shape[1:])  # noqa: E731
-    per_device = jax.pmap(lambda x, m: batch_norm.batch_statistics(x, m, "batch"), axis_name="batch")(shard(x), shard(mask))
+    per_device = jax.pmap(lambda x, m: models.batch_statistics(x, m, "batch"), axis_name="batch")(shard(x), shard(mask))
     for device in range(4):  # every device holds the statistics of the 3 real examples
         np.testing.assert_allclose([per_device[0][device], per_device[1][device]], expected, rtol=1e-5, atol=1e-5)
 
@@ -153,10 +154,10 @@ def test_a_batch_norm_step_on_a_padded_batch_is_the_step_on_its_real_examples(st
     config = Config(resize=67, batch_size=16, batch_norm=True, dropout_rate=0.0)
     batch = padded_batch(3)
     unpadded = dataclasses.replace(config, batch_size=3)
-    expected, expected_metrics = parallel.JitStrategy(unpadded).train_step(
-        steps.create_train_state(unpadded), {name: values[:3] for name, values in batch.items()})
+    expected, expected_metrics = one_train_step(
+        parallel.JitStrategy(unpadded), steps.create_train_state(unpadded), {name: values[:3] for name, values in batch.items()})
     strategy = strategy_class(config)
-    state, metrics = strategy.train_step(strategy.put_state(steps.create_train_state(config)), batch)
+    state, metrics = one_train_step(strategy, strategy.put_state(steps.create_train_state(config)), batch)
     state = strategy.get_state(state)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)  # noqa: E731
     jax.tree_util.tree_map(close, state.batch_stats, expected.batch_stats)

@@ -12,6 +12,8 @@ import pytest
 from nin_jax import input_pipeline, parallel, steps
 from nin_jax.config import Config, ConfigError
 
+from conftest import one_eval_step, one_train_step
+
 CONFIG = Config(resize=67, batch_size=16, dropout_rate=0.0)
 
 
@@ -25,7 +27,7 @@ def random_batch(batch_size: int, num_real: int, seed: int = 0) -> input_pipelin
 
 def one_step(strategy, batch):
     state = strategy.put_state(steps.create_train_state(CONFIG))
-    state, metrics = strategy.train_step(state, batch)
+    state, metrics = one_train_step(strategy, state, batch)
     return strategy.get_state(state), jax.device_get(metrics)
 
 
@@ -54,7 +56,7 @@ def test_sharding_step_equals_pmap_step_over_a_few_steps():
         assert strategy.num_devices == 4
         state = strategy.put_state(steps.create_train_state(CONFIG))
         for batch in batches:
-            state, metrics = strategy.train_step(state, batch)
+            state, metrics = one_train_step(strategy, state, batch)
         results.append((strategy.get_state(state).params, jax.device_get(metrics)))
     (pmap_params, pmap_metrics), (sharded_params, sharded_metrics) = results
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pmap_params, sharded_params)
@@ -75,7 +77,7 @@ def test_train_step_is_sgd_on_the_mean_loss_of_real_examples():
         lambda p, g: p - CONFIG.learning_rate * g, state.params, jax.grad(mean_loss)(state.params)
     )
     expected_loss = mean_loss(state.params)
-    new_state, metrics = parallel.JitStrategy(CONFIG).train_step(state, batch)  # donates `state`
+    new_state, metrics = one_train_step(parallel.JitStrategy(CONFIG), state, batch)  # donates `state`
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params, expected)
     np.testing.assert_allclose(metrics["loss_sum"] / metrics["count"], expected_loss, rtol=1e-5)
 
@@ -85,14 +87,14 @@ def test_dropout_masks_follow_the_step():
     config = dataclasses.replace(CONFIG, dropout_rate=0.5)
     batch = random_batch(config.batch_size, 16)
     strategy = parallel.JitStrategy(config)
-    first = strategy.train_step(steps.create_train_state(config), batch)[0]
-    again = strategy.train_step(steps.create_train_state(config), batch)[0]
+    first = one_train_step(strategy, steps.create_train_state(config), batch)[0]
+    again = one_train_step(strategy, steps.create_train_state(config), batch)[0]
     jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, again.params)
 
 
 def test_eval_step_counts_only_real_examples():
     batch = random_batch(CONFIG.batch_size, num_real=5)
-    metrics = parallel.JitStrategy(CONFIG).eval_step(steps.create_train_state(CONFIG), batch)
+    metrics = one_eval_step(parallel.JitStrategy(CONFIG), steps.create_train_state(CONFIG), batch)
     assert metrics["count"] == 5
     assert 0 <= metrics["correct"] <= 5
 
@@ -133,7 +135,7 @@ def test_jit_and_sharding_draw_the_same_dropout_masks():
     for name, strategy, state in (("jit", parallel.JitStrategy(config), initial),
                                   ("sharding", parallel.ShardingStrategy(config), initial),
                                   ("other key", parallel.JitStrategy(config), other_key)):
-        new_state, _ = strategy.train_step(strategy.put_state(state), batch)
+        new_state, _ = one_train_step(strategy, strategy.put_state(state), batch)
         results[name] = jax.tree_util.tree_leaves(strategy.get_state(new_state).params)
     for jit_leaf, sharded_leaf in zip(results["jit"], results["sharding"]):
         np.testing.assert_allclose(sharded_leaf, jit_leaf, rtol=1e-4, atol=1e-6)
@@ -154,7 +156,7 @@ def test_bfloat16_step_computes_in_bf16_and_keeps_parameters_optimizer_and_loss_
     results = []
     for config in (CONFIG, bf16):
         strategy = parallel.JitStrategy(config)
-        new_state, metrics = strategy.train_step(strategy.put_state(steps.create_train_state(config)), batch)
+        new_state, metrics = one_train_step(strategy, strategy.put_state(steps.create_train_state(config)), batch)
         results.append((strategy.get_state(new_state), jax.device_get(metrics)))
     (fp32_state, fp32_metrics), (bf16_state, bf16_metrics) = results
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves((bf16_state.params, bf16_state.opt_state))} <= {

@@ -1,7 +1,6 @@
 """The training loop and the command line, end to end on tfds' mock data."""
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys

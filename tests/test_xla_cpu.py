@@ -6,30 +6,31 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import parallel, steps, xla_cpu
+from nin_jax import kernels, parallel, steps
 from nin_jax.config import Config
 
+from conftest import one_train_step
 from test_steps import random_batch
 
 
 def test_tuned_asks_for_the_option_and_default_for_nothing():
     assert jax.default_backend() == "cpu"
-    assert xla_cpu.compiler_options("tuned") == xla_cpu.TUNED_OPTIONS
-    assert xla_cpu.compiler_options("default") is None
+    assert kernels.compiler_options("tuned") == kernels.TUNED_OPTIONS
+    assert kernels.compiler_options("default") is None
 
 
 def test_an_xla_without_the_option_compiles_with_its_defaults(monkeypatch):
-    monkeypatch.setattr(xla_cpu, "TUNED_OPTIONS", {"xla_cpu_no_such_option": "x"})
-    xla_cpu._xla_knows_tuned_options.cache_clear()
+    monkeypatch.setattr(kernels, "TUNED_OPTIONS", {"xla_cpu_no_such_option": "x"})
+    kernels._xla_knows_tuned_options.cache_clear()
     try:
-        assert xla_cpu.compiler_options("tuned") is None
+        assert kernels.compiler_options("tuned") is None
         config = Config(resize=67, batch_size=4, parallel="jit")
         strategy = parallel.JitStrategy(config)
         state = strategy.put_state(steps.create_train_state(config))
-        _, metrics = strategy.train_step(state, random_batch(4, 4))
+        _, metrics = one_train_step(strategy, state, random_batch(4, 4))
         assert np.isfinite(metrics["loss_sum"])
     finally:
-        xla_cpu._xla_knows_tuned_options.cache_clear()
+        kernels._xla_knows_tuned_options.cache_clear()
 
 
 def library_fused_ops(hlo_text: str) -> set[str]:
@@ -53,7 +54,7 @@ def compiled_steps():
         state = strategy.put_state(steps.create_train_state(config))
         strategy.compile(state, batch)
         text = strategy._train.as_text()
-        new_state, metrics = strategy.train_step(state, batch)
+        new_state, metrics = one_train_step(strategy, state, batch)
         result[cpu_kernels] = (text, jax.device_get(new_state.params), jax.device_get(metrics))
     return result
 

@@ -1,5 +1,9 @@
-"""An uncompressed copy of the built tfds dataset, kept beside it, that later runs read at once
-and without importing TensorFlow, where tfds would decode its records again.
+"""The dataset's NumPy copies, as one name for both: the data arrays.
+
+Two files hold them. `--data_arrays F.npz` is one that `python -m nin_jax.export_arrays` wrote,
+for machines without TensorFlow (`save`, `load`). The other is kept beside the tfds build, an
+uncompressed copy that later runs read at once and without TensorFlow, where tfds would decode
+its records again (`save_copy`, `read_copy`).
 
 The copy records the names, sizes and modification times of the tfds files it was made from; a
 rebuilt dataset changes them, and the copy is then stale. A stale, damaged or foreign copy reads
@@ -16,6 +20,9 @@ import zipfile
 from typing import Optional
 
 import numpy as np
+
+from nin_jax.errors import DataError
+from nin_jax.input_pipeline import IMAGE_SHAPE, SPLITS, Split
 
 FILE_NAME = "nin_jax_arrays.npz"
 _SOURCE_KEY = "tfds_files"
@@ -57,7 +64,7 @@ def _matches_build(dataset_dir: str, arrays: dict[str, np.ndarray]) -> bool:
         f"{split}_labels" in arrays and len(arrays[f"{split}_labels"]) == size for split, size in sizes.items())
 
 
-def load(dataset_dir: str) -> Optional[dict[str, np.ndarray]]:
+def load_copy(dataset_dir: str) -> Optional[dict[str, np.ndarray]]:
     """The arrays saved beside the tfds build in `dataset_dir`, or None if there are none, or they
     are stale or damaged."""
     source = tfds_files(dataset_dir)
@@ -73,7 +80,7 @@ def load(dataset_dir: str) -> Optional[dict[str, np.ndarray]]:
     return arrays if _matches_build(dataset_dir, arrays) else None
 
 
-def save(dataset_dir: str, arrays: dict[str, np.ndarray]) -> None:
+def save_copy(dataset_dir: str, arrays: dict[str, np.ndarray]) -> None:
     """Writes `arrays` beside the tfds build in `dataset_dir`, atomically: readers see the old file
     or the whole new one. Without a build there, where `arrays` are not what the build records, or
     where the folder is read-only, it writes nothing."""
@@ -94,3 +101,53 @@ def save(dataset_dir: str, arrays: dict[str, np.ndarray]) -> None:
     finally:
         if os.path.exists(file.name):
             os.unlink(file.name)
+
+
+def as_arrays(datasets: dict[str, Split]) -> dict[str, np.ndarray]:
+    return {f"{split}_{name}": getattr(datasets[split], name) for split in SPLITS for name in ("images", "labels")}
+
+
+def _as_splits(arrays) -> dict[str, Split]:
+    """The splits held in `arrays` (as `as_arrays` names them); a KeyError if one is missing."""
+    return {split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in SPLITS}
+
+
+def _what_is_wrong(datasets: dict[str, Split]) -> Optional[str]:
+    """Why these are not Fashion-MNIST's splits as `Split` holds them, or None if they are."""
+    for split, data in datasets.items():
+        if data.images.dtype != np.uint8 or data.images.shape[1:] != IMAGE_SHAPE or len(data.images) != len(data.labels):
+            return (f"the {split} split holds images of shape {data.images.shape} ({data.images.dtype}) and "
+                    f"{len(data.labels)} labels, not uint8 28x28x1 images with a label each")
+    return None
+
+
+def read_copy(dataset_dir: str) -> Optional[dict[str, Split]]:
+    """The splits of the uncompressed copy beside the tfds build, or None where there is none that
+    is current and whole."""
+    arrays = load_copy(dataset_dir)
+    try:
+        datasets = _as_splits(arrays) if arrays else None
+    except KeyError:
+        return None
+    return None if datasets is None or _what_is_wrong(datasets) else datasets
+
+
+def save(datasets: dict[str, Split], path: str) -> None:
+    """Writes the splits to one compressed .npz, for machines without TensorFlow."""
+    np.savez_compressed(path, **as_arrays(datasets))
+
+
+def load(path: str) -> dict[str, Split]:
+    """The splits that `save` wrote; a missing or foreign file is a one-line DataError."""
+    try:
+        with np.load(os.path.expanduser(path)) as arrays:
+            datasets = _as_splits(arrays)
+    except (OSError, KeyError, ValueError) as error:
+        raise DataError(
+            f"cannot read Fashion-MNIST arrays from --data_arrays {path} ({type(error).__name__}: {error}); "
+            f"write them with `python -m nin_jax.export_arrays --out {path}` on a machine with tensorflow-datasets"
+        ) from error
+    problem = _what_is_wrong(datasets)
+    if problem:
+        raise DataError(f"--data_arrays {path}: {problem}")
+    return datasets

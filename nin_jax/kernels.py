@@ -1,0 +1,141 @@
+"""Which kernels compute NiN on each backend: choices measured to help on the CPU, off elsewhere.
+
+Each lever changes how XLA computes the same function, never the function or the parameters:
+
+  * `--max_pool`: `slices`, NiN's max-pools as strided slices with a first-maximum gradient
+    (`max_pool` below), or `reduce_window`, Flax's `nn.max_pool`;
+  * `--conv1x1`: the 1x1 convolutions as a `dot` over channels or as a `conv`; the layer's
+    kernel is the same (inputs, outputs) matrix either way, so checkpoints do not depend on it;
+  * `--cpu_kernels` (`compiler_options` below): an option of XLA's CPU compiler only.
+
+`auto` is the measured choice on the CPU (`slices`, `dot`) and XLA's plain ops on GPUs and TPUs
+(`reduce_window`, `conv`), until `benchmarks/accelerator.sh` has measured them there.
+"""
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Where a lever was measured to help, `auto` turns it on; every other backend gets XLA's plain ops.
+_MEASURED = {"cpu": {"max_pool": "slices", "conv1x1": "dot"}}
+_PLAIN = {"max_pool": "reduce_window", "conv1x1": "conv"}
+
+
+def resolve(lever: str, choice: str, platform: Optional[str] = None) -> str:
+    """The concrete choice for `lever` ('max_pool' or 'conv1x1'): `choice` itself unless it is
+    'auto', which picks by the platform the steps compile for (default: JAX's default backend)."""
+    if choice != "auto":
+        return choice
+    return _MEASURED.get(platform or jax.default_backend(), _PLAIN)[lever]
+
+
+def for_platform(config, platform: str):
+    """`config` with every lever's 'auto' made the choice for `platform`: for compiling steps for
+    devices other than the default backend's (`nin_jax.plan`)."""
+    return dataclasses.replace(config, **{lever: resolve(lever, getattr(config, lever), platform) for lever in _PLAIN})
+
+
+# ---------------------------------------------------------------------------------------------
+# --cpu_kernels. The XLA compiler option that makes NiN's training step fast on a CPU: a measured choice.
+#
+# XLA hands convolutions, dots, reductions and elementwise work to the YNNPACK
+# library on the CPU. For NiN its convolutions, the backward ones above all, are slower than XLA's
+# own Eigen kernels, while YNNPACK's reductions (the bias gradients) are the faster ones, so handing
+# YNNPACK the reductions only makes the training step fastest (docs/performance.md has the
+# measurements). The option changes which kernels compute the same function, not the function.
+#
+# `--cpu_kernels default` keeps XLA's own choice. GPUs and TPUs never see the option; nor does an
+# XLA that does not know it (the option is experimental), which then runs its default. `jax.pmap`
+# takes no compiler options, so `--parallel pmap` on CPU devices runs the default too.
+
+TUNED_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(cpu_kernels: str, platform: Optional[str] = None) -> Optional[dict[str, str]]:
+    """The `compiler_options` for `jax.jit` that `--cpu_kernels` asks for on `platform` (default:
+    JAX's default backend)."""
+    if cpu_kernels == "default" or (platform or jax.default_backend()) != "cpu" or not _xla_knows_tuned_options():
+        return None
+    return dict(TUNED_OPTIONS)
+
+
+@functools.cache
+def _xla_knows_tuned_options() -> bool:
+    try:
+        jax.jit(lambda: 0, compiler_options=TUNED_OPTIONS).lower().compile()
+    except (RuntimeError, TypeError):  # unknown option or value; a jax.jit without compiler_options
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# --max_pool slices. Max pooling written as slices, with a gradient that XLA's CPU backend runs faster.
+#
+# `nn.max_pool` lowers to `reduce_window`, whose gradient is `select_and_scatter`. On the CPU XLA
+# runs that scatter element by element, slower than the pools' neighbouring convolutions; written
+# as here, it fuses (docs/performance.md has the timings of benchmarks/pool_levers.py).
+#
+# A window is the maximum of its k*k strided slices, an elementwise chain XLA fuses. The gradient
+# routes each output gradient to the first maximum of its window in row-major order, the element
+# `select_and_scatter` picks, and adds the contributions of overlapping windows with strided pads,
+# which fuse too. Outputs are those of `nn.max_pool` exactly, gradients equal to float32 rounding
+# (overlaps are summed in another order). NiN uses it where `--max_pool` says:
+# by default on the CPU, where it was measured.
+
+def _output_size(size: int, window: int, stride: int) -> int:
+    return (size - window) // stride + 1
+
+
+def _window_slices(x: jax.Array, window: int, stride: int) -> list[jax.Array]:
+    """The window*window strided slices of x (NHWC), one per position in the window, row-major.
+    Slice (i, j) holds element (i, j) of every window."""
+    out_h, out_w = (_output_size(size, window, stride) for size in x.shape[1:3])
+    return [
+        x[:, i : i + stride * (out_h - 1) + 1 : stride, j : j + stride * (out_w - 1) + 1 : stride, :]
+        for i in range(window)
+        for j in range(window)
+    ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def max_pool(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+    """`nn.max_pool(x, (window, window), (stride, stride), 'VALID')` on NHWC images."""
+    return functools.reduce(jnp.maximum, _window_slices(x, window, stride))
+
+
+def _max_pool_forward(x, window, stride):
+    return max_pool(x, window, stride), x
+
+
+def _max_pool_backward(window, stride, x, grad):
+    # The maxima are found again, from one materialised copy of x: XLA may recompute x's producer
+    # (say batch norm and ReLU) inside each fusion that reads it, rounded differently from the
+    # forward pass, and a window whose saved maximum equals none of its recomputed elements would
+    # route its gradient nowhere.
+    x = lax.optimization_barrier(x)
+    pooled = max_pool(x, window, stride)
+    height, width = x.shape[1:3]
+    out_h, out_w = pooled.shape[1:3]
+    zero = jnp.zeros((), x.dtype)
+    grad_x = jnp.zeros_like(x)
+    routed = jnp.zeros(pooled.shape, bool)  # windows whose gradient has gone to an earlier maximum
+    for position, candidate in enumerate(_window_slices(x, window, stride)):
+        i, j = divmod(position, window)
+        first_max = (candidate == pooled) & ~routed
+        routed = routed | first_max
+        # The transpose of the strided slice: put each value back at its place in x, zeros between.
+        padding = (
+            (0, 0, 0),
+            (i, height - i - stride * (out_h - 1) - 1, stride - 1),
+            (j, width - j - stride * (out_w - 1) - 1, stride - 1),
+            (0, 0, 0),
+        )
+        grad_x = grad_x + lax.pad(jnp.where(first_max, grad, zero), zero, padding)
+    return (grad_x,)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
