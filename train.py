@@ -10,14 +10,16 @@ every flag with its default.
 """
 
 import argparse
+import os
+import signal
 import sys
 
 from nin_jax.config import TRAINING, FlagParser, add_config_flags, parse_flags
-from nin_jax.errors import ConfigError, DataError, WorkdirError
-from nin_jax.stopping import Diverged, Interrupted
+from nin_jax.errors import ConfigError, DataError, OutputError, WorkdirError, quiet_library_logs
+from nin_jax.stopping import Diverged, Interrupted, Terminated, signals_raise
 
 # Errors whose message is all the user needs: printed as one line, without a traceback.
-USER_ERRORS = (DataError, WorkdirError, Diverged)
+USER_ERRORS = (DataError, WorkdirError, OutputError, Diverged)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,21 +46,42 @@ def main(argv=None) -> int:
     if flags["summary"]:
         print_summary(config)
         return 0
-    from nin_jax import compile_cache, trainer
-
+    quiet_library_logs()
     try:
-        compile_cache.enable(config.compile_cache)  # before JAX compiles anything
-        trainer.train_and_evaluate(config, config.workdir)
+        with signals_raise():  # from here on a SIGTERM or SIGHUP ends the run with a line, not in silence
+            from nin_jax import compile_cache, trainer
+
+            compile_cache.enable(config.compile_cache)  # before JAX compiles anything
+            trainer.train_and_evaluate(config, config.workdir)
     except ConfigError as error:  # found once the devices are known, e.g. a batch that does not split over them
         parser.error(str(error))
     except USER_ERRORS as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     except Interrupted as stop:
         parser.exit(stop.exit_code, f"{parser.prog}: {stop}\n")
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        parser.exit(130, f"{parser.prog}: interrupted; the same command resumes from the latest checkpoint, if any\n")
+    except (KeyboardInterrupt, Terminated) as stop:  # before training started, or a second signal
+        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        parser.exit(128 + signum, f"{parser.prog}: interrupted{by}; the same command resumes from the latest "
+                                  f"checkpoint, if any\n")
     return 0
 
 
+def exit_process(status) -> None:
+    """Ends the process with `status` once `main` has said what it must. A failed run of one
+    process has nothing left to do by then (its checkpoints are closed, its lock released), so it
+    exits at once: threads that a failed save left behind (orbax's) can neither wait nor print at
+    shutdown. With several processes the runtime's own shutdown still runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status and ("jax" not in sys.modules or sys.modules["jax"].process_count() == 1):
+        os._exit(status if isinstance(status, int) else 1)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        status = main()
+    except SystemExit as end:
+        status = end.code
+    exit_process(status)

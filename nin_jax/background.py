@@ -8,16 +8,20 @@ from typing import Callable
 
 class InOrder:
     """Runs jobs one at a time on a thread of its own, in the order they were submitted. A job's
-    error is raised in the caller's thread, by the next `submit` or by `wait`."""
+    error is raised in the caller's thread, by the next `submit`, `raise_failed` or `wait`."""
 
     def __init__(self, name: str):
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._jobs: collections.deque[concurrent.futures.Future] = collections.deque()
 
     def submit(self, job: Callable[..., None], *args) -> None:
+        self.raise_failed()
+        self._jobs.append(self._executor.submit(job, *args))
+
+    def raise_failed(self) -> None:
+        """Raises the error of the first finished job that failed, if any; never waits."""
         while self._jobs and self._jobs[0].done():
             self._jobs.popleft().result()
-        self._jobs.append(self._executor.submit(job, *args))
 
     @property
     def idle(self) -> bool:

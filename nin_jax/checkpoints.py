@@ -20,7 +20,9 @@ orbax's own bookkeeping run on a thread of their own, so training goes on meanwh
 import dataclasses
 import hashlib
 import os
+import sys
 import tempfile
+import time
 from typing import Any, Optional
 
 import jax
@@ -33,6 +35,7 @@ from nin_jax.config import RESUME_FIELDS, Config
 from nin_jax.errors import WorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
+VANISHED_RETRIES = 5  # reads of the then latest checkpoint, when the one being read was deleted meanwhile
 # Options that earlier versions had and this one has not: their checkpoints resume where they were off.
 REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0}
 
@@ -75,13 +78,49 @@ def _fingerprint(tree: Any) -> str:
 
 
 def _make_writable(workdir: str) -> None:
-    """Creates `workdir` and writes a file there: better a clear message now than a failed save
-    after an epoch of training."""
+    """Creates `workdir` and its checkpoint folder and writes a file there: better a clear message
+    now than a failed save after an epoch of training."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        tempfile.TemporaryFile(dir=workdir).close()
+        os.makedirs(os.path.join(workdir, CHECKPOINT_DIR), exist_ok=True)
+        tempfile.TemporaryFile(dir=os.path.join(workdir, CHECKPOINT_DIR)).close()
     except OSError as error:
-        raise WorkdirError(f"cannot write to --workdir {workdir}: {error.strerror or error}") from error
+        where = f"{error.filename}: " if error.filename and error.filename != workdir else ""
+        raise WorkdirError(f"cannot write to --workdir {workdir}: {where}{error.strerror or error}") from error
+
+
+# What the system says when a save cannot be written, as orbax and tensorstore pass it on.
+SAVE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied", "Not a directory",
+                 "Disk quota exceeded", "File exists")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _without_closed_loop_errors(excepthook):
+    """`excepthook` that stays silent about one error: after a save fails, orbax closes its event
+    loop while tensorstore's writes still finish, and each one's callback reports that the loop is
+    closed, with a traceback, though the run's own line has said what failed."""
+    def hook(kind, value, traceback):
+        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+            excepthook(kind, value, traceback)
+
+    return hook
+
+
+def _vanishes(folder: str, seconds: float = 2.0) -> bool:
+    """Whether `folder` is gone within `seconds`: orbax deletes a checkpoint file by file."""
+    deadline = time.monotonic() + seconds
+    while os.path.isdir(folder):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 class Checkpoints:
@@ -96,6 +135,10 @@ class Checkpoints:
         # With several processes, orbax's save synchronises them with collectives on the devices,
         # which must come in the same order as the steps' own: so it runs on the loop's thread.
         self._saves = background.InOrder("checkpoints") if jax.process_count() == 1 else None
+        self._excepthook = sys.excepthook
+        sys.excepthook = _without_closed_loop_errors(sys.excepthook)
+        self._last_step: Optional[int] = None  # of the latest save begun
+        self._failure_told = False  # a failed save's error is raised once, not again by `close`
 
     def __enter__(self) -> "Checkpoints":
         return self
@@ -108,7 +151,13 @@ class Checkpoints:
             if self._saves:
                 self._saves.close()
         finally:
-            self._manager.close()
+            try:
+                self._manager.close()  # waits for orbax's threads, and raises a failed save's error again
+            except Exception as error:
+                if not self._failure_told:
+                    raise self._save_failed(self._last_step, error) from error
+            finally:
+                sys.excepthook = self._excepthook
 
     def save(self, snapshot: Snapshot) -> None:
         """Starts saving in the background; `snapshot` must hold host copies, which the next
@@ -118,19 +167,55 @@ class Checkpoints:
         else:
             self._save(snapshot)
 
+    def check(self) -> None:
+        """Raises the WorkdirError of a save that failed in the background (a full disk, say),
+        without waiting: the loop calls it after every step, so a run never trains on unsaved."""
+        if self._saves:
+            self._saves.raise_failed()
+
     def _save(self, snapshot: Snapshot) -> None:
         arrays = snapshot.saved_arrays()
         run = {"config": self._record, "epoch_seconds": snapshot.epoch_seconds, "fingerprint": _fingerprint(arrays)}
-        self._manager.save(
-            int(snapshot.state.step), args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), run=ocp.args.JsonSave(run))
-        )
+        step = int(snapshot.state.step)
+        self._last_step = step
+        try:
+            self._manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                             run=ocp.args.JsonSave(run)))
+            if self._saves:  # on the saving thread: the job ends when the checkpoint is whole
+                self._manager.wait_until_finished()
+        except Exception as error:  # orbax and tensorstore wrap the system's error in their own kinds
+            self._failure_told = True
+            raise self._save_failed(step, error) from error
+
+    def _save_failed(self, step: int, error: Exception) -> WorkdirError:
+        text = " ".join(f"{type(e).__name__}: {e}" for e in _causes(error))
+        reason = next((known for known in SAVE_FAILURES if known.lower() in text.lower()), text.splitlines()[0][:200])
+        kept = [s for s in self._manager.all_steps() if s != step]
+        last = f"the checkpoint of step {max(kept)} is whole" if kept else "no checkpoint was saved before it"
+        return WorkdirError(f"cannot save the checkpoint of step {step} in {self.directory}: {reason}; {last}. "
+                            f"Make room or fix the folder, then run the same command to resume")
 
     def restore_latest(self, initial_state: steps.TrainState) -> Optional[Snapshot]:
         """The latest checkpoint's snapshot, None when there is none. Refuses, and leaves the
-        checkpoint as it is, when it is unreadable, damaged or from an incompatible config."""
-        step = self._manager.latest_step()
-        if step is None:
-            return None
+        checkpoint as it is, when it is unreadable, damaged or from an incompatible config.
+
+        A run that is training in this workdir may delete its oldest checkpoints while another
+        process (`nin_jax.predict`) reads one: a checkpoint that vanished while it was read is not
+        damaged, and the then latest one is read instead."""
+        for _ in range(VANISHED_RETRIES):
+            step = self._manager.latest_step()
+            if step is None:
+                return None
+            try:
+                return self._restore_step(step, initial_state)
+            except WorkdirError:
+                if not _vanishes(os.path.join(self.directory, str(step))):
+                    raise
+                self._manager.reload()
+        raise WorkdirError(f"the checkpoints in {self.directory} were deleted faster than they could be read "
+                           f"({VANISHED_RETRIES} tries); try again once the run that writes them has finished")
+
+    def _restore_step(self, step: int, initial_state: steps.TrainState) -> Snapshot:
         run = self._restore(step, run=ocp.args.JsonRestore())["run"]
         self._check_compatible(step, run.get("config", {}))
         template = Snapshot.start(initial_state).saved_arrays()

@@ -134,7 +134,8 @@ class Config:
 
     workdir: Optional[str] = _field(OUTPUTS, None, "where metrics, plots and checkpoints go; none: write nothing")
     log_every_steps: int = _field(
-        OUTPUTS, 0, "every N training steps, log a line with the running loss, accuracy and images/s (0 = off)",
+        OUTPUTS, 0, "every N training steps, log a line with the running loss, accuracy and images/s over the "
+        "epoch so far, checkpoints included (0 = off)",
     )
     checkpoint_every_steps: int = _field(
         OUTPUTS, 0, "also checkpoint every N steps within an epoch (0 = at the end of each epoch only); needs --workdir",
@@ -196,6 +197,11 @@ class Config:
         for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints", "peer_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # NumPy draws the data order from it
+            raise ConfigError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
+        for name in ("workdir", "data_dir", "manual_dir", "data_arrays", "compile_cache"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"--{name} is empty (an unset shell variable?); give a path, or leave the flag out")
         if not 0 < self.learning_rate < math.inf:
             raise ConfigError(f"--learning_rate must be positive and finite, got {self.learning_rate}")
         from nin_jax.models import MIN_INPUT_SIZE

@@ -15,14 +15,14 @@ stand-in (`tfds.testing.mock_data`) returns is never kept as the copy of a real 
 import json
 import os
 import re
-import tempfile
 import zipfile
 from typing import Optional
 
 import numpy as np
 
-from nin_jax.errors import DataError
-from nin_jax.input_pipeline import IMAGE_SHAPE, SPLITS, Split
+from nin_jax import files
+from nin_jax.errors import DataError, OutputError
+from nin_jax.input_pipeline import IMAGE_SHAPE, NUM_CLASSES, SPLITS, Split
 
 FILE_NAME = "nin_jax_arrays.npz"
 _SOURCE_KEY = "tfds_files"
@@ -83,24 +83,15 @@ def load_copy(dataset_dir: str) -> Optional[dict[str, np.ndarray]]:
 def save_copy(dataset_dir: str, arrays: dict[str, np.ndarray]) -> None:
     """Writes `arrays` beside the tfds build in `dataset_dir`, atomically: readers see the old file
     or the whole new one. Without a build there, where `arrays` are not what the build records, or
-    where the folder is read-only, it writes nothing."""
+    where the folder cannot be written (read-only, full), it writes nothing: tfds stays the only copy."""
     source = tfds_files(dataset_dir)
     if not source or not _matches_build(dataset_dir, arrays):
         return
     try:
-        file = tempfile.NamedTemporaryFile(dir=dataset_dir, prefix=FILE_NAME, suffix=".tmp", delete=False)
-    except OSError:  # a read-only data dir: tfds stays the only copy
-        return
-    try:
-        with file:
+        with files.replace(os.path.join(dataset_dir, FILE_NAME), "wb") as file:
             np.savez(file, **arrays, **{_SOURCE_KEY: np.array(source)})
-        os.chmod(file.name, 0o644)  # readable like the tfds files beside it
-        os.replace(file.name, os.path.join(dataset_dir, FILE_NAME))
-    except OSError:  # a full disk, say: the run goes on with what it read from tfds
+    except OutputError:
         pass
-    finally:
-        if os.path.exists(file.name):
-            os.unlink(file.name)
 
 
 def as_arrays(datasets: dict[str, Split]) -> dict[str, np.ndarray]:
@@ -112,13 +103,26 @@ def _as_splits(arrays) -> dict[str, Split]:
     return {split: Split(arrays[f"{split}_images"], arrays[f"{split}_labels"]) for split in SPLITS}
 
 
-def _what_is_wrong(datasets: dict[str, Split]) -> Optional[str]:
-    """Why these are not Fashion-MNIST's splits as `Split` holds them, or None if they are."""
+def what_is_wrong(datasets: dict[str, Split]) -> Optional[str]:
+    """Why these are not Fashion-MNIST's splits as `Split` holds them, or None if they are: uint8
+    28x28x1 images, an integer label from 0 to NUM_CLASSES - 1 for each, and no split empty."""
     for split, data in datasets.items():
-        if data.images.dtype != np.uint8 or data.images.shape[1:] != IMAGE_SHAPE or len(data.images) != len(data.labels):
+        if data.images.dtype != np.uint8 or data.images.shape[1:] != IMAGE_SHAPE or data.labels.ndim != 1 \
+                or len(data.images) != len(data.labels):
             return (f"the {split} split holds images of shape {data.images.shape} ({data.images.dtype}) and "
-                    f"{len(data.labels)} labels, not uint8 28x28x1 images with a label each")
+                    f"labels of shape {data.labels.shape}, not uint8 28x28x1 images with one label each")
+        if not len(data):
+            return f"the {split} split is empty"
+        if not np.issubdtype(data.labels.dtype, np.integer):
+            return f"the {split} split's labels are {data.labels.dtype}, not integers"
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= NUM_CLASSES:
+            return f"the {split} split's labels run from {low} to {high}, not within 0 to {NUM_CLASSES - 1}"
     return None
+
+
+def _as_int32_labels(datasets: dict[str, Split]) -> dict[str, Split]:
+    return {split: Split(data.images, data.labels.astype(np.int32)) for split, data in datasets.items()}
 
 
 def read_copy(dataset_dir: str) -> Optional[dict[str, Split]]:
@@ -129,25 +133,31 @@ def read_copy(dataset_dir: str) -> Optional[dict[str, Split]]:
         datasets = _as_splits(arrays) if arrays else None
     except KeyError:
         return None
-    return None if datasets is None or _what_is_wrong(datasets) else datasets
+    return None if datasets is None or what_is_wrong(datasets) else datasets
 
 
 def save(datasets: dict[str, Split], path: str) -> None:
-    """Writes the splits to one compressed .npz, for machines without TensorFlow."""
-    np.savez_compressed(path, **as_arrays(datasets))
+    """Writes the splits to one compressed .npz at exactly `path`, whole or not at all, for machines
+    without TensorFlow. A path without `.npz` is refused: NumPy would write another one."""
+    if not path.endswith(".npz"):
+        raise OutputError(f"--out {path} must end in .npz (the file that --data_arrays then reads)")
+    with files.replace(os.path.expanduser(path), "wb") as file:
+        np.savez_compressed(file, **as_arrays(datasets))
 
 
 def load(path: str) -> dict[str, Split]:
-    """The splits that `save` wrote; a missing or foreign file is a one-line DataError."""
+    """The splits that `save` wrote, checked (`what_is_wrong`); a missing, damaged or foreign file
+    is a one-line DataError."""
+    advice = f"write it with `python -m nin_jax.export_arrays --out {path}` on a machine with tensorflow-datasets"
     try:
         with np.load(os.path.expanduser(path)) as arrays:
             datasets = _as_splits(arrays)
-    except (OSError, KeyError, ValueError) as error:
-        raise DataError(
-            f"cannot read Fashion-MNIST arrays from --data_arrays {path} ({type(error).__name__}: {error}); "
-            f"write them with `python -m nin_jax.export_arrays --out {path}` on a machine with tensorflow-datasets"
-        ) from error
-    problem = _what_is_wrong(datasets)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        reason = {EOFError: "the file is empty"}.get(type(error), f"{type(error).__name__}: {error}")
+        raise DataError(f"cannot read Fashion-MNIST arrays from --data_arrays {path} ({reason}); {advice}") from error
+    except (AttributeError, TypeError) as error:  # a .npy: np.load returns one array, not a context manager
+        raise DataError(f"--data_arrays {path} is not an .npz of named arrays; {advice}") from error
+    problem = what_is_wrong(datasets)
     if problem:
         raise DataError(f"--data_arrays {path}: {problem}")
-    return datasets
+    return _as_int32_labels(datasets)

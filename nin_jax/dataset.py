@@ -66,6 +66,10 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
                 _build_from_files(tfds, builder, data_dir, manual_dir, download)
     builder = tfds.builder(DATASET, data_dir=data_dir)
     datasets = {split: _read_split(builder, split) for split in SPLITS}
+    problem = data_arrays.what_is_wrong(datasets)
+    if problem:
+        raise DataError(f"the Fashion-MNIST that tfds built in {data_dir} is not what it should be: {problem}; "
+                        f"move {dataset_dir} away and run again to build it anew")
     data_arrays.save_copy(dataset_dir, data_arrays.as_arrays(datasets))
     return datasets
 

@@ -1,6 +1,8 @@
 """The errors whose message is all the user needs: `train.py` prints each as one line, without a
 traceback. They live here, below every module that raises them, so that any module can."""
 
+import logging
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; its message is meant for the user."""
@@ -12,3 +14,13 @@ class DataError(RuntimeError):
 
 class WorkdirError(RuntimeError):
     """The workdir or a checkpoint in it cannot be used; the message says why and what to do."""
+
+
+class OutputError(RuntimeError):
+    """A file cannot be written (a full disk, a read-only folder, no permission); the message names it."""
+
+
+def quiet_library_logs() -> None:
+    """Keeps absl's log lines (orbax and tfds write their failures there too) off the terminal: the
+    entry points say what failed in their own one line."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)

@@ -4,22 +4,26 @@ without TensorFlow, e.g. on an accelerator machine that has JAX but neither Tens
     python -m nin_jax.export_arrays --manual_dir ../shared/data/fashion_mnist --out fashion_mnist.npz
 """
 
-import argparse
-
 from nin_jax import data_arrays, dataset, errors
+from nin_jax.config import FlagParser
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = FlagParser(prog="python -m nin_jax.export_arrays", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="the .npz to write")
     parser.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory (default: tfds' own)")
     parser.add_argument("--manual_dir", default=None, help="folder holding the four Fashion-MNIST .gz files")
     args = parser.parse_args(argv)
+    if not args.out.endswith(".npz"):
+        parser.error(f"--out {args.out} must end in .npz (the file that --data_arrays then reads)")
+    errors.quiet_library_logs()
     try:
         datasets = dataset.load_fashion_mnist(args.data_dir, args.manual_dir)
-    except errors.DataError as error:
+        data_arrays.save(datasets, args.out)
+    except (errors.DataError, errors.OutputError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
-    data_arrays.save(datasets, args.out)
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; {args.out} is as it was\n")
     print(f"wrote {args.out}: {len(datasets['train']):,} training and {len(datasets['test']):,} test examples")
 
 

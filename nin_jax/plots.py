@@ -5,12 +5,13 @@ Figures are built with `matplotlib.figure.Figure`, never pyplot, so no window or
 backend is involved: they render with Agg on a headless machine.
 """
 
-import os
 from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from nin_jax import files
 
 # (record key, legend label, line style), the book's Animator legend.
 CURVES = (("train_loss", "train loss", "-"), ("train_accuracy", "train acc", "--"), ("test_accuracy", "test acc", "-."))
@@ -18,9 +19,8 @@ CURVES = (("train_loss", "train loss", "-"), ("train_accuracy", "train acc", "--
 
 def _save(figure: Figure, path: str) -> None:
     """Writes through a temporary file, so a viewer never opens a half-written picture."""
-    temporary = path + ".tmp"
-    figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-    os.replace(temporary, path)
+    with files.replace(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=100, bbox_inches="tight")
 
 
 def plot_curves(records: Sequence[dict[str, Any]], num_epochs: int, path: str) -> None:

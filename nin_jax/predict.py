@@ -19,7 +19,7 @@ import numpy as np
 
 from nin_jax import dataset, errors, input_pipeline, plots, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, WorkdirError
-from nin_jax.config import Config
+from nin_jax.config import Config, FlagParser
 
 PREDICTIONS_FILE = "predictions.png"
 
@@ -89,22 +89,30 @@ def predict_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir: Op
     return confusion_matrix(test.labels, predictions, input_pipeline.NUM_CLASSES)
 
 
+MAX_IMAGES = 100  # the book's grid shows 18; more than this makes a picture no one can read
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(prog="python -m nin_jax.predict", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", required=True, help="the workdir of a training run (train.py --workdir)")
     parser.add_argument("--data_dir", help="tensorflow-datasets data directory; none: the one the run used")
     parser.add_argument("--manual_dir", help="folder of the four Fashion-MNIST .gz files; none: the one the run used")
-    parser.add_argument("--num_images", type=int, default=18, help="test images shown in predictions.png")
+    parser.add_argument("--num_images", type=int, default=18,
+                        help=f"test images shown in predictions.png, 1 to {MAX_IMAGES}")
     args = parser.parse_args(argv)
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        parser.error(f"--num_images must be from 1 to {MAX_IMAGES}, got {args.num_images}")
+    errors.quiet_library_logs()
     try:
         matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
-    except (WorkdirError, errors.DataError) as error:
+    except (WorkdirError, errors.DataError, errors.OutputError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")
     print(format_report(matrix))
     print(f"\nwrote {os.path.join(args.workdir, PREDICTIONS_FILE)}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 import jax
 import tqdm
 
-from nin_jax import background, distributed, input_pipeline, steps
+from nin_jax import background, distributed, files, input_pipeline, steps
 from nin_jax.config import Config
 
 # The per-epoch line, metrics.jsonl and config.json.
@@ -48,41 +48,54 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
     )
 
 
+def _metric_lines(workdir: str, warn: Callable[[str], None] = lambda line: None) -> list[tuple[str, dict[str, Any]]]:
+    """The lines of metrics.jsonl with their records. A line that is not a whole record (the torn
+    end of a write that a crash cut short, on a filesystem whose writes are not atomic) is left out,
+    and `warn` is told."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    lines = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                record = {}
+            if record is None:
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                warn(f"warning: {path} line {number} is not a whole epoch record; left out")
+                continue
+            lines.append((line if line.endswith("\n") else line + "\n", record))
+    return lines
+
+
 def append_metrics(workdir: Optional[str], record: dict[str, Any]) -> None:
-    """Appends one JSON object per epoch to <workdir>/metrics.jsonl."""
+    """Adds one JSON object per epoch to <workdir>/metrics.jsonl, rewriting the file whole."""
     if workdir:
-        with open(os.path.join(workdir, METRICS_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        kept = "".join(line for line, _ in _metric_lines(workdir))
+        files.write_text(os.path.join(workdir, METRICS_FILE), kept + json.dumps(record) + "\n")
 
 
-def keep_epochs(workdir: str, num_epochs: int) -> list[dict[str, Any]]:
+def keep_epochs(workdir: str, num_epochs: int, warn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Drops the records of epochs after `num_epochs` from metrics.jsonl and returns the rest. A
     resumed run calls it with its checkpoint's finished epochs: the later ones run again and would
     otherwise be logged twice. The kept lines stay byte for byte as they were."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["epoch"] <= num_epochs]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)  # atomic: a kill leaves the old file or the new one
-    return [json.loads(line) for line in kept]
+    lines = [(line, record) for line, record in _metric_lines(workdir, warn) if record["epoch"] <= num_epochs]
+    if os.path.exists(os.path.join(workdir, METRICS_FILE)):
+        files.write_text(os.path.join(workdir, METRICS_FILE), "".join(line for line, _ in lines))
+    return [record for _, record in lines]
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in _metric_lines(workdir)]
 
 
 def write_config(workdir: Optional[str], config: Config) -> None:
     """Writes <workdir>/config.json: every Config field, as the flags of train.py name them."""
     if workdir:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        files.write_text(os.path.join(workdir, CONFIG_FILE), json.dumps(dataclasses.asdict(config), indent=2))
 
 
 def read_config(workdir: str) -> Config:
@@ -121,7 +134,7 @@ class StepProgress:
         self._bar = tqdm.tqdm(total=num_examples, initial=self._examples_done, desc=desc, unit="img", unit_scale=True,
                               leave=False, disable=None if distributed.is_main_process() else True, dynamic_ncols=True)
         self._pending: collections.deque[steps.Metrics] = collections.deque()
-        self._last_log = (self._examples_done, time.perf_counter())  # (examples done, time) at the last step line
+        self._since = (self._examples_done, time.perf_counter())  # the step lines' images/s count from here
         self._last_postfix_time = time.perf_counter()
 
     def update(self, totals: steps.Metrics) -> None:
@@ -150,12 +163,13 @@ class StepProgress:
             self._last_postfix_time = time.perf_counter()
 
     def _log_step(self, metrics: dict[str, float]) -> None:
-        last_examples, last_time = self._last_log
-        now = time.perf_counter()
-        images_per_sec = (self._examples_done - last_examples) / (now - last_time)
-        self._last_log = (self._examples_done, now)
+        # Over the epoch so far, checkpoints included, like the epoch line's examples/sec: between
+        # two step lines the counted steps are those the devices finished, which come in bursts
+        # after a checkpoint has waited for all of them.
+        first_examples, first_time = self._since
+        images_per_sec = (self._examples_done - first_examples) / (time.perf_counter() - first_time)
         line = (f"{self._desc} step {self._steps_done}/{self._num_steps}: loss {metrics['loss']:.3f}, "
-                f"acc {metrics['acc']:.3f}, {images_per_sec:.1f} images/s")
+                f"acc {metrics['acc']:.3f}, {images_per_sec:.1f} images/s so far")
         with tqdm.tqdm.external_write_mode():
             self._log(line)
 

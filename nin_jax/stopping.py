@@ -2,8 +2,9 @@
 training loss that is no longer finite. This module owns both, from the step on the devices to
 the message; the loop asks one `StopWatch`.
 
-A first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step and save a
-checkpoint; a second one acts as it always does. With several processes, all of them stop after
+A first Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the loop to stop after the current step and save
+a checkpoint; a second one, or one before training starts, stops the process at once
+(`KeyboardInterrupt`, `Terminated`), and the entry point says so in one line. With several processes, all of them stop after
 the same step, whichever of them the signal reached: each process votes with every step it
 dispatches, and the step sums the votes of all processes on the devices (`watch_step`), so every
 process reads the same sum after the same step. A non-finite training loss stops the run without
@@ -13,15 +14,16 @@ an epoch (`StopWatch.check_finite`), so the message still names the first bad st
 """
 
 import collections
+import contextlib
 import signal
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
 
 # The exit status of a process that stopped because another process was asked to: sysexits.h's
 # EX_TEMPFAIL, "a temporary failure; the user is invited to retry".
@@ -40,6 +42,32 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP where the loop does not watch for them (before training starts, or a
+    second one), raised like the KeyboardInterrupt of a SIGINT so that the entry point can say so."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block SIGTERM and SIGHUP raise `Terminated` instead of ending the process
+    without a word (from the main thread only, where handlers can be installed)."""
+    def terminate(signum, frame):
+        raise Terminated(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class Diverged(RuntimeError):
@@ -70,7 +98,7 @@ def watch_step(watch: dict[str, jax.Array], votes: jax.Array, step: jax.Array,
 # On the host: the loop's one interface.
 
 class StopWatch:
-    """Within `with StopWatch(...) as watch:` the first SIGINT or SIGTERM only sets a request.
+    """Within `with StopWatch(...) as watch:` the first SIGINT, SIGTERM or SIGHUP only sets a request.
 
     Per step the loop hands `watch.vote` to the train step and asks `watch.agreed(carry)` (at an
     epoch's end `agreed_after_epoch`) whether to stop now; it saves, then raises
@@ -135,7 +163,7 @@ class StopWatch:
             name = signal.Signals(self._signum).name
             return Interrupted(f"stopped by {name} after step {step}: {self._resume}", 128 + self._signum)
         return Interrupted(f"stopped after step {step} because another process of this run was asked to stop "
-                           f"(SIGINT or SIGTERM): {self._resume}", STOPPED_BY_ANOTHER_PROCESS)
+                           f"(SIGINT, SIGTERM or SIGHUP): {self._resume}", STOPPED_BY_ANOTHER_PROCESS)
 
     def check_finite(self, carry: dict[str, Any]) -> None:
         """Raises Diverged if the host values of the loop's carry recorded a non-finite loss."""

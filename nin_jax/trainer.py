@@ -69,10 +69,13 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
     snapshot = (checkpoints.restore_latest(initial.state) if checkpoints else None) or initial
     step = int(snapshot.state.step)
     done_epochs, start_batch = divmod(step, steps_per_epoch)
-    records = run_outputs.keep_epochs(workdir, done_epochs) if workdir else []
+    records = run_outputs.keep_epochs(workdir, done_epochs, log) if workdir else []
     if done_epochs >= config.num_epochs:
+        how_to_go_on = ("raise --num_epochs to train on" if config.lr_schedule == "constant" else
+                        f"its --lr_schedule {config.lr_schedule} spans exactly these epochs, so it cannot go on: "
+                        f"train a longer run in a new --workdir")
         log(f"the run in {workdir} is finished: its checkpoint has all {done_epochs} epochs ({step} steps); "
-            f"raise --num_epochs to train on")
+            f"{how_to_go_on}")
         return snapshot.state, records
     if step:
         log(f"resuming from the checkpoint of step {step} in {checkpoints.directory}: "
@@ -118,6 +121,8 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
             for batch in input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch, start_batch,
                                                       process):
                 state, carry = strategy.train_step(state, carry, batch, watch.vote)
+                if checkpoints:
+                    checkpoints.check()  # a save that failed in the background ends the run here
                 trace.after_step(state)
                 bar.update(carry["metrics"])
                 step += 1

@@ -1,7 +1,8 @@
 """`train.py` on `conftest.fake_fashion_mnist` data, for tests that need training in a process of
-its own, to kill or interrupt it:
+its own, to kill or interrupt it, and `python -m nin_jax.predict` on the same data:
 
     python tests/fake_data_train.py NUM_EXAMPLES [train.py flags]
+    python tests/fake_data_train.py NUM_EXAMPLES predict [nin_jax.predict flags]
 """
 
 import os
@@ -14,4 +15,12 @@ from conftest import fake_fashion_mnist  # noqa: E402
 
 if __name__ == "__main__":
     with fake_fashion_mnist(int(sys.argv[1])):
-        sys.exit(train.main(sys.argv[2:]))
+        if sys.argv[2:3] == ["predict"]:
+            from nin_jax import predict
+
+            sys.exit(predict.main(sys.argv[3:]))
+        try:
+            status = train.main(sys.argv[2:])
+        except SystemExit as end:
+            status = end.code
+    train.exit_process(status)

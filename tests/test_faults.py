@@ -2,6 +2,7 @@
 keeps its workdir to itself, and two first-time builds of the dataset do not collide."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -223,3 +224,86 @@ def test_two_first_builds_in_one_data_dir_build_once(tmp_path):
                                                             for name in ("first", "second")]
     with np.load(tmp_path / "first.npz") as built, np.load(tmp_path / "second.npz") as read:
         assert built.files == read.files and all(np.array_equal(built[name], read[name]) for name in built.files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saves that cannot be written, and a workdir that another process reads while the run trains.
+
+SAVE_BOUND_S = 60  # a run whose save failed must have ended by then
+SMALL_RUN = ["--resize=67", "--batch_size=32", "--num_epochs=2", "--eval_examples=32", "--parallel=jit",
+             "--checkpoint_every_steps=2", "--compile_cache=off"]  # 8 steps an epoch on 256 examples
+CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def fake_run(*args, timeout=SAVE_BOUND_S):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests", "fake_data_train.py"), "256", *args],
+                          capture_output=True, text=True, timeout=timeout, env=CPU_ENV)
+
+
+def test_a_file_where_the_checkpoints_go_ends_the_run_before_training_in_one_line(tmp_path):
+    (tmp_path / "checkpoints").write_text("in the way")
+    start = time.monotonic()
+    result = fake_run(*SMALL_RUN, f"--workdir={tmp_path}")
+    assert time.monotonic() - start < SAVE_BOUND_S
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"fake_data_train.py: error: cannot write to --workdir {tmp_path}: "
+                             f"{tmp_path / 'checkpoints'}: File exists\n")
+    assert (tmp_path / "checkpoints").read_text() == "in the way"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MiB filesystem: room for two of NiN's 8 MB checkpoints, not three."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_save_that_fails_on_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(small_disk):
+    workdir = small_disk / "run"
+    start = time.monotonic()
+    result = fake_run(*SMALL_RUN, f"--workdir={workdir}")
+    assert time.monotonic() - start < SAVE_BOUND_S  # exited by itself: no thread left waiting on the dead save
+    assert result.returncode == 1, result.stderr
+    match = re.fullmatch(rf"fake_data_train.py: error: cannot save the checkpoint of step (\d+) in "
+                         rf"{re.escape(str(workdir / 'checkpoints'))}: No space left on device; the checkpoint of "
+                         rf"step (\d+) is whole. Make room or fix the folder, then run the same command to resume\n",
+                         result.stderr)
+    assert match, result.stderr
+    failed, whole = int(match[1]), int(match[2])
+    assert whole in _committed_steps(workdir) and failed not in _committed_steps(workdir)
+
+    subprocess.run(["mount", "-o", "remount,size=100M", str(small_disk)], check=True)
+    result = fake_run(*SMALL_RUN, f"--workdir={workdir}", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"resuming from the checkpoint of step {whole} "), result.stdout
+    assert "epoch 2/2" in result.stdout
+
+
+def test_predict_reads_a_live_workdir_whose_run_deletes_old_checkpoints_and_never_calls_them_damaged(tmp_path):
+    workdir = tmp_path / "run"
+    flags = ["--resize=67", "--batch_size=8", "--num_epochs=50", "--eval_examples=8", "--parallel=jit",
+             "--checkpoint_every_steps=1", "--keep_checkpoints=2", "--compile_cache=off", f"--workdir={workdir}"]
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        training = subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "tests", "fake_data_train.py"), "64",
+                                     *flags], stdout=out, stderr=subprocess.STDOUT, env=CPU_ENV)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_committed_steps(workdir)) < 2:
+            assert training.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        for _ in range(3):
+            result = fake_run("predict", f"--workdir={workdir}", timeout=120)
+            assert result.returncode == 0, result.stderr
+            assert "accuracy on 256 test images" in result.stdout
+        assert training.poll() is None, "the run should still be training, deleting checkpoints as it goes"
+    finally:
+        training.kill()
+        training.wait()

@@ -165,22 +165,97 @@ def test_exported_arrays_train_like_tfds_data_without_tensorflow(mock_data, tmp_
     assert records[-1]["train_examples"] == records[-1]["test_examples"] == 24
 
 
+def splits_arrays(train_labels=(0, 1, 9), test_labels=(3, 4)) -> dict[str, np.ndarray]:
+    """What export_arrays writes, for splits of len(labels) blank images with these labels."""
+    labels = {"train": np.asarray(train_labels), "test": np.asarray(test_labels)}
+    return {**{f"{split}_images": np.zeros((len(labels[split]), 28, 28, 1), np.uint8) for split in labels},
+            **{f"{split}_labels": labels[split] for split in labels}}
+
+
+def good_npz_bytes(tmp_path) -> bytes:
+    np.savez(tmp_path / "good.npz", **splits_arrays())
+    return (tmp_path / "good.npz").read_bytes()
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "No such file"),
     (b"not an npz", "cannot read Fashion-MNIST arrays"),
+    (b"", "(the file is empty)"),
+    ("truncated", "cannot read Fashion-MNIST arrays"),
+    ("npy", "is not an .npz of named arrays"),
     ({"train_images": np.zeros((3, 28, 28, 1), np.uint8)}, "KeyError"),
     ({f"{s}_{n}": np.zeros((3, 28, 28) if n == "images" else 3, np.uint8) for s in ("train", "test")
       for n in ("images", "labels")}, "the train split holds images of shape (3, 28, 28)"),
+    (splits_arrays(train_labels=(0, 10)), "the train split's labels run from 0 to 10, not within 0 to 9"),
+    (splits_arrays(train_labels=(-1, 3)), "the train split's labels run from -1 to 3, not within 0 to 9"),
+    (splits_arrays(test_labels=(200,)), "the test split's labels run from 200 to 200, not within 0 to 9"),
+    (splits_arrays(train_labels=np.array([0.0, 1.0])), "the train split's labels are float64, not integers"),
+    (splits_arrays(test_labels=np.zeros(0, np.int32)), "the test split is empty"),
+    (splits_arrays(train_labels=np.zeros(0, np.int32)), "the train split is empty"),
 ])
 def test_bad_data_arrays_are_one_clear_error(tmp_path, content, message):
     path = tmp_path / "arrays.npz"
     if isinstance(content, bytes):
         path.write_bytes(content)
+    elif content == "truncated":
+        path.write_bytes(good_npz_bytes(tmp_path)[:300])
+    elif content == "npy":
+        np.save(path, np.zeros(3))
+        (tmp_path / "arrays.npz.npy").rename(path)
     elif content is not None:
         np.savez(path, **content)
     with pytest.raises(errors.DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         data_arrays.load(str(path))
     assert "\n" not in str(error.value)
+
+
+def test_integer_labels_of_any_width_are_read_as_int32(tmp_path):
+    np.savez(tmp_path / "arrays.npz", **splits_arrays(train_labels=np.array([0, 9], np.uint8)))
+    loaded = data_arrays.load(str(tmp_path / "arrays.npz"))
+    assert loaded["train"].labels.dtype == np.int32 and list(loaded["train"].labels) == [0, 9]
+
+
+def test_export_arrays_writes_exactly_the_named_file_whole_or_leaves_the_old_one(tmp_path, monkeypatch):
+    from nin_jax import export_arrays
+
+    datasets = {
+        split: input_pipeline.Split(np.zeros((n, 28, 28, 1), np.uint8), np.arange(n, dtype=np.int32) % 10)
+        for split, n in (("train", 5), ("test", 3))}
+    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda *args: datasets)
+    out = tmp_path / "fashion.npz"
+    export_arrays.main(["--out", str(out)])
+    assert sorted(os.listdir(tmp_path)) == ["fashion.npz"]
+    good = out.read_bytes()
+
+    def cut_short(file, **arrays):  # a kill or a full disk in the middle of the write
+        file.write(b"PK partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", cut_short)
+    with pytest.raises(SystemExit) as exit_:
+        export_arrays.main(["--out", str(out)])
+    assert exit_.value.code == 1
+    assert out.read_bytes() == good and sorted(os.listdir(tmp_path)) == ["fashion.npz"]  # no temporary left
+
+
+@pytest.mark.parametrize("out, message", [
+    ("X", "--out X must end in .npz"),
+    ("missing/X.npz", "cannot write missing/X.npz: No such file or directory"),
+    ("file/X.npz", "cannot write file/X.npz: Not a directory"),
+])
+def test_export_arrays_refuses_what_it_cannot_write_in_one_line(tmp_path, monkeypatch, capsys, out, message):
+    from nin_jax import export_arrays
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    split = input_pipeline.Split(np.zeros((2, 28, 28, 1), np.uint8), np.zeros(2, np.int32))
+    monkeypatch.setattr(dataset, "load_fashion_mnist", lambda *args: {"train": split, "test": split})
+    with pytest.raises(SystemExit) as exit_:
+        export_arrays.main(["--out", out])
+    assert exit_.value.code in (1, 2)
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
 def fake_tfds_build(data_dir, num_examples: int) -> str:

@@ -124,7 +124,9 @@ def test_resuming_mid_epoch_ends_like_the_uninterrupted_run_and_a_finished_run_s
     assert deterministic(run_outputs.read_metrics(str(tmp_path))) == deterministic(records) == deterministic(full_records)
 
     state, records, lines = resume(tmp_path, "jit", fake_data, **changes)
-    assert lines == [f"the run in {tmp_path} is finished: its checkpoint has all 2 epochs (10 steps); raise --num_epochs to train on"]
+    how_to_go_on = ("its --lr_schedule onecycle spans exactly these epochs, so it cannot go on: train a longer run in a "
+                    "new --workdir" if changes else "raise --num_epochs to train on")
+    assert lines == [f"the run in {tmp_path} is finished: its checkpoint has all 2 epochs (10 steps); {how_to_go_on}"]
     assert_same_state(state, full_state)
     assert deterministic(records) == deterministic(full_records)
 
@@ -180,6 +182,24 @@ def test_sigterm_stops_like_a_first_ctrl_c_and_the_usual_handlers_come_back(fake
                                f"run the same command to resume")
     assert saved_steps(tmp_path) == [2]
     assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_sigterm_or_sighup_before_training_starts_ends_the_run_in_one_line(fake_data, tmp_path, capsys, signum):
+    """A scheduler's SIGTERM, or a closed terminal's SIGHUP, while the data loads: nothing to save yet."""
+    def load_with_a_signal(config):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal should have ended the run")
+
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
+    with fake_data(NUM_EXAMPLES), mock.patch("nin_jax.dataset.load_datasets", load_with_a_signal), \
+            pytest.raises(SystemExit) as exit_status:
+        train.main([*flags(parallel="jit"), f"--workdir={tmp_path}"])
+    assert exit_status.value.code == 128 + signum
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err == (f"{os.path.basename(sys.argv[0])}: interrupted by {name}; the same command "
+                                       f"resumes from the latest checkpoint, if any\n")
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == handlers
 
 
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fake_data, tmp_path, capsys):

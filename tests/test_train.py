@@ -54,6 +54,8 @@ def run_cli(*args, **env):
         (["--resize", "big"], "invalid int value"),
         (["--parallel", "tpu"], "invalid choice"),
         (["--no_such_flag"], "unrecognized arguments"),
+        (["--workdir", ""], "--workdir is empty (an unset shell variable?)"),
+        (["--data_arrays", " "], "--data_arrays is empty"),
     ],
 )
 def test_cli_rejects_bad_flags_with_one_line(args, message):

@@ -1,6 +1,7 @@
 """What people coming from the book see: --summary, step lines, curves.png, TensorBoard events,
 the CPU estimate and the predict command, on tfds' mock data."""
 
+import json
 import os
 import re
 import subprocess
@@ -46,7 +47,7 @@ def test_step_lines_every_log_every_steps(trained_run):
     step_lines = [line for line in trained_run["lines"] if re.match(r"epoch \d+/\d+ step ", line)]
     assert len(step_lines) == CONFIG.num_epochs  # step 2 of 3 in each epoch
     for epoch, line in enumerate(step_lines, start=1):
-        assert re.fullmatch(rf"epoch {epoch}/2 step 2/3: loss \d+\.\d{{3}}, acc [01]\.\d{{3}}, [\d.]+ images/s", line)
+        assert re.fullmatch(rf"epoch {epoch}/2 step 2/3: loss \d+\.\d{{3}}, acc [01]\.\d{{3}}, [\d.]+ images/s so far", line)
 
 
 def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run):
@@ -137,6 +138,28 @@ def test_predict_without_a_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert exit_info.value.code == 1
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and "holds no trained model" in message and "train.py --workdir" in message
+
+
+@pytest.mark.parametrize("num_images", ["0", "-1", "101"])
+def test_predict_refuses_a_grid_it_cannot_draw_before_reading_anything(tmp_path, capsys, num_images):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--workdir", str(tmp_path / "never_read"), "--num_images", num_images])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert message == (f"python -m nin_jax.predict: error: --num_images must be from 1 to 100, got {num_images} "
+                       f"(see --help)\n")
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_left_out_with_a_warning_and_the_rest_kept(tmp_path):
+    whole = [json.dumps({"epoch": epoch, "test_accuracy": 0.5}) + "\n" for epoch in (1, 2)]
+    (tmp_path / run_outputs.METRICS_FILE).write_text("".join(whole) + '{"epoch": 3, "test_acc')
+    warnings = []
+    assert run_outputs.keep_epochs(str(tmp_path), 3, warnings.append) == [json.loads(line) for line in whole]
+    assert warnings == [f"warning: {tmp_path / run_outputs.METRICS_FILE} line 3 is not a whole epoch record; left out"]
+    assert (tmp_path / run_outputs.METRICS_FILE).read_text() == "".join(whole)
+    run_outputs.append_metrics(str(tmp_path), {"epoch": 3})
+    assert run_outputs.read_metrics(str(tmp_path))[-1] == {"epoch": 3}
+    assert sorted(os.listdir(tmp_path)) == [run_outputs.METRICS_FILE]  # no temporary left
 
 
 def test_report_lists_per_class_accuracy_and_the_confusion_matrix():
