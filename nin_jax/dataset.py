@@ -7,7 +7,9 @@ instead, without TensorFlow.
 import contextlib
 import hashlib
 import os
+import socket
 import sys
+import urllib.parse
 from typing import Iterator, Optional
 
 import numpy as np
@@ -15,6 +17,8 @@ import numpy as np
 from nin_jax import data_arrays, locks
 from nin_jax.errors import DataError
 from nin_jax.input_pipeline import DATASET, SOURCE_FILES, SPLITS, Split
+
+REACH_TIMEOUT_S = 10.0  # for each server of the four files, before --download gives up on the network
 
 def _default_data_dir() -> str:
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
@@ -105,9 +109,27 @@ def _build_from_files(tfds, builder, data_dir: str, manual_dir: Optional[str], d
             f"Put the four files {', '.join(SOURCE_FILES)} into {default_manual_dir} "
             f"or into a folder named by --manual_dir, or pass --download when online."
         )
-    if not missing:
+    if missing:
+        _check_reachable(builder, default_manual_dir)
+    else:
         _check_source_files(builder, manual_dir)
     _build(builder, tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+
+def _check_reachable(builder, default_manual_dir: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Refuses `--download` at once where the servers of the four files cannot be reached: tfds'
+    own retries would take minutes before they fail."""
+    for url in builder.url_infos:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                     timeout=timeout_s).close()
+        except OSError as error:
+            raise DataError(
+                f"--download cannot reach {parts.hostname} ({error.strerror or error}): the network is down or "
+                f"blocked here. Put the four files {', '.join(SOURCE_FILES)} into {default_manual_dir} or into a "
+                f"folder named by --manual_dir and run again without --download"
+            ) from error
 
 
 def load_datasets(config) -> dict[str, Split]:

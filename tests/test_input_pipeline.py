@@ -344,3 +344,18 @@ def test_no_copy_without_a_finished_tfds_build(mock_data, tmp_path):
     with mock_data(num_examples=4):
         dataset.load_fashion_mnist(data_dir=str(tmp_path))
     assert os.listdir(tmp_path / input_pipeline.DATASET) == ["3.0.1.incomplete1234"]
+
+
+def test_download_with_a_dead_network_is_one_line_at_once(tmp_path, monkeypatch):
+    """tfds' own retries take minutes; the servers are tried first, briefly."""
+    import socket
+
+    def no_network(address, timeout=None):
+        raise OSError(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(errors.DataError, match=r"^--download cannot reach \S+ \(Temporary failure in name resolution\)"
+                       r": the network is down or blocked here\. Put the four files") as error:
+        dataset.load_fashion_mnist(data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "empty"), download=True)
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "tfds" / input_pipeline.DATASET / "3.0.1")  # nothing was built
