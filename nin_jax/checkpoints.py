@@ -102,15 +102,25 @@ def _causes(error: BaseException) -> list[BaseException]:
     return chain
 
 
-def _without_closed_loop_errors(excepthook):
-    """`excepthook` that stays silent about one error: after a save fails, orbax closes its event
-    loop while tensorstore's writes still finish, and each one's callback reports that the loop is
-    closed, with a traceback, though the run's own line has said what failed."""
+def _is_closed_loop_error(kind, value) -> bool:
+    """After a save fails, orbax closes its event loop while tensorstore's writes still finish, and
+    each one's callback reports, with a traceback, that the loop is closed: though the run's own
+    line has said what failed."""
+    return kind is RuntimeError and str(value) == "Event loop is closed"
+
+
+def _without_closed_loop_errors(excepthook, unraisablehook):
+    """sys.excepthook and sys.unraisablehook (tensorstore reports through both) that stay silent
+    about `_is_closed_loop_error`."""
     def hook(kind, value, traceback):
-        if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+        if not _is_closed_loop_error(kind, value):
             excepthook(kind, value, traceback)
 
-    return hook
+    def unraisable(report):
+        if not _is_closed_loop_error(report.exc_type, report.exc_value):
+            unraisablehook(report)
+
+    return hook, unraisable
 
 
 def _vanishes(folder: str, seconds: float = 2.0) -> bool:
@@ -135,8 +145,8 @@ class Checkpoints:
         # With several processes, orbax's save synchronises them with collectives on the devices,
         # which must come in the same order as the steps' own: so it runs on the loop's thread.
         self._saves = background.InOrder("checkpoints") if jax.process_count() == 1 else None
-        self._excepthook = sys.excepthook
-        sys.excepthook = _without_closed_loop_errors(sys.excepthook)
+        self._hooks = sys.excepthook, sys.unraisablehook
+        sys.excepthook, sys.unraisablehook = _without_closed_loop_errors(*self._hooks)
         self._last_step: Optional[int] = None  # of the latest save begun
         self._failure_told = False  # a failed save's error is raised once, not again by `close`
 
@@ -157,7 +167,8 @@ class Checkpoints:
                 if not self._failure_told:
                     raise self._save_failed(self._last_step, error) from error
             finally:
-                sys.excepthook = self._excepthook
+                if not self._failure_told:  # after a failed save, tensorstore's callbacks may still come
+                    sys.excepthook, sys.unraisablehook = self._hooks
 
     def save(self, snapshot: Snapshot) -> None:
         """Starts saving in the background; `snapshot` must hold host copies, which the next
