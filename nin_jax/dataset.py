@@ -119,14 +119,14 @@ def _build_from_files(tfds, builder, data_dir: str, manual_dir: Optional[str], d
 def _check_reachable(builder, default_manual_dir: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
     """Refuses `--download` at once where the servers of the four files cannot be reached: tfds'
     own retries would take minutes before they fail."""
-    for url in builder.url_infos:
-        parts = urllib.parse.urlsplit(url)
+    servers = {(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+               for parts in map(urllib.parse.urlsplit, builder.url_infos)}  # the four files share one
+    for host, port in sorted(servers):
         try:
-            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                     timeout=timeout_s).close()
+            socket.create_connection((host, port), timeout=timeout_s).close()
         except OSError as error:
             raise DataError(
-                f"--download cannot reach {parts.hostname} ({error.strerror or error}): the network is down or "
+                f"--download cannot reach {host} ({error.strerror or error}): the network is down or "
                 f"blocked here. Put the four files {', '.join(SOURCE_FILES)} into {default_manual_dir} or into a "
                 f"folder named by --manual_dir and run again without --download"
             ) from error

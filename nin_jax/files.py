@@ -14,7 +14,7 @@ from typing import IO, Iterator
 from nin_jax.errors import OutputError
 
 
-def describe(error: OSError) -> str:
+def _reason(error: OSError) -> str:
     """'No space left on device', 'Read-only file system': the system's reason, without the errno."""
     return error.strerror or str(error)
 
@@ -27,7 +27,7 @@ def replace(path: str, mode: str = "w") -> Iterator[IO]:
     try:
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {describe(error)}") from error
+        raise OutputError(f"cannot write {path}: {_reason(error)}") from error
     try:
         with os.fdopen(handle, mode) as file:
             yield file
@@ -36,7 +36,7 @@ def replace(path: str, mode: str = "w") -> Iterator[IO]:
         os.chmod(temporary, 0o644)  # mkstemp's 0o600 would hide the file from the other users of a shared folder
         os.replace(temporary, path)
     except OSError as error:
-        raise OutputError(f"cannot write {path}: {describe(error)}") from error
+        raise OutputError(f"cannot write {path}: {_reason(error)}") from error
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
