@@ -202,6 +202,28 @@ def test_a_sigterm_or_sighup_before_training_starts_ends_the_run_in_one_line(fak
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == handlers
 
 
+def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_the_checkpoints(fake_data, tmp_path,
+                                                                                              capsys):
+    """A scheduler that sends SIGTERM twice: the second does not wait for the save the first asked for."""
+    train_batches = input_pipeline.train_batches
+
+    def batches_with_two_sigterms_before_the_fourth(*args, **kwargs):
+        for index, batch in enumerate(train_batches(*args, **kwargs)):
+            if index == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    with fake_data(NUM_EXAMPLES), mock.patch.object(input_pipeline, "train_batches",
+                                                    batches_with_two_sigterms_before_the_fourth), \
+            pytest.raises(SystemExit) as exit_status:
+        train.main([*flags(parallel="jit"), f"--workdir={tmp_path}"])
+    assert exit_status.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == (f"{os.path.basename(sys.argv[0])}: interrupted by SIGTERM; the same command "
+                                       f"resumes from the latest checkpoint, if any\n")
+    assert saved_steps(tmp_path) == [1, 2, 3]  # every step before the signals, each checkpointed whole
+
+
 def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fake_data, tmp_path, capsys):
     with fake_data(NUM_EXAMPLES), pytest.raises(SystemExit) as exit_status:
         train.main([*flags(parallel="jit", learning_rate=1e6), f"--workdir={tmp_path}"])

@@ -14,6 +14,7 @@ from PIL import Image
 
 from nin_jax import cpu_estimate, predict, run_outputs, trainer
 from nin_jax.config import Config
+from nin_jax.errors import WorkdirError
 
 from conftest import REPO_ROOT, mock_fashion_mnist
 from test_train import run_cli
@@ -48,6 +49,19 @@ def test_step_lines_every_log_every_steps(trained_run):
     assert len(step_lines) == CONFIG.num_epochs  # step 2 of 3 in each epoch
     for epoch, line in enumerate(step_lines, start=1):
         assert re.fullmatch(rf"epoch {epoch}/2 step 2/3: loss \d+\.\d{{3}}, acc [01]\.\d{{3}}, [\d.]+ images/s so far", line)
+
+
+def test_the_last_step_line_of_an_epoch_gives_the_epoch_lines_images_per_second(tmp_path):
+    """Step lines count images over the epoch so far, checkpoints included, as the epoch line does:
+    with a checkpoint after every step they do not report the bursts between two saves."""
+    lines = []
+    with mock_fashion_mnist(NUM_EXAMPLES):
+        _, records = trainer.train_and_evaluate(
+            Config(resize=67, batch_size=8, num_epochs=1, parallel="jit", log_every_steps=1, checkpoint_every_steps=1,
+                   compile_cache="off"), str(tmp_path), log=lines.append)
+    last_step_line = [line for line in lines if line.startswith("epoch 1/1 step 3/3:")][0]
+    step_rate = float(re.search(r"([\d.]+) images/s so far$", last_step_line)[1])
+    assert 0.8 < step_rate / records[0]["examples_per_sec"] < 1.25, (last_step_line, records[0])
 
 
 def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run):
@@ -119,6 +133,18 @@ def test_without_the_tensorboard_package_the_curves_are_drawn_and_the_events_lef
 
 def test_config_json_reads_back_as_the_run_config(trained_run):
     assert run_outputs.read_config(trained_run["workdir"]) == CONFIG
+
+
+def test_config_json_of_an_earlier_version_reads_back_and_a_foreign_one_is_refused_in_one_line(trained_run,
+                                                                                             tmp_path):
+    """An earlier version's run recorded options since removed, which predict must not trip over."""
+    with open(os.path.join(trained_run["workdir"], run_outputs.CONFIG_FILE)) as f:
+        fields = json.load(f)
+    (tmp_path / run_outputs.CONFIG_FILE).write_text(json.dumps({**fields, "augment": False, "test_time_flips": False}))
+    assert run_outputs.read_config(str(tmp_path)) == CONFIG
+    (tmp_path / run_outputs.CONFIG_FILE).write_text(json.dumps({**fields, "colour": "red"}))
+    with pytest.raises(WorkdirError, match=r"^cannot read the run's flags from .*config.json \(TypeError: .*colour"):
+        run_outputs.read_config(str(tmp_path))
 
 
 def test_predict_counts_every_test_example_once_with_the_trained_parameters(trained_run):
