@@ -15,11 +15,11 @@ import signal
 import sys
 
 from nin_jax.config import TRAINING, FlagParser, add_config_flags, parse_flags
-from nin_jax.errors import ConfigError, DataError, OutputError, WorkdirError, quiet_library_logs
+from nin_jax.errors import ConfigError, DataError, OutOfMemory, OutputError, WorkdirError, quiet_library_logs
 from nin_jax.stopping import Diverged, Interrupted, Terminated, signals_raise
 
 # Errors whose message is all the user needs: printed as one line, without a traceback.
-USER_ERRORS = (DataError, WorkdirError, OutputError, Diverged)
+USER_ERRORS = (DataError, WorkdirError, OutputError, OutOfMemory, Diverged)
 
 
 def build_parser() -> argparse.ArgumentParser:

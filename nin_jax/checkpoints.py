@@ -19,6 +19,7 @@ orbax's own bookkeeping run on a thread of their own, so training goes on meanwh
 
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -31,13 +32,12 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from nin_jax import background, input_pipeline, steps
-from nin_jax.config import RESUME_FIELDS, Config
+from nin_jax.config import REMOVED_OPTIONS, RESUME_FIELDS, Config
 from nin_jax.errors import WorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
+METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's, in each step's folder
 VANISHED_RETRIES = 5  # reads of the then latest checkpoint, when the one being read was deleted meanwhile
-# Options that earlier versions had and this one has not: their checkpoints resume where they were off.
-REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,15 +133,37 @@ def _vanishes(folder: str, seconds: float = 2.0) -> bool:
     return True
 
 
+def _step_folders(directory: str) -> list[int]:
+    return [int(name) for name in os.listdir(directory) if name.isdigit()]
+
+
+def _garbled_metadata(directory: str, step: int) -> bool:
+    """Whether the step's orbax metadata is JSON but not an object, which orbax cannot open."""
+    try:
+        with open(os.path.join(directory, str(step), METADATA_FILE)) as f:
+            return not isinstance(json.load(f), dict)
+    except (OSError, ValueError):  # missing or not JSON: orbax passes over such a file by itself
+        return False
+
+
 class Checkpoints:
     """The checkpoints of the run in `workdir`; saves are asynchronous, `close` waits for them."""
 
-    def __init__(self, workdir: str, config: Config):
-        _make_writable(workdir)
+    def __init__(self, workdir: str, config: Config, read_only: bool = False):
+        if not read_only:  # a reader (`nin_jax.predict`) may read a workdir on a read-only disk
+            _make_writable(workdir)
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
         self._record = _resume_record(config)
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "run"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=not read_only,
+                                               read_only=read_only)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "run"))
+        except ValueError as error:  # orbax reads every checkpoint's metadata here, and fails on a garbled one
+            garbled = [step for step in _step_folders(self.directory) if _garbled_metadata(self.directory, step)]
+            if not garbled:
+                raise
+            raise self._damaged(max(garbled), f"its files are incomplete or damaged (reading them raised "
+                                              f"{type(error).__name__})") from error
         # With several processes, orbax's save synchronises them with collectives on the devices,
         # which must come in the same order as the steps' own: so it runs on the loop's thread.
         self._saves = background.InOrder("checkpoints") if jax.process_count() == 1 else None

@@ -237,6 +237,9 @@ class Config:
 
 
 _CHOICE_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if "choices" in field.metadata)
+# Options that earlier versions had and this one has not, with their off values: a run that had
+# them off is a run of this version (its config.json and checkpoints still name them).
+REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0, "test_time_flips": False}
 RESUME_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if field.metadata["resume"])
 
 

@@ -20,6 +20,10 @@ class OutputError(RuntimeError):
     """A file cannot be written (a full disk, a read-only folder, no permission); the message names it."""
 
 
+class OutOfMemory(RuntimeError):
+    """The host or a device ran out of memory; the message names the flags that set how much is needed."""
+
+
 def quiet_library_logs() -> None:
     """Keeps absl's log lines (orbax and tfds write their failures there too) off the terminal: the
     entry points say what failed in their own one line."""

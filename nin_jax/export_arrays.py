@@ -4,7 +4,7 @@ without TensorFlow, e.g. on an accelerator machine that has JAX but neither Tens
     python -m nin_jax.export_arrays --manual_dir ../shared/data/fashion_mnist --out fashion_mnist.npz
 """
 
-from nin_jax import data_arrays, dataset, errors
+from nin_jax import data_arrays, dataset, errors, files
 from nin_jax.config import FlagParser
 
 
@@ -18,6 +18,7 @@ def main(argv=None) -> None:
         parser.error(f"--out {args.out} must end in .npz (the file that --data_arrays then reads)")
     errors.quiet_library_logs()
     try:
+        files.check_writable(args.out)  # before the dataset is built or read
         datasets = dataset.load_fashion_mnist(args.data_dir, args.manual_dir)
         data_arrays.save(datasets, args.out)
     except (errors.DataError, errors.OutputError) as error:

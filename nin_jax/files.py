@@ -42,6 +42,16 @@ def replace(path: str, mode: str = "w") -> Iterator[IO]:
             os.unlink(temporary)
 
 
+def check_writable(path: str) -> None:
+    """Raises `OutputError` now if `path` cannot be written: before minutes of work that end in writing it."""
+    if os.path.isdir(path):
+        raise OutputError(f"cannot write {path}: Is a directory")
+    try:
+        tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {_reason(error)}") from error
+
+
 def write_text(path: str, text: str) -> None:
     with replace(path) as file:
         file.write(text)

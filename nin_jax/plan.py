@@ -22,7 +22,8 @@ import sys
 import time
 from typing import Any
 
-from nin_jax.errors import ConfigError
+from nin_jax import files
+from nin_jax.errors import ConfigError, OutputError
 
 GPU_PREALLOCATED = 0.75  # the share of a GPU's memory that JAX takes for its pool by default
 
@@ -575,45 +576,28 @@ def main(argv=None) -> int:
         parser.error(f"--target {LOCAL} plans for the attached accelerator alone; plan other targets in another run")
     if flags["devices"] > 1 and any(name == LOCAL or TARGETS[name].platform != "gpu" for name in flags["target"]):
         parser.error("--devices is for listed GPU targets; a TPU target's topology, or the machine, fixes its devices")
-    if flags["json"]:
-        _check_writable(flags["json"], parser)  # before minutes of compiling
-    if flags["target"] != [LOCAL]:
-        prepare_jax()
-    plans, status = [], 0
-    for name in flags["target"]:
-        try:
-            result = plan(config, name, flags["devices"], flags["largest_batch"])
-        except ConfigError as error:  # a batch that does not split over the target's devices
-            parser.error(f"{name}: {error}")
-        except PlanError as error:
-            parser.exit(1, f"{parser.prog}: error: {error}\n")
-        plans.append(result)
-        print(format_plan(result), end="\n\n", flush=True)
-        if not result["compiled"] or not result["memory"]["fits"]:
-            status = 1
-    if flags["json"]:
-        _write_json(flags["json"], plans, parser)
-    return status
-
-
-def _check_writable(path: str, parser: argparse.ArgumentParser) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    problem = ("No such file or directory" if not os.path.isdir(folder) else
-               "Permission denied" if not os.access(folder, os.W_OK) else
-               "Is a directory" if os.path.isdir(path) else None)
-    if problem:
-        parser.exit(1, f"{parser.prog}: error: cannot write --json {path}: {problem}\n")
-
-
-def _write_json(path: str, plans: list[dict[str, Any]], parser: argparse.ArgumentParser) -> None:
-    """Writes through a temporary file in the same folder: a reader sees the whole file or none."""
-    temporary = f"{path}.tmp"
     try:
-        with open(temporary, "w") as f:
-            json.dump(plans, f, indent=2)
-        os.replace(temporary, path)
-    except OSError as error:
-        parser.exit(1, f"{parser.prog}: error: cannot write --json {path}: {error.strerror or error}\n")
+        if flags["json"]:
+            files.check_writable(flags["json"])  # before minutes of compiling
+        if flags["target"] != [LOCAL]:
+            prepare_jax()
+        plans, status = [], 0
+        for name in flags["target"]:
+            try:
+                result = plan(config, name, flags["devices"], flags["largest_batch"])
+            except ConfigError as error:  # a batch that does not split over the target's devices
+                parser.error(f"{name}: {error}")
+            plans.append(result)
+            print(format_plan(result), end="\n\n", flush=True)
+            if not result["compiled"] or not result["memory"]["fits"]:
+                status = 1
+        if flags["json"]:
+            files.write_text(flags["json"], json.dumps(plans, indent=2))
+    except (PlanError, OutputError) as error:
+        parser.exit(1, f"{parser.prog}: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")
+    return status
 
 
 if __name__ == "__main__":

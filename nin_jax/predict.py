@@ -32,7 +32,7 @@ def restore_variables(workdir: str) -> tuple[Config, Variables]:
     if not os.path.isfile(os.path.join(workdir, run_outputs.CONFIG_FILE)):
         raise WorkdirError(f"{workdir} holds no trained model; train one first with `python train.py --workdir {workdir}`")
     config = run_outputs.read_config(workdir)
-    with Checkpoints(workdir, config) as checkpoints:
+    with Checkpoints(workdir, config, read_only=True) as checkpoints:
         snapshot = checkpoints.restore_latest(steps.create_train_state(config))
         if snapshot is None:
             raise WorkdirError(f"{checkpoints.directory} holds no finished checkpoint; train first")

@@ -30,7 +30,8 @@ import jax
 import tqdm
 
 from nin_jax import background, distributed, files, input_pipeline, steps
-from nin_jax.config import Config
+from nin_jax.config import REMOVED_OPTIONS, Config
+from nin_jax.errors import WorkdirError
 
 # The per-epoch line, metrics.jsonl and config.json.
 
@@ -99,8 +100,16 @@ def write_config(workdir: Optional[str], config: Config) -> None:
 
 
 def read_config(workdir: str) -> Config:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-        return Config(**json.load(f))
+    """The Config that <workdir>/config.json records; options of earlier versions are left out (the
+    checkpoint says whether the run had them on)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            fields = json.load(f)
+        return Config(**{name: value for name, value in fields.items() if name not in REMOVED_OPTIONS})
+    except (OSError, ValueError, TypeError) as error:  # unreadable, not JSON, or fields this version lacks
+        raise WorkdirError(f"cannot read the run's flags from {path} ({type(error).__name__}: {error}); "
+                           f"it was not written by this version's train.py") from error
 
 
 # Progress within an epoch.

@@ -8,13 +8,14 @@ trains on its slice of every batch and only process 0 logs and writes files.
 
 import contextlib
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 
 from nin_jax import cpu_estimate, dataset, distributed, input_pipeline, locks, parallel, peers, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
+from nin_jax.errors import OutOfMemory
 from nin_jax.stopping import StopWatch
 from nin_jax.profiling import StepTrace, check_profile_steps
 
@@ -52,8 +53,31 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
         checkpoints = Checkpoints(workdir, config) if workdir else None
         if not distributed.is_main_process():
             workdir, log = None, lambda line: None  # checkpoints are saved by every process, together
-        with checkpoints or contextlib.nullcontext(), peers.peer_failures_exit():
+        with checkpoints or contextlib.nullcontext(), peers.peer_failures_exit(), \
+                out_of_memory_explained(config, strategy.num_devices, workdir):
             return _train(config, strategy, process, checkpoints, workdir, log)
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(config: Config, num_devices: int, workdir: Optional[str]) -> Iterator[None]:
+    """Turns a host `MemoryError`, or XLA's RESOURCE_EXHAUSTED while a step compiles or runs, into
+    `OutOfMemory`, whose one line names the flags that set the memory and a batch size to try."""
+    try:
+        yield
+    except (MemoryError, jax.errors.JaxRuntimeError) as error:
+        if not isinstance(error, MemoryError) and "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        platform = jax.local_devices()[0].platform
+        where = "the host" if isinstance(error, MemoryError) else f"the {platform} device"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        smaller = config.batch_size // 2 // num_devices * num_devices
+        advice = (f"use a smaller --batch_size, such as {smaller}" if smaller else "use a smaller --resize")
+        if platform in ("gpu", "cuda", "rocm", "tpu"):
+            advice += "; python -m nin_jax.plan --target local with the same flags finds the largest batch that fits"
+        if workdir:
+            advice += f"; a checkpoint resumes only at its own --batch_size, so use a new --workdir if {workdir} holds one"
+        raise OutOfMemory(f"out of memory on {where} at --batch_size {config.batch_size}, --resize {config.resize}, "
+                          f"--dtype {config.dtype} ({reason}): {advice}") from None
 
 
 def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoints: Optional[Checkpoints],

@@ -102,6 +102,12 @@ def garble_the_run_record(step_dir: str, other_step_dir: str) -> None:
         f.write("{garbled")
 
 
+def garble_the_step_metadata(step_dir: str, other_step_dir: str) -> None:
+    """JSON that is not an object: orbax fails on it as it opens the folder of checkpoints."""
+    with open(os.path.join(step_dir, "_CHECKPOINT_METADATA"), "w") as f:
+        f.write("[]")
+
+
 # (Truncated array files are refused alike, but tensorstore then leaves an asyncio callback behind
 # that pytest reports as an unraisable exception in a later test.)
 @pytest.mark.parametrize(
@@ -110,6 +116,7 @@ def garble_the_run_record(step_dir: str, other_step_dir: str) -> None:
         (swap_in_the_arrays_of_another_checkpoint, "its arrays do not match the checksum saved with them"),
         (delete_the_arrays, "its files are incomplete or damaged (reading them raised KeyError)"),
         (garble_the_run_record, "its files are incomplete or damaged (reading them raised JSONDecodeError)"),
+        (garble_the_step_metadata, "its files are incomplete or damaged (reading them raised ValueError)"),
     ],
 )
 def test_refuses_a_damaged_checkpoint(tmp_path, initial_state, damage, message):

@@ -1,19 +1,24 @@
-"""Runs that meet other runs or lose a peer: a dead process ends its peers in one line, a live run
-keeps its workdir to itself, and two first-time builds of the dataset do not collide."""
+"""Runs that meet other runs or lose a peer, or meet a full disk or a full memory: a dead process
+ends its peers in one line, a live run keeps its workdir to itself, two first-time builds of the
+dataset do not collide, and a save or a step that finds no room ends the run in one line."""
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from nin_jax import locks, peers
+from nin_jax import locks, peers, trainer
 from nin_jax.checkpoints import WorkdirError
+from nin_jax.config import Config
+from nin_jax.errors import OutOfMemory
 
 from conftest import REPO_ROOT, SHARED_FASHION_MNIST
 from test_multiprocess import HELPER, free_loopback_port
@@ -307,3 +312,79 @@ def test_predict_reads_a_live_workdir_whose_run_deletes_old_checkpoints_and_neve
     finally:
         training.kill()
         training.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory: one line that names the flags which set the memory.
+
+ADDRESS_SPACE = 10 << 30  # lets JAX start, but not allocate a step's 16 GB at batch 8192 and 96 px
+
+
+def test_a_step_that_runs_out_of_memory_ends_in_one_line_naming_batch_resize_and_dtype(tmp_path):
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+    command = [sys.executable, os.path.join(REPO_ROOT, "tests", "fake_data_train.py"), "8192", "--resize=96",
+               "--batch_size=8192", "--num_epochs=1", "--eval_examples=8", "--parallel=jit", "--compile_cache=off",
+               f"--workdir={tmp_path}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=CPU_ENV,
+                            preexec_fn=limit_memory)
+    assert result.returncode == 1, result.stderr
+    assert re.fullmatch(r"fake_data_train.py: error: out of memory on the cpu device at --batch_size 8192, "
+                        r"--resize 96, --dtype float32 \(RESOURCE_EXHAUSTED: Out of memory allocating \d+ bytes\): "
+                        r"use a smaller --batch_size, such as 4096; a checkpoint resumes only at its own --batch_size, "
+                        rf"so use a new --workdir if {re.escape(str(tmp_path))} holds one\n", result.stderr), result.stderr
+    assert _committed_steps(tmp_path) == []
+
+
+def test_a_host_memory_error_names_the_sizes_and_other_runtime_errors_pass_through():
+    config = Config(batch_size=6, resize=67, dtype="bfloat16")
+    with pytest.raises(OutOfMemory, match=r"^out of memory on the host at --batch_size 6, --resize 67, --dtype "
+                                          r"bfloat16 \(MemoryError\): use a smaller --batch_size, such as 2$"):
+        with trainer.out_of_memory_explained(config, num_devices=2, workdir=None):
+            raise MemoryError()
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        with trainer.out_of_memory_explained(config, num_devices=1, workdir=None):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+
+@pytest.fixture
+def read_only_run(tmp_path):
+    """A finished run's workdir on a filesystem then mounted read-only, as a shared results disk."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem read-only needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(disk)], check=True)
+    try:
+        result = fake_run("--resize=67", "--batch_size=32", "--num_epochs=1", "--eval_examples=32", "--parallel=jit",
+                          "--compile_cache=off", f"--workdir={disk / 'run'}", timeout=120)
+        assert result.returncode == 0, result.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        yield disk / "run"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_read_only_workdir_is_read_by_predict_and_refused_by_train_in_one_line(read_only_run):
+    workdir = read_only_run
+    result = fake_run("predict", f"--workdir={workdir}", timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == (f"python -m nin_jax.predict: error: cannot write {workdir / 'predictions.png'}: "
+                             f"Read-only file system\n")  # the checkpoint was read: only the picture failed
+
+    result = fake_run("--resize=67", "--batch_size=32", "--num_epochs=2", "--eval_examples=32", "--parallel=jit",
+                      "--compile_cache=off", f"--workdir={workdir}")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"fake_data_train.py: error: cannot write to --workdir {workdir}"), result.stderr
+    assert result.stderr.endswith(": Read-only file system\n") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_export_arrays_to_a_read_only_disk_is_refused_before_reading_any_data(read_only_run, tmp_path):
+    out = read_only_run / "fashion_mnist.npz"
+    result = subprocess.run([sys.executable, "-m", "nin_jax.export_arrays", "--out", str(out), "--data_dir",
+                             str(tmp_path / "no_data")], capture_output=True, text=True, timeout=60, env=CPU_ENV,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 1
+    assert result.stderr == f"python -m nin_jax.export_arrays: error: cannot write {out}: Read-only file system\n"
+    assert not out.exists()

@@ -192,7 +192,7 @@ def test_wrong_flags_end_with_one_line(flags, message):
                             text=True, timeout=120)
     if message is None:  # an output that cannot be written is found before anything is compiled
         assert result.returncode == 1 and result.stderr == (
-            "python -m nin_jax.plan: error: cannot write --json /no/such/folder/plan.json: No such file or directory\n")
+            "python -m nin_jax.plan: error: cannot write /no/such/folder/plan.json: No such file or directory\n")
     else:
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
