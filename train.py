@@ -49,8 +49,10 @@ def main(argv=None) -> int:
     quiet_library_logs()
     try:
         with signals_raise():  # from here on a SIGTERM or SIGHUP ends the run with a line, not in silence
-            from nin_jax import compile_cache, trainer
+            from nin_jax import compile_cache, kernels, trainer
 
+            if config.deterministic:
+                kernels.make_deterministic()  # before JAX's backend starts and reads XLA_FLAGS
             compile_cache.enable(config.compile_cache)  # before JAX compiles anything
             trainer.train_and_evaluate(config, config.workdir)
     except ConfigError as error:  # found once the devices are known, e.g. a batch that does not split over them

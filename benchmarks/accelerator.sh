@@ -16,6 +16,7 @@
 #   plan_<dtype>.json python -m nin_jax.plan --target local at 224, batch 128: planned memory, kernels, roofline
 #   plan_check.json   measured train images/s beside the roofline, measured peak memory beside the plan
 #   pmap.json         the same step under --parallel pmap, batch 128
+#   deterministic.json  the jit step with XLA's deterministic GPU kernels (train.py --deterministic), batch 128
 #   levers.json       --max_pool slices/reduce_window x --conv1x1 dot/conv, batch 128 (nin_jax/kernels.py)
 #   pytorch_<dtype>.json  the book's PyTorch step on the same device, where torch can use it
 #   reference.jsonl   the 10-epoch reference recipe at 224 in fp32, evaluation included
@@ -134,6 +135,10 @@ fi
 # shellcheck disable=SC2086
 part "pmap step" 40 "$PYTHON" benchmarks/step_throughput.py --resize "$RESIZE" --batch_size "$FIRST_BATCH_SIZE" \
   --dtype $DTYPES --parallel pmap $STEP_FLAGS --out "$RESULTS/pmap.json"
+# shellcheck disable=SC2086
+part "deterministic step" 40 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" "$PYTHON" \
+  benchmarks/step_throughput.py --resize "$RESIZE" --batch_size "$FIRST_BATCH_SIZE" --dtype $DTYPES --parallel jit \
+  $STEP_FLAGS --out "$RESULTS/deterministic.json"
 # shellcheck disable=SC2086
 part levers 60 "$PYTHON" benchmarks/step_throughput.py --resize "$RESIZE" --batch_size "$FIRST_BATCH_SIZE" \
   --dtype $DTYPES --max_pool slices reduce_window --conv1x1 dot conv --parallel jit $STEP_FLAGS \

@@ -173,6 +173,11 @@ class Config:
         "see nin_jax/kernels.py) or default (XLA's choice); no effect on GPU, TPU or with --parallel pmap",
         choices=CPU_KERNELS,
     )
+    deterministic: bool = _field(
+        ADVANCED, False, "on a GPU: XLA's deterministic kernels (--xla_gpu_deterministic_ops=true in XLA_FLAGS, set "
+        "before JAX starts), so that a run, and a resumed run, repeat bit for bit; slower (docs/accelerators.md). "
+        "CPUs and TPUs repeat without it",
+    )
     max_pool: str = _field(
         ADVANCED, "auto", "how the max-pools are computed: slices (strided slices with their own gradient, measured faster "
         "on a CPU) or reduce_window (flax's nn.max_pool); auto: slices on a CPU, reduce_window elsewhere. "

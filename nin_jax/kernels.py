@@ -6,7 +6,8 @@ Each lever changes how XLA computes the same function, never the function or the
     (`max_pool` below), or `reduce_window`, Flax's `nn.max_pool`;
   * `--conv1x1`: the 1x1 convolutions as a `dot` over channels or as a `conv`; the layer's
     kernel is the same (inputs, outputs) matrix either way, so checkpoints do not depend on it;
-  * `--cpu_kernels` (`compiler_options` below): an option of XLA's CPU compiler only.
+  * `--cpu_kernels` (`compiler_options` below): an option of XLA's CPU compiler only;
+  * `--deterministic` (`make_deterministic` below): XLA's deterministic GPU kernels.
 
 `auto` is the measured choice on the CPU (`slices`, `dot`) and XLA's plain ops on GPUs and TPUs
 (`reduce_window`, `conv`), until `benchmarks/accelerator.sh` has measured them there.
@@ -14,15 +15,37 @@ Each lever changes how XLA computes the same function, never the function or the
 
 import dataclasses
 import functools
+import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from nin_jax.errors import ConfigError
+
 # Where a lever was measured to help, `auto` turns it on; every other backend gets XLA's plain ops.
 _MEASURED = {"cpu": {"max_pool": "slices", "conv1x1": "dot"}}
 _PLAIN = {"max_pool": "reduce_window", "conv1x1": "conv"}
+
+
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def make_deterministic() -> None:
+    """Adds XLA's flag for GPU kernels that repeat bit for bit (no atomic adds in reductions and
+    scatters, autotuning among deterministic kernels only) to XLA_FLAGS. XLA reads XLA_FLAGS once,
+    as the backend starts: call this before JAX computes anything, as train.py does."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DETERMINISTIC_XLA_FLAG not in flags.split():
+        os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_XLA_FLAG}".strip()
+
+
+def check_deterministic(config) -> None:
+    """Refuses `--deterministic` where XLA_FLAGS lacks the flag: the run would repeat less than it says."""
+    if config.deterministic and DETERMINISTIC_XLA_FLAG not in os.environ.get("XLA_FLAGS", "").split():
+        raise ConfigError(f"--deterministic needs {DETERMINISTIC_XLA_FLAG} in XLA_FLAGS before JAX starts: call "
+                          f"nin_jax.kernels.make_deterministic() first, as train.py does")
 
 
 def resolve(lever: str, choice: str, platform: Optional[str] = None) -> str:

@@ -579,6 +579,10 @@ def main(argv=None) -> int:
     try:
         if flags["json"]:
             files.check_writable(flags["json"])  # before minutes of compiling
+        if config.deterministic:
+            from nin_jax import kernels
+
+            kernels.make_deterministic()  # the GPU steps compile with the deterministic kernels
         if flags["target"] != [LOCAL]:
             prepare_jax()
         plans, status = [], 0

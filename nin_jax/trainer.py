@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import jax
 
-from nin_jax import cpu_estimate, dataset, distributed, input_pipeline, locks, parallel, peers, run_outputs, steps
+from nin_jax import (cpu_estimate, dataset, distributed, input_pipeline, kernels, locks, parallel, peers, run_outputs,
+                     steps)
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.errors import OutOfMemory
@@ -47,6 +48,7 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     """
     config = config.validate()
     check_profile_steps(config.profile_steps, workdir)
+    kernels.check_deterministic(config)
     process = distributed.initialize(config)
     strategy = parallel.create_strategy(config)  # refuses a batch that does not split over the devices
     with locks.workdir_lock(workdir) if workdir else contextlib.nullcontext():  # before anything is written there

@@ -70,7 +70,7 @@ def test_accelerator_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_pa
     torch = importlib.util.find_spec("torch") is not None  # optional: the test extra does not install it
     pytorch_part = "pytorch step float32" if torch else "pytorch step"
     assert list(parts) == ["environment", "accelerator tests", "loop ceiling", "step grid", "plan", "pmap step",
-                           "levers", pytorch_part, "reference recipe", "strong recipe"]
+                           "deterministic step", "levers", pytorch_part, "reference recipe", "strong recipe"]
     skipped = {"plan": "skipped: no accelerator to plan for"}
     assert {name: p["status"] for name, p in parts.items() if p["status"] != "ok"} == (
         skipped if torch else {**skipped, "pytorch step": "skipped: torch is not installed"})
@@ -79,6 +79,7 @@ def test_accelerator_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_pa
     assert "3 skipped" in log and "no accelerator" in log  # the accelerator tests, on a CPU
     assert len(json.loads((out / "steps.json").read_text())["results"]) == 1
     assert json.loads((out / "pmap.json").read_text())["results"][0]["parallel"] == "pmap"
+    assert len(json.loads((out / "deterministic.json").read_text())["results"]) == 1
     levers = [(r["config"]["max_pool"], r["config"]["conv1x1"])
               for r in json.loads((out / "levers.json").read_text())["results"]]
     assert levers == [("slices", "dot"), ("slices", "conv"), ("reduce_window", "dot"), ("reduce_window", "conv")]

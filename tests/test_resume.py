@@ -237,3 +237,31 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fake_
     last_good = latest_checkpoint(tmp_path, learning_rate=1e6)
     assert int(last_good.step) == bad_step - 1
     assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(last_good.params))
+
+
+def test_deterministic_sets_xlas_flag_before_jax_starts_and_leaves_a_cpu_run_as_it_was(tmp_path):
+    """On a CPU the flag changes no kernel: the same parameters and metrics, bit for bit. The run
+    with --deterministic passing at all shows train.py set the flag (the trainer refuses otherwise)."""
+    runs = {}
+    for name, extra in (("plain", []), ("deterministic", ["--deterministic"])):
+        workdir = tmp_path / name
+        result = subprocess.run([sys.executable, HELPER, str(NUM_EXAMPLES), *flags(parallel="jit", num_epochs=1),
+                                 f"--workdir={workdir}", *extra], capture_output=True, text=True, timeout=TIMEOUT_S,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+        assert result.returncode == 0, result.stderr
+        runs[name] = (latest_checkpoint(workdir, num_epochs=1), deterministic(run_outputs.read_metrics(str(workdir))))
+    assert_same_state(runs["plain"][0], runs["deterministic"][0])
+    assert runs["plain"][1] == runs["deterministic"][1]
+
+
+def test_deterministic_without_the_flag_in_xla_flags_is_refused(monkeypatch, tmp_path):
+    from nin_jax import kernels
+    from nin_jax.errors import ConfigError
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    with pytest.raises(ConfigError, match=r"^--deterministic needs --xla_gpu_deterministic_ops=true in XLA_FLAGS"):
+        trainer.train_and_evaluate(config(deterministic=True), str(tmp_path))
+    kernels.make_deterministic()
+    kernels.make_deterministic()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"
+    assert os.listdir(tmp_path) == []  # refused before anything was written
