@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,20 +39,31 @@ def restore_variables(workdir: str) -> tuple[Config, Variables]:
     return config, snapshot.state.variables()
 
 
-def predict_classes(config: Config, variables: Variables, split: input_pipeline.Split, batch_size: int) -> np.ndarray:
-    """The predicted class of every example of `split`, in order (eval batches: padding is dropped)."""
+def forward(config: Config) -> Callable[[Variables, jax.Array], jax.Array]:
+    """The evaluation forward pass, `logits(variables, images)`: uint8 images [B, 28, 28, 1] in,
+    float32 logits [B, 10] out, resized and computed in `config.dtype` as evaluation does."""
     model = steps.create_model(config)
 
-    @jax.jit
-    def predict(variables, images):
+    def logits(variables: Variables, images: jax.Array) -> jax.Array:
         images = steps.preprocess(images, config.resize, jnp.dtype(config.dtype))
-        return jnp.argmax(model.apply(variables, images), -1)
+        return model.apply(variables, images).astype(jnp.float32)
 
-    predictions, masks = [], []
+    return logits
+
+
+def predict_logits(config: Config, variables: Variables, split: input_pipeline.Split, batch_size: int) -> np.ndarray:
+    """The logits of every example of `split`, in order (eval batches: padding is dropped)."""
+    logits = jax.jit(forward(config))
+    outputs, masks = [], []
     for batch in input_pipeline.eval_batches(split, batch_size):
-        predictions.append(predict(variables, batch["image"]))
+        outputs.append(logits(variables, batch["image"]))
         masks.append(batch["mask"].astype(bool))
-    return np.concatenate(jax.device_get(predictions))[np.concatenate(masks)]
+    return np.concatenate(jax.device_get(outputs))[np.concatenate(masks)]
+
+
+def predict_classes(config: Config, variables: Variables, split: input_pipeline.Split, batch_size: int) -> np.ndarray:
+    """The predicted class of every example of `split`, in order."""
+    return np.argmax(predict_logits(config, variables, split, batch_size), -1)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
