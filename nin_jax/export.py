@@ -21,6 +21,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import export as jax_export  # a submodule that older JAX does not import with `jax`
 
 from nin_jax import errors, files, input_pipeline, predict
 from nin_jax.config import Config, FlagParser
@@ -29,18 +30,18 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def export_classifier(config: Config, variables: predict.Variables,
-                      platforms: tuple[str, ...] = PLATFORMS) -> jax.export.Exported:
+                      platforms: tuple[str, ...] = PLATFORMS) -> jax_export.Exported:
     """The forward pass with `variables` as constants, for a symbolic batch size, lowered for
     `platforms`. The max-pools and 1x1 convolutions are XLA's plain ops, which every platform runs
     well (the CPU's tuned levers compute the same function)."""
     config = dataclasses.replace(config, max_pool="reduce_window", conv1x1="conv")
     classify = jax.jit(functools.partial(predict.forward(config), variables))
-    (batch,) = jax.export.symbolic_shape("batch")
+    (batch,) = jax_export.symbolic_shape("batch")
     images = jax.ShapeDtypeStruct((batch, *input_pipeline.IMAGE_SHAPE), jnp.uint8)
-    return jax.export.export(classify, platforms=platforms)(images)
+    return jax_export.export(classify, platforms=platforms)(images)
 
 
-def export_workdir(workdir: str, out: str) -> jax.export.Exported:
+def export_workdir(workdir: str, out: str) -> jax_export.Exported:
     """Writes the classifier of the latest checkpoint in `workdir` to `out`, whole or not at all."""
     config, variables = predict.restore_variables(workdir)
     exported = export_classifier(config, variables)

@@ -60,6 +60,10 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
             return _train(config, strategy, process, checkpoints, workdir, log)
 
 
+# How XLA says it: RESOURCE_EXHAUSTED, or (jaxlib 0.7 on the CPU) an INTERNAL error that says so.
+OUT_OF_MEMORY_WORDS = ("RESOURCE_EXHAUSTED", "Out of memory")
+
+
 @contextlib.contextmanager
 def out_of_memory_explained(config: Config, num_devices: int, workdir: Optional[str]) -> Iterator[None]:
     """Turns a host `MemoryError`, or XLA's RESOURCE_EXHAUSTED while a step compiles or runs, into
@@ -67,7 +71,7 @@ def out_of_memory_explained(config: Config, num_devices: int, workdir: Optional[
     try:
         yield
     except (MemoryError, jax.errors.JaxRuntimeError) as error:
-        if not isinstance(error, MemoryError) and "RESOURCE_EXHAUSTED" not in str(error):
+        if not isinstance(error, MemoryError) and not any(word in str(error) for word in OUT_OF_MEMORY_WORDS):
             raise
         platform = jax.local_devices()[0].platform
         where = "the host" if isinstance(error, MemoryError) else f"the {platform} device"

@@ -85,3 +85,19 @@ def test_anchors_follow_github():
     assert list(anchors("# Why the default initialisation is not the book's\n## A\n## A\n")) == [
         "why-the-default-initialisation-is-not-the-books", "a", "a-1"
     ]
+
+
+def test_the_colab_badges_and_the_notebooks_install_name_the_repository_of_pyproject():
+    """One repository: the one pyproject.toml names is where the badges open the notebook, and
+    where the notebook's first cell installs from outside a checkout."""
+    with open(os.path.join(REPO_ROOT, "pyproject.toml")) as f:
+        (repository,) = re.findall(r'^Repository = "https://github\.com/([\w.-]+/[\w.-]+)"$', f.read(), re.M)
+    badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+             f"(https://colab.research.google.com/github/{repository}/blob/main/notebooks/nin.ipynb)")
+    notebook_path = os.path.join(REPO_ROOT, "notebooks", "nin.ipynb")
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        assert badge in f.read()
+    assert markdown_of(notebook_path).startswith(badge)
+    with open(notebook_path) as f:
+        install_cell = "".join(next(c for c in json.load(f)["cells"] if c["cell_type"] == "code")["source"])
+    assert f'REPOSITORY = "https://github.com/{repository}"' in install_cell
