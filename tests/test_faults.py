@@ -2,6 +2,7 @@
 ends its peers in one line, a live run keeps its workdir to itself, two first-time builds of the
 dataset do not collide, and a save or a step that finds no room ends the run in one line."""
 
+import contextlib
 import os
 import re
 import resource
@@ -256,18 +257,24 @@ def test_a_file_where_the_checkpoints_go_ends_the_run_before_training_in_one_lin
     assert (tmp_path / "checkpoints").read_text() == "in the way"
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(folder, size: str):
+    """A filesystem of `size` in memory, mounted at the new `folder` (as root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 20 MiB filesystem: room for two of NiN's 8 MB checkpoints, not three."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small filesystem needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(disk)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "20M") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_a_save_that_fails_on_a_full_disk_ends_the_run_in_one_line_and_the_same_command_resumes(small_disk):
@@ -351,19 +358,12 @@ def test_a_host_memory_error_names_the_sizes_and_other_runtime_errors_pass_throu
 @pytest.fixture
 def read_only_run(tmp_path):
     """A finished run's workdir on a filesystem then mounted read-only, as a shared results disk."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a filesystem read-only needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(disk)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "40M") as disk:
         result = fake_run("--resize=67", "--batch_size=32", "--num_epochs=1", "--eval_examples=32", "--parallel=jit",
                           "--compile_cache=off", f"--workdir={disk / 'run'}", timeout=120)
         assert result.returncode == 0, result.stderr
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         yield disk / "run"
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 def test_a_read_only_workdir_is_read_by_predict_and_refused_by_train_in_one_line(read_only_run):
