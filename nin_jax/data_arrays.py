@@ -137,10 +137,8 @@ def read_copy(dataset_dir: str) -> Optional[dict[str, Split]]:
 
 
 def save(datasets: dict[str, Split], path: str) -> None:
-    """Writes the splits to one compressed .npz at exactly `path`, whole or not at all, for machines
-    without TensorFlow. A path without `.npz` is refused: NumPy would write another one."""
-    if not path.endswith(".npz"):
-        raise OutputError(f"--out {path} must end in .npz (the file that --data_arrays then reads)")
+    """Writes the splits to one compressed .npz at exactly `path` (NumPy adds no suffix to an open
+    file), whole or not at all, for machines without TensorFlow."""
     with files.replace(os.path.expanduser(path), "wb") as file:
         np.savez_compressed(file, **as_arrays(datasets))
 

@@ -78,7 +78,7 @@ def out_of_memory_explained(config: Config, num_devices: int, workdir: Optional[
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
         smaller = config.batch_size // 2 // num_devices * num_devices
         advice = (f"use a smaller --batch_size, such as {smaller}" if smaller else "use a smaller --resize")
-        if platform in ("gpu", "cuda", "rocm", "tpu"):
+        if platform != "cpu":  # a GPU or TPU, which the plan command compiles for
             advice += "; python -m nin_jax.plan --target local with the same flags finds the largest batch that fits"
         if workdir:
             advice += f"; a checkpoint resumes only at its own --batch_size, so use a new --workdir if {workdir} holds one"
