@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from nin_jax import files
 from nin_jax.errors import ConfigError, OutputError
@@ -108,15 +108,16 @@ LOCAL = "local"  # the accelerator attached to this machine, compiled for as it 
 
 
 def local_target(devices: list) -> Target:
-    """The attached devices as a target, with the published figures of the listed target of their kind."""
+    """The attached devices as a target: with the published figures of the listed target of their
+    kind, or, for a kind not listed (a CPU, say), with none, and then the plan has no roofline."""
     kind = devices[0].device_kind
     for target in TARGETS.values():
         matches = kind in target.kind_words if target.platform == "tpu" else any(word in kind for word in target.kind_words)
         if target.platform == _platform(devices[0]) and matches:
             chips = len(devices) if target.platform == "tpu" else 0
             return dataclasses.replace(target, name=LOCAL, description=f"{kind} (attached)", chips=chips)
-    raise PlanError(f"the attached devices ({kind}) are none of the listed targets (see --list), whose published "
-                    f"figures the plan needs")
+    return Target(LOCAL, f"{kind} (attached)", _platform(devices[0]), "", 0.0, 0.0, {},
+                  "no published figures: not a listed target (see --list)")
 
 
 def _platform(device) -> str:
@@ -144,15 +145,22 @@ def gpu_target_config(target: Target) -> str:
     return (importlib.resources.files("nin_jax") / "gpu_targets" / target.topology).read_text()
 
 
+CUDA_PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")  # jax's CUDA 12 and CUDA 13 builds
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module.split(".")[0]) is not None and importlib.util.find_spec(module) is not None
+
+
 def target_devices(target: Target, num_gpus: int = 1) -> list:
     """Compile-only devices of `target`: `num_gpus` GPUs on one host, or the whole TPU slice."""
     from jax.experimental import topologies
 
-    needs = {"gpu": ("jax_plugins.xla_cuda12", "jax's CUDA plugin"), "tpu": ("libtpu", "libtpu")}[target.platform]
-    import importlib.util
-
-    if importlib.util.find_spec(needs[0].split(".")[0]) is None or importlib.util.find_spec(needs[0]) is None:
-        raise PlanError(f"compiling for {target.description} needs {needs[1]}: pip install -e '.[plan]'")
+    modules, needs = {"gpu": (CUDA_PLUGINS, "jax's CUDA plugin"), "tpu": (("libtpu",), "libtpu")}[target.platform]
+    if not any(_importable(module) for module in modules):
+        raise PlanError(f"compiling for {target.description} needs {needs}: pip install -e '.[plan]'")
     if target.platform == "gpu":
         description = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target),
                                                    topology=f"1x1x{num_gpus}")
@@ -335,17 +343,36 @@ def compile_steps(config, devices, with_eval: bool = True) -> Compiled:
     return Compiled(train.compile(), evaluate.compile() if with_eval else None, time.perf_counter() - start)
 
 
-def train_flops(config) -> float:
+def xla_flops(stage) -> Optional[float]:
+    """XLA's count of the floating-point operations of a lowered or compiled step, whatever shape
+    this JAX gives its cost analysis in (a dict, a list of one dict per program, None, an error);
+    None where it gives none."""
+    try:
+        analysis = stage.cost_analysis()
+    except Exception:  # a backend or a JAX without the analysis: its kinds vary
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = analysis.get("flops") if isinstance(analysis, dict) else None
+    return float(flops) if flops else None
+
+
+def train_flops(config) -> Optional[float]:
     """XLA's count of the floating-point operations of one global training step, from the program
-    lowered for this machine's CPU (the same operations on any device)."""
+    for this machine's CPU (the same operations on any device): the lowered program's count, else
+    the compiled one's; None where this JAX reports neither."""
     import jax
 
     from nin_jax import kernels, parallel, steps
 
-    config = kernels.for_platform(config, "cpu")
+    try:
+        devices = jax.devices("cpu")[:1]
+    except RuntimeError:  # JAX_PLATFORMS leaves the CPU out: the attached device's program counts the same
+        devices = jax.devices()[:1]
+    config = kernels.for_platform(config, devices[0].platform)
     state = jax.eval_shape(lambda: steps.create_train_state(config))
-    lowered, _ = parallel.ShardingStrategy(config, jax.devices()[:1]).lower(state, batch_spec(config.batch_size))
-    return float(lowered.cost_analysis()["flops"])
+    lowered, _ = parallel.ShardingStrategy(config, devices).lower(state, batch_spec(config.batch_size))
+    return xla_flops(lowered) or xla_flops(lowered.compile())
 
 
 def usable_bytes(target: Target, devices: list) -> tuple[float, str]:
@@ -353,6 +380,8 @@ def usable_bytes(target: Target, devices: list) -> tuple[float, str]:
     stats = devices[0].memory_stats() if target.name == LOCAL else None
     if stats and "bytes_limit" in stats:
         return float(stats["bytes_limit"]), "the pool of the attached device, as JAX reports it"
+    if not target.memory_gib:  # an attached device without published figures: a CPU shares the host's memory
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "the host's memory"
     per_device = target.memory_gib * 2**30 * target.share(len(devices))
     if target.platform == "tpu":
         return per_device, f"{_gib(per_device)} HBM per device"
@@ -441,24 +470,34 @@ def plan(config, target_name: str, num_gpus: int = 1, find_largest_batch: bool =
                           "usable_note": usable_note, "fits": memory["total"] <= usable})
     facts = program_facts(compiled.train.as_text())
     flops = train_flops(config)
-    peak, peak_name = target.peak_tflops[config.dtype]
-    peak_per_device = peak * 1e12 * target.share(len(devices))
-    bandwidth = target.bandwidth_gbs * 1e9 * target.share(len(devices))
-    compute_seconds = flops / len(devices) / peak_per_device
-    memory_seconds = facts["bytes_moved"] / bandwidth
-    step_seconds = max(compute_seconds, memory_seconds)
     result.update(
-        flops_per_image=flops / config.batch_size, flops_per_step_per_device=flops / len(devices),
+        flops_per_image=flops / config.batch_size if flops else None,
+        flops_per_step_per_device=flops / len(devices) if flops else None,
         **{name: facts[name] for name in ("kernels", "collectives", "cudnn_calls", "opcodes", "entry_parameters")},
         f32_compute=f32_compute(compiled.train.as_text()) if config.dtype == "bfloat16" else [],
-        roofline={"peak_flops_per_device": peak_per_device, "peak": f"{peak:g} TFLOP/s {peak_name}",
-                  "bandwidth_per_device": bandwidth, "bytes_moved_per_device": facts["bytes_moved"],
-                  "compute_seconds": compute_seconds, "memory_seconds": memory_seconds, "step_seconds": step_seconds,
-                  "bound": "compute" if compute_seconds >= memory_seconds else "memory",
-                  "images_per_sec": config.batch_size / step_seconds})
+        roofline=roofline(target, len(devices), config, flops, facts["bytes_moved"]))
     if find_largest_batch:
         result["largest_batch"] = largest_batch(config, devices, usable, compiled)
     return result
+
+
+def roofline(target: Target, num_devices: int, config, flops: Optional[float], bytes_moved: int) -> dict[str, Any]:
+    """The fastest step the target's peaks allow: its FLOPs at the dense peak, its bytes at the
+    memory bandwidth, the larger of the two. Parts without figures are left out (None)."""
+    bytes_per_device = {"bytes_moved_per_device": bytes_moved}
+    if not target.bandwidth_gbs:
+        return {**bytes_per_device, "step_seconds": None}
+    bandwidth = target.bandwidth_gbs * 1e9 * target.share(num_devices)
+    memory_seconds = bytes_moved / bandwidth
+    peak, peak_name = target.peak_tflops[config.dtype]
+    peak_per_device = peak * 1e12 * target.share(num_devices)
+    compute_seconds = flops / num_devices / peak_per_device if flops else None
+    step_seconds = max(compute_seconds or 0.0, memory_seconds)
+    return {**bytes_per_device, "peak_flops_per_device": peak_per_device, "peak": f"{peak:g} TFLOP/s {peak_name}",
+            "bandwidth_per_device": bandwidth, "compute_seconds": compute_seconds, "memory_seconds": memory_seconds,
+            "step_seconds": step_seconds,
+            "bound": "memory" if compute_seconds is None or memory_seconds > compute_seconds else "compute",
+            "images_per_sec": config.batch_size / step_seconds}
 
 
 def _first_line(error: Exception) -> str:
@@ -499,8 +538,11 @@ def format_plan(result: dict[str, Any]) -> str:
                                           f"{len(largest['checks'])} compile(s) to check and refine it)"))
         else:
             rows.append(("largest batch", "none found: no multiple of the devices fits"))
-    rows.append(("FLOPs", f"{result['flops_per_image'] / 1e9:.2f} GFLOP per training image, "
-                          f"{result['flops_per_step_per_device'] / 1e9:.1f} GFLOP per step per device"))
+    if result["flops_per_image"]:
+        rows.append(("FLOPs", f"{result['flops_per_image'] / 1e9:.2f} GFLOP per training image, "
+                              f"{result['flops_per_step_per_device'] / 1e9:.1f} GFLOP per step per device"))
+    else:
+        rows.append(("FLOPs", "not reported by this JAX"))
     kernels = result["kernels"]
     if result["platform"] == "gpu":
         rows.append(("kernels", f"{kernels['total']} per train step: {kernels['cudnn']} cuDNN calls, "
@@ -517,13 +559,20 @@ def format_plan(result: dict[str, Any]) -> str:
                  if collectives else "none"))
     if result["dtype"] == "bfloat16":
         rows.append(("float32 compute", ", ".join(result["f32_compute"]) or "none: every convolution and dot is bf16"))
-    roofline = result["roofline"]
-    rows.append(("roofline", f"a step takes at least {roofline['step_seconds'] * 1e3:.3f} ms ({roofline['bound']}-bound: "
-                             f"compute {roofline['compute_seconds'] * 1e3:.3f} ms at {roofline['peak']}, memory "
-                             f"{roofline['memory_seconds'] * 1e3:.3f} ms for {_gib(roofline['bytes_moved_per_device'])} "
-                             f"at {roofline['bandwidth_per_device'] / 1e9:,.0f} GB/s): at most "
-                             f"{roofline['images_per_sec']:,.0f} training images/s"))
+    rows.append(("roofline", _format_roofline(result["roofline"], result["description"])))
     return _table(rows)
+
+
+def _format_roofline(roofline: dict[str, Any], description: str) -> str:
+    moved = _gib(roofline["bytes_moved_per_device"])
+    if roofline["step_seconds"] is None:
+        return f"none: no published peaks for {description} ({moved} moved per step per device)"
+    compute = (f"compute {roofline['compute_seconds'] * 1e3:.3f} ms at {roofline['peak']}"
+               if roofline["compute_seconds"] is not None else "compute unknown (FLOPs not reported)")
+    return (f"a step takes at least {roofline['step_seconds'] * 1e3:.3f} ms ({roofline['bound']}-bound: {compute}, "
+            f"memory {roofline['memory_seconds'] * 1e3:.3f} ms for {moved} at "
+            f"{roofline['bandwidth_per_device'] / 1e9:,.0f} GB/s): at most {roofline['images_per_sec']:,.0f} "
+            f"training images/s")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 
 from nin_jax import kernels, plan
+from nin_jax.config import Config
 
 from conftest import REPO_ROOT
 
@@ -250,3 +251,61 @@ ENTRY %main (a: bf16[2,8,8,3], w: bf16[3,3,3,4], g: f32[8,4]) -> f32[8,4] {
     assert plan.f32_compute(text) == ["d (no op_name)"]
     assert facts["entry_parameters"] == {"a": "bf16[2,8,8,3]{3,2,1,0}", "w": "bf16[3,3,3,4]{3,2,1,0}",
                                          "g": "f32[8,4]{1,0}"}
+
+
+class _Stage:
+    """A lowered or compiled step whose cost analysis comes in the shape `analysis` gives."""
+
+    def __init__(self, analysis):
+        self._analysis = analysis
+
+    def cost_analysis(self):
+        if isinstance(self._analysis, Exception):
+            raise self._analysis
+        return self._analysis
+
+
+@pytest.mark.parametrize("analysis, flops", [
+    ({"flops": 12.0, "bytes accessed": 3.0}, 12.0),  # jax 0.7 to 0.10
+    ([{"flops": 12.0}], 12.0),  # older jax: one dict per program
+    ([], None),
+    (None, None),  # jax 0.11 on a GPU, for a lowered step
+    ({"bytes accessed": 3.0}, None),
+    (NotImplementedError("no cost analysis on this backend"), None),
+])
+def test_xla_flops_reads_every_shape_of_cost_analysis(analysis, flops):
+    assert plan.xla_flops(_Stage(analysis)) == flops
+
+
+def test_the_flops_come_from_the_compiled_step_where_the_lowered_one_has_none():
+    from jax import stages
+
+    config = Config(resize=67, batch_size=8)
+    with mock.patch.object(stages.Lowered, "cost_analysis", return_value=None):
+        flops = plan.train_flops(config)
+        assert flops and 8 * 1e8 < flops < 8 * 1e9
+        with mock.patch.object(stages.Compiled, "cost_analysis", return_value=[None]):
+            assert plan.train_flops(config) is None
+
+
+def test_a_plan_of_the_attached_cpu_without_flops_prints_everything_else(capsys):
+    """`--target local` on a CPU, a kind without published figures, on a JAX that counts no FLOPs:
+    the table without a roofline, and the FLOPs said to be missing."""
+    from jax import stages
+
+    with mock.patch.object(stages.Lowered, "cost_analysis", return_value=None), \
+            mock.patch.object(stages.Compiled, "cost_analysis", return_value=None):
+        status = plan.main(["--target", "local", "--resize", "67", "--batch_size", "8", "--no-largest_batch"])
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert status == 0
+    assert rows["FLOPs"] == "not reported by this JAX"
+    assert rows["target"].startswith("cpu (attached): 4 cpu devices") and rows["compiled"].startswith("yes")
+    assert rows["fits"].startswith("yes") and "the host's memory" in rows["fits"]
+    assert rows["roofline"].startswith("none: no published peaks for cpu (attached)")
+
+
+def test_a_roofline_without_flops_is_the_memory_bound_alone():
+    bound = plan.roofline(plan.TARGETS["h200"], 1, Config(batch_size=128, dtype="bfloat16"), None, 4.8e9)
+    assert bound["compute_seconds"] is None and bound["bound"] == "memory"
+    assert bound["step_seconds"] == pytest.approx(1e-3) and bound["images_per_sec"] == pytest.approx(128_000)
+    assert "compute unknown (FLOPs not reported)" in plan._format_roofline(bound, "H200")
