@@ -14,6 +14,8 @@ from typing import Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_TIMEOUT_S = 120
+# Set to `cpu`, the CPU stands in for the accelerator: the tests run where there is none (CI).
+STAND_IN = "NIN_JAX_ACCELERATOR_STAND_IN"
 
 
 def unpinned_env(**overrides: str) -> dict[str, str]:
@@ -37,8 +39,11 @@ def run_code(code: str, env: dict[str, str], timeout: int = 300):
 
 @functools.cache
 def accelerator_platform() -> Optional[str]:
-    """'gpu' or 'tpu' where JAX, unpinned, computes on one; None where it finds only a CPU.
-    JAX reaches accelerators through plugins (jax_plugins.*, libtpu): without one, no process runs."""
+    """'gpu' or 'tpu' where JAX, unpinned, computes on one; None where it finds only a CPU, unless
+    the CPU stands in ($NIN_JAX_ACCELERATOR_STAND_IN=cpu). JAX reaches accelerators through plugins
+    (jax_plugins.*, libtpu): without one, no process runs."""
+    if os.environ.get(STAND_IN) == "cpu":
+        return "cpu"
     if not any(importlib.util.find_spec(name) for name in ("jax_plugins", "libtpu")):
         return None
     try:
