@@ -20,7 +20,7 @@ LR_SCHEDULES = ("constant", "cosine", "onecycle")
 DTYPES = ("float32", "bfloat16")
 WEIGHT_INITS = ("kaiming", "xavier")
 CPU_KERNELS = ("tuned", "default")  # see nin_jax/kernels.py
-MAX_POOL_CHOICES = ("auto", "slices", "reduce_window")  # see nin_jax/kernels.py
+MAX_POOL_CHOICES = ("auto", "slices", "indexed", "reduce_window")  # see nin_jax/kernels.py
 CONV1X1_CHOICES = ("auto", "dot", "conv")
 
 
@@ -180,7 +180,8 @@ class Config:
     )
     max_pool: str = _field(
         ADVANCED, "auto", "how the max-pools are computed: slices (strided slices with their own gradient, measured faster "
-        "on a CPU) or reduce_window (flax's nn.max_pool); auto: slices on a CPU, reduce_window elsewhere. "
+        "on a CPU), indexed (the slices, keeping each window's maximum position for the gradient) or reduce_window "
+        "(flax's nn.max_pool); auto: slices on a CPU, indexed on a GPU, reduce_window on a TPU. "
         "The same function either way (see nin_jax/kernels.py)", choices=MAX_POOL_CHOICES,
     )
     conv1x1: str = _field(

@@ -1,16 +1,19 @@
-"""Which kernels compute NiN on each backend: choices measured to help on the CPU, off elsewhere.
+"""Which kernels compute NiN on each backend: the choices measured fastest on CPUs and GPUs.
 
 Each lever changes how XLA computes the same function, never the function or the parameters:
 
   * `--max_pool`: `slices`, NiN's max-pools as strided slices with a first-maximum gradient
-    (`max_pool` below), or `reduce_window`, Flax's `nn.max_pool`;
+    (`max_pool` below), `indexed`, the same slices that also keep where each maximum was, for a
+    gradient that reads one byte per output instead of the input (`max_pool_indexed`), or
+    `reduce_window`, Flax's `nn.max_pool`;
   * `--conv1x1`: the 1x1 convolutions as a `dot` over channels or as a `conv`; the layer's
     kernel is the same (inputs, outputs) matrix either way, so checkpoints do not depend on it;
   * `--cpu_kernels` (`compiler_options` below): an option of XLA's CPU compiler only;
   * `--deterministic` (`make_deterministic` below): XLA's deterministic GPU kernels.
 
-`auto` is the measured choice on the CPU (`slices`, `dot`) and XLA's plain ops on GPUs and TPUs
-(`reduce_window`, `conv`), until `benchmarks/accelerator.sh` has measured them there.
+`auto` is the measured choice on the CPU (`slices`, `dot`) and on GPUs (`indexed`, `conv`:
+benchmarks/accelerator.sh times every form), and XLA's plain ops on TPUs (`reduce_window`,
+`conv`), where nothing has been measured.
 """
 
 import dataclasses
@@ -25,7 +28,7 @@ from jax import lax
 from nin_jax.errors import ConfigError
 
 # Where a lever was measured to help, `auto` turns it on; every other backend gets XLA's plain ops.
-_MEASURED = {"cpu": {"max_pool": "slices", "conv1x1": "dot"}}
+_MEASURED = {"cpu": {"max_pool": "slices", "conv1x1": "dot"}, "gpu": {"max_pool": "indexed", "conv1x1": "conv"}}
 _PLAIN = {"max_pool": "reduce_window", "conv1x1": "conv"}
 
 
@@ -141,24 +144,74 @@ def _max_pool_backward(window, stride, x, grad):
     # route its gradient nowhere.
     x = lax.optimization_barrier(x)
     pooled = max_pool(x, window, stride)
-    height, width = x.shape[1:3]
-    out_h, out_w = pooled.shape[1:3]
-    zero = jnp.zeros((), x.dtype)
-    grad_x = jnp.zeros_like(x)
     routed = jnp.zeros(pooled.shape, bool)  # windows whose gradient has gone to an earlier maximum
-    for position, candidate in enumerate(_window_slices(x, window, stride)):
-        i, j = divmod(position, window)
+    contributions = []
+    for candidate in _window_slices(x, window, stride):
         first_max = (candidate == pooled) & ~routed
         routed = routed | first_max
-        # The transpose of the strided slice: put each value back at its place in x, zeros between.
+        contributions.append(jnp.where(first_max, grad, jnp.zeros((), grad.dtype)))
+    return (_scatter_to_windows(contributions, window, stride, x.shape),)
+
+
+def _scatter_to_windows(contributions: list[jax.Array], window: int, stride: int, shape) -> jax.Array:
+    """The transpose of `_window_slices`: each slice's values put back at their places in an array
+    of `shape`, zeros between, and the overlaps added; strided pads, which XLA fuses."""
+    height, width = shape[1:3]
+    out_h, out_w = contributions[0].shape[1:3]
+    zero = jnp.zeros((), contributions[0].dtype)
+    total = jnp.zeros(shape, contributions[0].dtype)
+    for position, contribution in enumerate(contributions):
+        i, j = divmod(position, window)
         padding = (
             (0, 0, 0),
             (i, height - i - stride * (out_h - 1) - 1, stride - 1),
             (j, width - j - stride * (out_w - 1) - 1, stride - 1),
             (0, 0, 0),
         )
-        grad_x = grad_x + lax.pad(jnp.where(first_max, grad, zero), zero, padding)
-    return (grad_x,)
+        total = total + lax.pad(contribution, zero, padding)
+    return total
 
 
 max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# --max_pool indexed. Max pooling that keeps, for its gradient, where each window's maximum was.
+#
+# The forward pass is the slices' elementwise chain, which also records the position in the window
+# (0 to window*window - 1, row-major) of the first maximum, one byte per output. The gradient then
+# needs neither the input nor a second search for the maxima: it reads the output gradient and the
+# positions, a ninth of the input's elements each, and scatters with the same strided pads. Outputs
+# and gradients are those of `max_pool` above.
+
+def max_pool_indexed(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+    """`nn.max_pool(x, (window, window), (stride, stride), 'VALID')` on NHWC images."""
+    return _indexed_max_pool(x, window, stride, x.shape)
+
+
+def _max_and_position(x: jax.Array, window: int, stride: int) -> tuple[jax.Array, jax.Array]:
+    slices = _window_slices(x, window, stride)
+    pooled, position = slices[0], jnp.zeros(slices[0].shape, jnp.uint8)
+    for index, candidate in enumerate(slices[1:], 1):
+        position = jnp.where(candidate > pooled, jnp.uint8(index), position)  # the first maximum stays
+        pooled = jnp.maximum(pooled, candidate)
+    return pooled, position
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _indexed_max_pool(x: jax.Array, window: int, stride: int, shape: tuple[int, ...]) -> jax.Array:
+    return functools.reduce(jnp.maximum, _window_slices(x, window, stride))
+
+
+def _indexed_max_pool_forward(x, window, stride, shape):
+    pooled, position = _max_and_position(x, window, stride)
+    return pooled, position
+
+
+def _indexed_max_pool_backward(window, stride, shape, position, grad):
+    zero = jnp.zeros((), grad.dtype)
+    contributions = [jnp.where(position == index, grad, zero) for index in range(window * window)]
+    return (_scatter_to_windows(contributions, window, stride, shape),)
+
+
+_indexed_max_pool.defvjp(_indexed_max_pool_forward, _indexed_max_pool_backward)

@@ -109,7 +109,97 @@ class MaskedBatchNorm(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The network.
+# The layers. Each computes the book's layer with the parameters of flax's `nn.Conv` or `nn.Dense`
+# (same names, shapes and initial values: checkpoints do not depend on how a layer is computed), in
+# the form that a GPU runs fastest (docs/performance.md has the compiled programs before and after).
+
+@jax.custom_jvp
+def relu(x: jax.Array) -> jax.Array:
+    """`nn.relu`, whose gradient reads its output instead of its input: the same mask (y > 0 where
+    x > 0), but the backward pass no longer needs the value before the ReLU, so XLA fuses the bias
+    and the ReLU into the convolution before it (cuDNN's conv-bias-activation) and never keeps it.
+    The barrier keeps XLA from simplifying max(x, 0) > 0 back into x > 0."""
+    return jnp.maximum(x, 0)
+
+
+relu.defjvps(lambda tangent, y, x: jnp.where(jax.lax.optimization_barrier(y) > 0, tangent, jnp.zeros_like(tangent)))
+
+# Tensor cores take channels in multiples of 8; cuDNN lays a map of fewer (the class block's 10) out
+# as NCHW and transposes it around every call. Such a block computes a multiple of 16 channels, the
+# extra ones zero, and returns its own (`NiNBlock`).
+TENSOR_CORE_CHANNELS = 16
+
+
+def _pad_channels(x: jax.Array, channels: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, channels - x.shape[-1]),))
+
+
+def _computed(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], out_channels: int, dtype: Any):
+    """The input, kernel [..., in, out] and bias in the compute dtype, the kernel and bias padded
+    with zeros to the channels computed: x's own, and `out_channels`."""
+    pads = ((0, 0),) * (kernel.ndim - 2) + ((0, x.shape[-1] - kernel.shape[-2]), (0, out_channels - kernel.shape[-1]))
+    kernel = jnp.pad(kernel, pads)
+    bias = None if bias is None else _pad_channels(bias, out_channels)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+
+
+def space_to_depth(x: jax.Array, block: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H/block, W/block, block*block*C]: each block x block patch becomes the
+    channels of one pixel, in row-major order."""
+    batch, height, width, channels = x.shape
+    x = x.reshape(batch, height // block, block, width // block, block, channels)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // block, width // block, block * block * channels)
+
+
+def strided_conv_as_space_to_depth(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """The VALID convolution of NHWC `x` with an HWIO `kernel` at `stride`, computed at stride 1
+    over `x` folded stride x stride into channels, with the kernel zero-padded to a multiple of
+    the stride and folded alike: output[i, j] = sum over (a, c) of x[s*i + a, s*j + c] * kernel[a, c]
+    either way. The stem's 11x11/4 convolution of one channel gives the tensor cores nothing to
+    multiply; folded, it is a 3x3 convolution over 16 channels (ResNet's stem on TPUs)."""
+    size = kernel.shape[0]
+    blocks = -(-size // stride)  # the kernel's size in folded pixels
+    out_h, out_w = ((n - size) // stride + 1 for n in x.shape[1:3])
+    # The image cut or zero-padded to the whole blocks that the windows touch; the padding only ever
+    # meets the kernel's zero padding.
+    height, width = stride * (out_h + blocks - 1), stride * (out_w + blocks - 1)
+    x = x[:, :height, :width]
+    x = jnp.pad(x, ((0, 0), (0, height - x.shape[1]), (0, width - x.shape[2]), (0, 0)))
+    kernel = jnp.pad(kernel, ((0, stride * blocks - size),) * 2 + ((0, 0),) * 2)
+    kernel = kernel.reshape(blocks, stride, blocks, stride, *kernel.shape[2:]).transpose(0, 2, 1, 3, 4, 5)
+    return jax.lax.conv_general_dilated(space_to_depth(x, stride), kernel.reshape(blocks, blocks, -1, kernel.shape[-1]),
+                                        (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv(nn.Module):
+    """A k x k convolution over NHWC with `nn.Conv`'s parameters, a strided one computed as
+    `strided_conv_as_space_to_depth`. `in_features` are the input's own channels where it carries
+    zero channels beyond them; `compute_features` (default `features`) the channels computed."""
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    padding: int = 0
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    in_features: Optional[int] = None
+    compute_features: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, self.in_features or x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = _computed(x, kernel, bias, self.compute_features or self.features, self.dtype)
+        pads = ((self.padding, self.padding),) * 2
+        if self.strides > 1:
+            y = strided_conv_as_space_to_depth(jnp.pad(x, ((0, 0), *pads, (0, 0))), kernel, self.strides)
+        else:
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y if bias is None else y + bias
+
 
 class Conv1x1(nn.Module):
     """A 1x1 convolution over NHWC: a dense layer applied to every pixel's channel vector.
@@ -117,6 +207,7 @@ class Conv1x1(nn.Module):
     Its parameters are `nn.Dense`'s (an (inputs, outputs) kernel, drawn the same way), whether it
     is computed as a dot over channels (`as_dot`, whose weight gradient XLA computes faster on the
     CPU: benchmarks/conv_levers.py --layers conv1x1) or as a convolution with that kernel.
+    `in_features` and `compute_features` as for `Conv`.
     """
 
     features: int
@@ -125,12 +216,14 @@ class Conv1x1(nn.Module):
     dtype: Any = jnp.float32
     kernel_init: Initializer = nn.initializers.lecun_normal()
     bias_init: Initializer = nn.initializers.zeros
+    in_features: Optional[int] = None
+    compute_features: Optional[int] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (self.in_features or x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = _computed(x, kernel, bias, self.compute_features or self.features, self.dtype)
         if self.as_dot:
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         else:
@@ -139,8 +232,14 @@ class Conv1x1(nn.Module):
         return y if bias is None else y + bias
 
 
+# ---------------------------------------------------------------------------------------------
+# The network.
+
 class NiNBlock(nn.Module):
-    """The book's `nin_block`: one k x k convolution, then two 1x1 convolutions, ReLU after each."""
+    """The book's `nin_block`: one k x k convolution, then two 1x1 convolutions, ReLU after each.
+
+    With `last_relu=False` the caller applies the last ReLU: before a max-pool it runs after it, on
+    a quarter of the elements (ReLU and max-pool commute: both are monotone)."""
 
     features: int
     kernel_size: int
@@ -152,36 +251,42 @@ class NiNBlock(nn.Module):
     last_bias_init: Initializer = nn.initializers.zeros
     batch_norm: bool = False
     conv1x1: str = "auto"  # see nin_jax/kernels.py
+    last_relu: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None,
                  axis_name: Optional[str] = None) -> jax.Array:
-        pad = (self.padding, self.padding)
-        conv1x1 = functools.partial(Conv1x1, as_dot=kernels.resolve("conv1x1", self.conv1x1) == "dot")
-        conv = functools.partial(
-            nn.Conv, kernel_size=(self.kernel_size, self.kernel_size), strides=(self.strides, self.strides),
-            padding=(pad, pad),
-        )
+        width = -(-self.features // TENSOR_CORE_CHANNELS) * TENSOR_CORE_CHANNELS
+        conv1x1 = functools.partial(Conv1x1, as_dot=kernels.resolve("conv1x1", self.conv1x1) == "dot",
+                                    in_features=self.features)
+        conv = functools.partial(Conv, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding)
         layers = (
             ("conv", conv, self.kernel_init, nn.initializers.zeros),
             ("conv1x1_1", conv1x1, self.kernel_init, nn.initializers.zeros),
             ("conv1x1_2", conv1x1, self.last_kernel_init, self.last_bias_init),
         )
-        for name, layer, kernel_init, bias_init in layers:
+        for position, (name, layer, kernel_init, bias_init) in enumerate(layers):
             if self.batch_norm:  # the bias would be cancelled by the normalisation's mean
-                x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, use_bias=False, name=name)(x)
-                x = MaskedBatchNorm(momentum=0.9, dtype=self.dtype, name=f"{name}_bn")(x, train, mask, axis_name)
+                x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, use_bias=False,
+                          compute_features=width, name=name)(x)
+                bn = MaskedBatchNorm(momentum=0.9, dtype=self.dtype, name=f"{name}_bn")
+                x = _pad_channels(bn(x[..., :self.features], train, mask, axis_name), width)
             else:
-                x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init, name=name)(x)
-            x = nn.relu(x)
-        return x
+                x = layer(self.features, dtype=self.dtype, kernel_init=kernel_init, bias_init=bias_init,
+                          compute_features=width, name=name)(x)
+            if position < len(layers) - 1 or self.last_relu:
+                x = relu(x)
+        return x[..., :self.features]
 
 
 def max_pool(x: jax.Array, choice: str = "auto") -> jax.Array:
     """The book's `nn.MaxPool2d(3, stride=2)`: 3x3 window, stride 2, no padding, computed as
     `choice` says (nin_jax/kernels.py)."""
-    if kernels.resolve("max_pool", choice) == "slices":
+    form = kernels.resolve("max_pool", choice)
+    if form == "slices":
         return kernels.max_pool(x, 3, 2)
+    if form == "indexed":
+        return kernels.max_pool_indexed(x, 3, 2)
     return nn.max_pool(x, (3, 3), (2, 2), "VALID")
 
 
@@ -206,7 +311,7 @@ class NiN(nn.Module):
 
     Every layer's output is sown into the 'intermediates' collection as `<position>_<layer>`
     (e.g. `01_pool1`), so `layer_summary` can list the shapes in order without a second copy of
-    the architecture.
+    the architecture. Blocks 1 to 3 are sown before their last ReLU, which runs after the pool.
     """
 
     num_classes: int = 10
@@ -230,11 +335,15 @@ class NiN(nn.Module):
             # Under batch norm a zero class kernel would normalise to zero, where ReLU passes no gradient.
             special = classes and not self.batch_norm
             last_kernel, last_bias = (init.class_kernel, init.class_bias) if special else (init.kernel, nn.initializers.zeros)
+            # Every block but the class block is followed by a max-pool, which runs its last ReLU (`pool`).
             module = NiNBlock(features, kernel_size, strides, padding, self.dtype, init.kernel, last_kernel, last_bias,
-                              self.batch_norm, self.conv1x1, name=name)
+                              self.batch_norm, self.conv1x1, last_relu=classes, name=name)
             return functools.partial(module, train=train, mask=mask, axis_name=axis_name)
 
-        pool = functools.partial(max_pool, choice=self.max_pool)
+        def pool(y):
+            """The book's max-pool after a block, and that block's last ReLU: the same values."""
+            return relu(max_pool(y, self.max_pool))
+
         layers = (
             ("block1", block("block1", 96, 11, 4, 0)),
             ("pool1", pool),

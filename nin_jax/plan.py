@@ -273,7 +273,11 @@ def program_facts(hlo_text: str) -> dict[str, Any]:
             kernels[kind] += 1
             if kind == "cudnn":
                 window = re.search(r"window=\{size=([\dx]+)", instruction.attributes)
+                activation = re.search(r'"activation_mode":"k(\w+)"', instruction.attributes)
                 cudnn_calls.append({"target": target, "window": window.group(1) if window else "",
+                                    "activation": activation.group(1) if activation else "",
+                                    "operands": [_ARRAY.search(types.get(name, "")).group(0)
+                                                 for name in instruction.operands if _ARRAY.search(types.get(name, ""))],
                                     "op_name": _op_name(instruction)})
         elif opcode == "fusion":
             gemm = "kind=kCustom" in instruction.attributes and re.search("gemm|triton", instruction.attributes)

@@ -144,15 +144,26 @@ def pool(x):
 
 class ConvNiN(nn.Module):
     """The book's NiN written the straightforward way, every convolution an `nn.Conv` (the 1x1
-    ones too) and every pool `nn.max_pool`: what `models.NiN` must compute, whatever it does to be fast."""
+    ones too), every ReLU `nn.relu` where the book has it and every pool `nn.max_pool`: what
+    `models.NiN` must compute, whatever it does to be fast. With `batch_norm`, the same masked
+    batch normalisation after every convolution."""
+
+    batch_norm: bool = False
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        def block(x, name, features, kernel_size, strides, padding):
+    def __call__(self, x, mask=None):
+        def layer(x, name, features, kernel_size, strides=1, padding=0):
             pad = ((padding, padding), (padding, padding))
-            x = nn.relu(nn.Conv(features, (kernel_size,) * 2, (strides,) * 2, pad, name=f"{name}/conv")(x))
-            x = nn.relu(nn.Conv(features, (1, 1), name=f"{name}/conv1x1_1")(x))
-            return nn.relu(nn.Conv(features, (1, 1), name=f"{name}/conv1x1_2")(x))
+            x = nn.Conv(features, (kernel_size,) * 2, (strides,) * 2, pad, use_bias=not self.batch_norm, name=name)(x)
+            if self.batch_norm:
+                x = models.MaskedBatchNorm(dtype=self.dtype, name=f"{name}_bn")(x, train=True, mask=mask)
+            return nn.relu(x)
+
+        def block(x, name, features, kernel_size, strides, padding):
+            x = layer(x, f"{name}/conv", features, kernel_size, strides, padding)
+            x = layer(x, f"{name}/conv1x1_1", features, 1)
+            return layer(x, f"{name}/conv1x1_2", features, 1)
 
         x = pool(block(x, "block1", 96, 11, 4, 0))
         x = pool(block(x, "block2", 256, 5, 1, 2))
@@ -160,37 +171,98 @@ class ConvNiN(nn.Module):
         return block(x, "block4", 10, 3, 1, 1).mean(axis=(1, 2))
 
 
-def as_conv_params(params):
-    """models.NiN's parameters under ConvNiN's names, 1x1 kernels reshaped to [1, 1, in, out]."""
+def as_conv_variables(variables):
+    """models.NiN's variables under ConvNiN's names, 1x1 kernels reshaped to [1, 1, in, out]."""
     return {
-        f"{block}/{layer}": {name: value.reshape((1, 1) + value.shape) if name == "kernel" and value.ndim == 2 else value
-                             for name, value in leaves.items()}
-        for block, layers in params.items() for layer, leaves in layers.items()
+        collection: {
+            f"{block}/{layer}": {name: value.reshape((1, 1) + value.shape) if name == "kernel" and value.ndim == 2
+                                 else value for name, value in leaves.items()}
+            for block, layers in tree.items() for layer, leaves in layers.items()
+        }
+        for collection, tree in variables.items()
     }
 
 
-@pytest.mark.parametrize("max_pool, conv1x1", [("slices", "dot"), ("reduce_window", "conv")])
-def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool, conv1x1):
-    """Same weights, same outputs and same gradients, to float32 rounding, as plain nn.Conv layers,
-    with the CPU's levers on and off (tests/test_levers.py checks every combination)."""
-    images = jax.random.uniform(jax.random.key(1), (4, 67, 67, 1))
-    params = models.NiN().init(jax.random.key(0), images)["params"]
-    keys = iter(jax.random.split(jax.random.key(2), 100))
-    # Every parameter nonzero (the default class layer starts at zero), so every gradient path is live.
-    params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), params)
-    cotangent = jax.random.normal(jax.random.key(3), (4, 10))
+@pytest.mark.parametrize("max_pool, conv1x1, size, batch_norm", [
+    ("slices", "dot", 67, False),  # the CPU's levers, at the smallest size
+    ("indexed", "conv", 75, False),  # sizes that are not multiples of the stem's stride
+    ("reduce_window", "conv", 98, False),
+    ("indexed", "dot", 71, True),  # the strong recipe's batch norm
+])
+def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool, conv1x1, size, batch_norm):
+    """Same weights, same outputs and same gradients as plain nn.Conv layers, nn.relu and
+    nn.max_pool in the book's order (tests/test_levers.py checks every lever in float32), on a
+    padded batch: the stem as space-to-depth, the ReLUs after the pools and with their gradient
+    from their outputs, the class block on 16 channels, each pool's gradient. In float64, where
+    the two agree to 1e-15, so that rounding cannot hide a difference: in float32 batch norm over
+    three examples magnifies the rounding of the two orders of summation to 1e-4."""
+    with jax.enable_x64(True):
+        images = jax.random.uniform(jax.random.key(1), (5, size, size, 1), jnp.float64)
+        mask = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0], jnp.float64)  # a last batch of 3, padded to 5
+        model = models.NiN(max_pool=max_pool, conv1x1=conv1x1, batch_norm=batch_norm, dropout_rate=0.0,
+                           dtype=jnp.float64)
+        variables = model.init(jax.random.key(0), images)
+        keys = iter(jax.random.split(jax.random.key(2), 100))
+        # Every parameter nonzero (the default class layer starts at zero), so every gradient path is live.
+        params = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape, jnp.float64),
+                                        variables["params"])
+        stats = variables.get("batch_stats", {})
+        cotangent = (jax.random.normal(jax.random.key(3), (5, 10)) * mask[:, None]).astype(jnp.float32)
 
-    def fast(params):
-        return models.NiN(max_pool=max_pool, conv1x1=conv1x1).apply({"params": params}, images)
+        def fast(params):
+            logits, _ = model.apply({"params": params, "batch_stats": stats}, images, train=batch_norm, mask=mask,
+                                    mutable=["batch_stats"])
+            return logits
 
-    def straightforward(params):
-        return ConvNiN().apply({"params": as_conv_params(params)}, images)
+        def straightforward(params):
+            converted = as_conv_variables({"params": params, "batch_stats": stats})
+            logits, _ = ConvNiN(batch_norm, jnp.float64).apply(converted, images, mask, mutable=["batch_stats"])
+            return logits.astype(jnp.float32)  # as models.NiN returns them
 
-    logits, fast_vjp = jax.vjp(fast, params)
-    expected, straightforward_vjp = jax.vjp(straightforward, params)
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
-    grads, expected_grads = fast_vjp(cotangent)[0], straightforward_vjp(cotangent)[0]
+        logits, fast_vjp = jax.vjp(fast, params)
+        expected, straightforward_vjp = jax.vjp(straightforward, params)
+        grads, expected_grads = fast_vjp(cotangent)[0], straightforward_vjp(cotangent)[0]
+    assert jax.tree_util.tree_map(lambda leaf: leaf.dtype, grads) == jax.tree_util.tree_map(lambda leaf: leaf.dtype,
+                                                                                             params)
+    assert np.abs(expected[:3]).max() > 0
+    np.testing.assert_allclose(logits[:3], expected[:3], rtol=1e-6)
     for path, grad in jax.tree_util.tree_flatten_with_path(grads)[0]:
         expected_grad = functools.reduce(lambda tree, key: tree[key.key], path, expected_grads)
-        np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5 * np.abs(expected_grad).max(),
+        assert np.abs(expected_grad).max() > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-12 * np.abs(expected_grad).max(),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("kernel_size, strides, padding, size", [(11, 4, 0, 224), (11, 4, 0, 70), (3, 2, 1, 9),
+                                                                 (4, 2, 0, 10), (5, 3, 2, 16)])
+def test_a_strided_convolution_is_nn_conv_with_its_parameters(kernel_size, strides, padding, size):
+    """`models.Conv` draws nn.Conv's parameters, and computes a strided convolution as a stride-1
+    one over the image folded into channels: the same values."""
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    conv = models.Conv(8, kernel_size, strides, padding)
+    reference = nn.Conv(8, (kernel_size,) * 2, (strides,) * 2, ((padding, padding),) * 2)
+    params = conv.init(jax.random.key(1), x)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference.init(jax.random.key(1), x))
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a nonzero bias
+    np.testing.assert_allclose(conv.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", ["conv", "conv1x1"])
+def test_a_layer_computed_on_more_channels_returns_zeros_on_them(layer):
+    """The class block's 16 computed channels: its own 10, then zeros, from inputs that carry zero
+    channels beyond their own; the parameters have the layer's own shapes."""
+    x = models._pad_channels(jax.random.normal(jax.random.key(0), (2, 7, 7, 10)), 16)
+    module = (models.Conv(10, 3, padding=1, in_features=10, compute_features=16) if layer == "conv" else
+              models.Conv1x1(10, as_dot=True, in_features=10, compute_features=16))
+    plain = models.Conv(10, 3, padding=1) if layer == "conv" else models.Conv1x1(10, as_dot=True)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, module.init(jax.random.key(1), x))
+    assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(np.shape, plain.init(jax.random.key(1), x[..., :10]))
+    y = module.apply(params, x)
+    assert y.shape == (2, 7, 7, 16) and not np.any(y[..., 10:])
+    np.testing.assert_allclose(y[..., :10], plain.apply(params, x[..., :10]), rtol=1e-6, atol=1e-6)
+
+
+def test_relu_has_nn_relu_values_and_gradients_at_zero_too():
+    x = jnp.array([-2.0, -0.0, 0.0, 1e-30, 3.0])
+    np.testing.assert_array_equal(models.relu(x), nn.relu(x))
+    np.testing.assert_array_equal(jax.grad(lambda x: models.relu(x).sum())(x), jax.grad(lambda x: nn.relu(x).sum())(x))

@@ -108,17 +108,41 @@ def test_the_largest_batch_is_compiled_and_fits_on_the_gpu():
 
 
 @pytest.mark.slow
-def test_levers_compile_on_the_gpu_and_auto_is_xlas_plain_ops():
-    plain = h100("--dtype", "bfloat16")
+def test_levers_compile_on_the_gpu_and_auto_is_the_measured_choice():
+    auto = h100("--dtype", "bfloat16")
+    plain_ops = h100("--dtype", "bfloat16", "--max_pool", "reduce_window")
     lever_ops = h100("--dtype", "bfloat16", "--max_pool", "slices", "--conv1x1", "dot")
     check_compiled_and_fits(lever_ops)
     assert (kernels.resolve("max_pool", "auto", "gpu"), kernels.resolve("conv1x1", "auto", "gpu")) == (
-        "reduce_window", "conv")
+        "indexed", "conv")
     # nn.max_pool: a reduce-window, whose gradient XLA's GPU compiler writes as a scatter
-    assert plain["opcodes"].get("reduce-window", 0) >= 3 and plain["opcodes"].get("scatter", 0) >= 3
-    assert any(call["window"] == "1x1" for call in plain["cudnn_calls"])  # the 1x1 layers as convolutions
-    assert lever_ops["opcodes"].get("reduce-window", 0) == lever_ops["opcodes"].get("scatter", 0) == 0
+    assert plain_ops["opcodes"].get("reduce-window", 0) >= 3 and plain_ops["opcodes"].get("scatter", 0) >= 3
+    for result in (auto, lever_ops):
+        assert result["opcodes"].get("reduce-window", 0) == result["opcodes"].get("scatter", 0) == 0
+    assert any(call["window"] == "1x1" for call in auto["cudnn_calls"])  # the 1x1 layers as convolutions
     assert not any(call["window"] == "1x1" for call in lever_ops["cudnn_calls"])
+    # the indexed pools' gradients read one byte per pooled element, not the block's output again
+    assert auto["roofline"]["bytes_moved_per_device"] < 0.8 * plain_ops["roofline"]["bytes_moved_per_device"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_every_convolution_has_its_bias_and_relu_fused_in_cudnn_on_the_gpu(dtype):
+    """Forward, each convolution is one cuDNN conv-bias-activation call, with the ReLU inside,
+    but for the last of each block before a pool, whose ReLU runs after the pool. The stem is a
+    3x3 convolution over 16 channels (space-to-depth), the class block's on 16 channels."""
+    forward = {call["op_name"].split("NiN)/")[-1].rsplit("/", 1)[0]: call for call in h100("--dtype", dtype)["cudnn_calls"]
+               if "transpose(" not in call["op_name"]}
+    layers = [f"block{block}/{layer}" for block in range(1, 5) for layer in ("conv", "conv1x1_1", "conv1x1_2")]
+    assert sorted(forward) == sorted(layers)
+    assert {call["target"] for call in forward.values()} == {"__cudnn$convBiasActivationForward"}
+    before_pools = {f"block{block}/conv1x1_2" for block in (1, 2, 3)}
+    assert {layer: call["activation"] for layer, call in forward.items()} == {
+        layer: "None" if layer in before_pools else "Relu" for layer in layers}
+    assert forward["block1/conv"]["window"] == "3x3"
+    assert forward["block1/conv"]["operands"][0].endswith("[128,56,56,16]")
+    assert forward["block4/conv"]["operands"][1].endswith(",384]") and "16" in forward["block4/conv"]["operands"][1]
+    assert forward["block4/conv1x1_1"]["operands"][0].endswith("[128,5,5,16]")
 
 
 @pytest.mark.slow
@@ -246,7 +270,8 @@ ENTRY %main (a: bf16[2,8,8,3], w: bf16[3,3,3,4], g: f32[8,4]) -> f32[8,4] {
     assert facts["collectives"] == {"all-reduce": {"count": 1, "bytes": 128}}
     conv_bytes = 2 * 8 * 8 * 3 * 2 + 3 * 3 * 3 * 4 * 2 + 2 * 8 * 8 * 4 * 2
     assert facts["bytes_moved"] == conv_bytes + 128 * 2 + 128 * 2 + 128 * 2
-    assert facts["cudnn_calls"] == [{"target": "__cudnn$convForward", "window": "3x3",
+    assert facts["cudnn_calls"] == [{"target": "__cudnn$convForward", "window": "3x3", "activation": "",
+                                     "operands": ["bf16[2,8,8,3]", "bf16[3,3,3,4]"],
                                      "op_name": "jit(step)/block1/conv/conv_general_dilated"}]
     assert plan.f32_compute(text) == ["d (no op_name)"]
     assert facts["entry_parameters"] == {"a": "bf16[2,8,8,3]{3,2,1,0}", "w": "bf16[3,3,3,4]{3,2,1,0}",
