@@ -13,7 +13,7 @@ faster than a `jax.device_put` of its own would.
 """
 
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -80,6 +80,10 @@ class JitStrategy:
         self._train = self._train.lower(state, zero, self._with_vote(self._lay_out(batch), False)).compile()
         self._eval = self._eval.lower(state, zero["metrics"], self._lay_out(batch)).compile()
         return time.perf_counter() - start
+
+    def train_program(self) -> Optional[str]:
+        """The compiled train step's optimised program (HLO text), once `compile` has run."""
+        return self._train.as_text() if isinstance(self._train, jax.stages.Compiled) else None
 
     def lower(self, state: Any, batch: dict[str, Any]) -> tuple[jax.stages.Lowered, jax.stages.Lowered]:
         """The train and eval steps lowered for a host state and a global batch given by their

@@ -1,17 +1,21 @@
 """`--profile_steps N`: a `jax.profiler` trace of N training steps into <workdir>/profile.
 
 The trace starts after the run's first step, once the steps run at their usual pace, and stops
-when the N-th traced step has finished on the device. View it with
-`tensorboard --logdir <workdir>/profile` (Profile tab; `pip install tensorboard-plugin-profile`),
-or open the perfetto_trace.json.gz under <workdir>/profile/plugins/profile/ at https://ui.perfetto.dev.
+when the N-th traced step has finished on the device; then the run prints where the step's time
+went (`nin_jax.profile_report`, which reads the step's optimised program saved beside the trace).
+View the trace with `tensorboard --logdir <workdir>/profile` (Profile tab; `pip install
+tensorboard-plugin-profile`), or open the perfetto_trace.json.gz under
+<workdir>/profile/plugins/profile/ at https://ui.perfetto.dev.
 """
 
+import json
 import os
 from typing import Any, Callable, Optional
 
 import jax
 
-from nin_jax.errors import ConfigError
+from nin_jax import files, profile_report
+from nin_jax.errors import ConfigError, OutputError
 
 PROFILE_DIR = "profile"
 
@@ -27,10 +31,12 @@ class StepTrace:
     after the first, `num_steps` of them. Without a workdir or with 0 steps it does nothing. Use
     it as a context manager, so that a run that ends early still closes the trace."""
 
-    def __init__(self, workdir: Optional[str], num_steps: int, log: Callable[[str], None] = print):
+    def __init__(self, workdir: Optional[str], num_steps: int, log: Callable[[str], None] = print,
+                 program: Callable[[], Optional[str]] = lambda: None):
         self.directory = os.path.join(workdir, PROFILE_DIR) if workdir and num_steps else None
         self._num_steps = num_steps
         self._log = log
+        self._program = program  # the train step's optimised program, where the strategy has it
         self._steps_seen = 0
         self._tracing = False
 
@@ -52,6 +58,14 @@ class StepTrace:
         traced = self._steps_seen - 1
         self._log(f"wrote a profile of {traced} training step{'s' if traced != 1 else ''} to {self.directory}; "
                   f"view it with `tensorboard --logdir {self.directory}` or at https://ui.perfetto.dev")
+        try:
+            program = self._program()
+            if program:
+                files.write_text(os.path.join(self.directory, profile_report.HLO_FILE), program)
+            files.write_text(os.path.join(self.directory, profile_report.STEPS_FILE), json.dumps({"steps": traced}))
+            self._log(profile_report.format_report(profile_report.report(self.directory)))
+        except (profile_report.ProfileError, OutputError, OSError, ValueError) as error:
+            self._log(f"no table of where the step's time went: {error}")
 
     def __enter__(self) -> "StepTrace":
         return self

@@ -117,7 +117,8 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
               if checkpoints else "nothing was saved (no --workdir)")
     watch = StopWatch(jax.process_count(), steps_per_epoch, config.learning_rate, resume, fetch=strategy.fetch)
     outputs = run_outputs.EpochOutputs(workdir, config)
-    with watch, contextlib.closing(outputs), StepTrace(workdir, config.profile_steps, log) as trace:
+    with watch, contextlib.closing(outputs), StepTrace(workdir, config.profile_steps, log,
+                                                                    strategy.train_program) as trace:
         # The steps, compiled for this state and batch layout before the first epoch.
         devices = parallel.describe_devices(strategy)
         state = strategy.put_state(snapshot.state)
