@@ -22,13 +22,14 @@ def random_batch(batch_size: int, seed: int = 0) -> input_pipeline.Batch:
     return next(input_pipeline.eval_batches(split, batch_size))
 
 
-def seconds_per_call(run: Callable[[], object], calls: int) -> float:
-    """Wall time of `calls` calls, waiting for the last result, divided by `calls`."""
+def seconds_per_call(run: Callable[[], object], calls: int,
+                     wait: Callable[[object], object] = jax.block_until_ready) -> float:
+    """Wall time of `calls` calls, waiting (`wait`) for the last result, divided by `calls`."""
     start = time.perf_counter()
     result = None
     for _ in range(calls):
         result = run()
-    jax.block_until_ready(result)
+    wait(result)
     return (time.perf_counter() - start) / calls
 
 

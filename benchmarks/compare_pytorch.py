@@ -3,12 +3,16 @@
     pip install torch==2.13.0            # optional; only this script needs it
     python benchmarks/compare_pytorch.py --resize 224 --batch_size 128 --threads 2
     python benchmarks/compare_pytorch.py --device gpu --dtype bfloat16   # on a machine with an NVIDIA GPU
+    python benchmarks/compare_pytorch.py --device gpu --dtype bfloat16 --pytorch book tuned compiled
 
 Both train with SGD (lr 0.1) and cross-entropy on the same batch size, image size, device and
 dtype: float32 against float32, or nin_jax's bfloat16 against torch's bfloat16 autocast. On the
 CPU, XLA uses every core; torch is given as many threads (`--threads`, default: all cores). The
-timings alternate A B A B so that both see the same machine noise; the result is the ratio of the
-median step times.
+timings alternate A B C ... so that all see the same machine noise; the result is the ratio of the
+median step times. `--pytorch` names the PyTorch steps: `book`, the book's code as written;
+`tuned`, the same net in channels_last with cudnn.benchmark (what a PyTorch user tunes first);
+`compiled`, the tuned one under `torch.compile`. Each waits for its device once per timing, not
+per step.
 """
 
 import argparse
@@ -51,29 +55,43 @@ def book_net(num_classes: int = 10):
 TORCH_DEVICES = {"cpu": "cpu", "gpu": "cuda"}
 
 
-def torch_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str = "float32", device: str = "cpu"):
+def torch_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str = "float32", device: str = "cpu",
+                  variant: str = "book"):
     """One training step of the book's `train_ch6` on a fixed batch of already-resized images, on
-    `device`; with dtype bfloat16 under torch's autocast (bf16 compute, float32 parameters)."""
+    `device`, as `variant` says (see the module's docstring); with dtype bfloat16 under torch's
+    autocast (bf16 compute, float32 parameters). The step returns its loss, without waiting."""
     import torch
 
     device = TORCH_DEVICES[device]
-    net = book_net().to(device)
+    tuned = variant in ("tuned", "compiled")
+    torch.backends.cudnn.benchmark = tuned
+    memory_format = torch.channels_last if tuned else torch.contiguous_format
+    net = book_net().to(device, memory_format=memory_format)
     net.train()
+    forward = torch.compile(net) if variant == "compiled" else net
     optimizer = torch.optim.SGD(net.parameters(), lr=learning_rate)
     loss_fn = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(batch_size, 1, resize, resize, generator=generator).to(device)
+    images = torch.rand(batch_size, 1, resize, resize, generator=generator).to(device, memory_format=memory_format)
     labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
 
     def step():
         optimizer.zero_grad()
         with torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16"):
-            loss = loss_fn(net(images), labels)
+            loss = loss_fn(forward(images), labels)
         loss.backward()
         optimizer.step()
-        return loss.item()  # waits for the device
+        return loss
 
     return step
+
+
+def torch_wait(device: str):
+    """A function of a step's result that waits for everything queued on torch's `device` (the
+    CPU runs torch's steps as they are called)."""
+    import torch
+
+    return (lambda result: torch.cuda.synchronize()) if device == "gpu" else (lambda result: None)
 
 
 def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, cpu_kernels: str = "tuned"):
@@ -93,7 +111,7 @@ def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, 
     def step():
         nonlocal state
         state, carry = strategy.train_step(state, strategy.zero_carry(), batch)
-        return jax.block_until_ready(carry)
+        return carry
 
     return step
 
@@ -109,6 +127,8 @@ def main():
                         help="where both run: the CPU, or the first NVIDIA GPU (JAX's gpu, torch's cuda)")
     parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS,
                         help="nin_jax's --cpu_kernels (nin_jax/kernels.py)")
+    parser.add_argument("--pytorch", nargs="+", default=["book"], choices=("book", "tuned", "compiled"),
+                        help="one or more PyTorch steps to time beside nin_jax's (see above)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")
     parser.add_argument("--rounds", type=int, default=5, help="A B rounds; medians are reported")
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
@@ -130,26 +150,28 @@ def main():
 
     from common import median, seconds_per_call, write_json
 
-    contenders = {
-        "pytorch": torch_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.device),
-        "nin_jax": jax_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.cpu_kernels),
-    }
-    for step in contenders.values():
+    wait_for_torch = torch_wait(args.device)
+    contenders = {f"pytorch {variant}": (torch_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.device,
+                                                        variant), wait_for_torch) for variant in args.pytorch}
+    contenders["nin_jax"] = (jax_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.cpu_kernels),
+                             jax.block_until_ready)
+    for step, wait in contenders.values():
         for _ in range(args.warmup):
-            step()
+            wait(step())
     times = {name: [] for name in contenders}
     for _ in range(args.rounds):
-        for name, step in contenders.items():
-            times[name].append(seconds_per_call(step, args.steps))
+        for name, (step, wait) in contenders.items():
+            times[name].append(seconds_per_call(step, args.steps, wait))
     images_per_sec = {name: args.batch_size / median(t) for name, t in times.items()}
-    ratio = images_per_sec["nin_jax"] / images_per_sec["pytorch"]
+    ratios = {name: images_per_sec["nin_jax"] / rate for name, rate in images_per_sec.items() if name != "nin_jax"}
     print(f"resize {args.resize}, batch {args.batch_size}, {args.device}, {args.threads} threads, dtype {args.dtype}, "
           f"cpu kernels {args.cpu_kernels}")
     for name, rate in images_per_sec.items():
-        print(f"  {name:<8} {rate:8.1f} images/s (median of {args.rounds})")
-    print(f"  nin_jax / pytorch = {ratio:.2f}x")
-    write_json(args.out, {"args": vars(args), "step_seconds": times, "images_per_sec": images_per_sec, "ratio": ratio,
-                          "torch_version": torch.__version__, "jax_version": jax.__version__,
+        print(f"  {name:<17} {rate:10.1f} images/s (median of {args.rounds})")
+    for name, ratio in ratios.items():
+        print(f"  nin_jax / {name} = {ratio:.2f}x")
+    write_json(args.out, {"args": vars(args), "step_seconds": times, "images_per_sec": images_per_sec,
+                          "ratios": ratios, "torch_version": torch.__version__, "jax_version": jax.__version__,
                           "jax_device": str(jax.devices()[0])})
 
 

@@ -2,33 +2,35 @@
 train images/s beside the plan's roofline bound, and the measured peak device memory beside the
 planned memory, from the files that benchmarks/accelerator.sh writes into its results folder.
 
-    python benchmarks/plan_check.py RESULTS   # reads steps.json and plan_<dtype>.json, writes plan_check.json
+    python benchmarks/plan_check.py RESULTS   # reads steps/nin_jax_*.json and plan_<dtype>.json, writes plan_check.json
+
+Each step file holds one configuration measured in a process of its own, so its device peak is
+that configuration's.
 """
 
 import argparse
+import glob
 import json
 import os
 import sys
 
 
-def compare(steps: dict, plans: dict[str, dict]) -> list[dict]:
-    """One row per planned dtype: the step-grid result of the same dtype and batch beside its plan.
-    Only the grid's first result has a device peak of its own (the peak is the process's)."""
-    results = steps["results"]
+def compare(steps: list[dict], plans: dict[str, dict]) -> list[dict]:
+    """One row per planned dtype: the nin_jax step of the same dtype, batch and size beside its plan."""
     rows = []
     for dtype, planned in plans.items():
-        measured = [(index, result) for index, result in enumerate(results)
-                    if result["config"]["dtype"] == dtype and result["config"]["batch_size"] == planned["batch_size"]
-                    and result["config"]["resize"] == planned["resize"]]
+        measured = [result for result in steps if result.get("model", "nin_jax") == "nin_jax"
+                    and result["config"]["dtype"] == dtype and result["config"]["batch_size"] == planned["batch_size"]
+                    and result["config"]["resize"] == planned["resize"] and result.get("parallel") == "jit"]
         if not measured or not planned.get("compiled"):
             continue
-        index, result = measured[0]
-        roofline = planned["roofline"]["images_per_sec"]
+        result = measured[0]
+        roofline = planned["roofline"].get("images_per_sec")
         row = {"dtype": dtype, "batch_size": planned["batch_size"], "resize": planned["resize"],
                "measured_images_per_sec": result["train_images_per_sec"], "roofline_images_per_sec": roofline,
-               "measured_over_roofline": result["train_images_per_sec"] / roofline,
+               "measured_over_roofline": result["train_images_per_sec"] / roofline if roofline else None,
                "planned_bytes": planned["memory"]["total"]}
-        if index == 0 and "device_peak_bytes" in result:
+        if "device_peak_bytes" in result:
             row["measured_peak_bytes"] = result["device_peak_bytes"]
             row["measured_over_planned_bytes"] = result["device_peak_bytes"] / planned["memory"]["total"]
         rows.append(row)
@@ -36,13 +38,29 @@ def compare(steps: dict, plans: dict[str, dict]) -> list[dict]:
 
 
 def format_row(row: dict) -> str:
-    line = (f"{row['dtype']} at batch {row['batch_size']}, {row['resize']} px: {row['measured_images_per_sec']:,.0f} "
-            f"train images/s measured against a roofline of {row['roofline_images_per_sec']:,.0f} "
-            f"({row['measured_over_roofline']:.1%} of it)")
+    line = f"{row['dtype']} at batch {row['batch_size']}, {row['resize']} px: {row['measured_images_per_sec']:,.0f} train images/s"
+    if row["roofline_images_per_sec"]:
+        line += (f" measured against a roofline of {row['roofline_images_per_sec']:,.0f} "
+                 f"({row['measured_over_roofline']:.1%} of it)")
     if "measured_peak_bytes" in row:
         line += (f"; peak device memory {row['measured_peak_bytes'] / 2**20:,.0f} MiB against "
                  f"{row['planned_bytes'] / 2**20:,.0f} MiB planned ({row['measured_over_planned_bytes']:.2f}x)")
     return line
+
+
+def read_results(folder: str) -> tuple[list[dict], dict[str, dict]]:
+    """The step results (each file's configurations) and the plans, by dtype, in a results folder."""
+    steps = []
+    for path in sorted(glob.glob(os.path.join(folder, "steps", "*.json"))):
+        with open(path) as f:
+            steps += json.load(f)["results"]
+    plans = {}
+    for dtype in ("float32", "bfloat16"):
+        path = os.path.join(folder, f"plan_{dtype}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                (plans[dtype],) = json.load(f)
+    return steps, plans
 
 
 def main() -> int:
@@ -50,15 +68,8 @@ def main() -> int:
     parser.add_argument("results", help="the results folder of benchmarks/accelerator.sh")
     args = parser.parse_args()
     try:
-        with open(os.path.join(args.results, "steps.json")) as f:
-            steps = json.load(f)
-        plans = {}
-        for dtype in ("float32", "bfloat16"):
-            path = os.path.join(args.results, f"plan_{dtype}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    (plans[dtype],) = json.load(f)
-    except (OSError, ValueError) as error:
+        steps, plans = read_results(args.results)
+    except (OSError, ValueError, KeyError) as error:
         sys.exit(f"plan_check.py: cannot read the results in {args.results}: {error}")
     rows = compare(steps, plans)
     if not rows:

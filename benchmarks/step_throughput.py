@@ -3,11 +3,15 @@
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 --dtype float32
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 256 512 --dtype float32 bfloat16
     python benchmarks/step_throughput.py --resize 224 --batch_size 128 --cpu_kernels tuned default
-    python benchmarks/step_throughput.py --resize 224 --max_pool slices reduce_window --conv1x1 dot conv
+    python benchmarks/step_throughput.py --resize 224 --max_pool slices indexed reduce_window --conv1x1 dot conv
+    python benchmarks/step_throughput.py --resize 224 --model plain   # a plain Flax NiN (benchmarks/plain_flax.py)
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_throughput.py --parallel pmap
 
 Compilation is timed separately; warm-up steps are excluded; each figure is the median of
-`--repeats` timings of `--steps` steps.
+`--repeats` timings of `--steps` steps. The device's peak memory is the process's: it is reported
+for the first configuration only, so run one configuration per process to have each one's
+(benchmarks/accelerator.sh does). `--model plain` times the train step only, on images already
+resized.
 """
 
 import argparse
@@ -17,9 +21,10 @@ import time
 
 import jax
 
-from nin_jax import parallel, steps
+from nin_jax import compile_cache, parallel, steps
 from nin_jax.config import CONV1X1_CHOICES, CPU_KERNELS, DTYPES, MAX_POOL_CHOICES, PARALLEL_MODES, Config
 
+import plain_flax
 from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
 
 
@@ -40,6 +45,7 @@ def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
     train_times = [seconds_per_call(train_once, num_steps) for _ in range(repeats)]
     eval_times = [seconds_per_call(eval_once, num_steps) for _ in range(repeats)]
     return {
+        "model": "nin_jax",
         "config": dataclasses.asdict(config),
         "devices": parallel.describe_devices(strategy),
         "parallel": strategy.name,
@@ -48,8 +54,18 @@ def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
         "eval_step_seconds": eval_times,
         "train_images_per_sec": config.batch_size / median(train_times),
         "eval_images_per_sec": config.batch_size / median(eval_times),
-        **peak_memory_bytes(),
     }
+
+
+def measure_plain(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
+    """The plain Flax NiN's train step at the config's size, batch and dtype."""
+    compile_seconds, step = plain_flax.step_timer(config.resize, config.batch_size, config.dtype)
+    for _ in range(warmup):
+        jax.block_until_ready(step())
+    train_times = [seconds_per_call(step, num_steps) for _ in range(repeats)]
+    return {"model": "plain", "config": dataclasses.asdict(config), "devices": f"1 {jax.default_backend()} device",
+            "parallel": "jit", "compile_seconds": compile_seconds, "train_step_seconds": train_times,
+            "train_images_per_sec": config.batch_size / median(train_times)}
 
 
 def main():
@@ -65,11 +81,14 @@ def main():
     parser.add_argument("--conv1x1", nargs="+", default=["auto"], choices=CONV1X1_CHOICES,
                         help="one or more of train.py's --conv1x1 (nin_jax/kernels.py)")
     parser.add_argument("--parallel", default="auto", choices=PARALLEL_MODES)
+    parser.add_argument("--model", default="nin_jax", choices=("nin_jax", "plain"),
+                        help="nin_jax's steps, or a plain Flax NiN's train step (benchmarks/plain_flax.py)")
     parser.add_argument("--steps", type=int, default=5, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
+    compile_cache.enable(None)  # as train.py: $JAX_COMPILATION_CACHE_DIR or the default folder
     print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'cpu kernels':>11} {'max pool':>13} {'1x1':>4} {'devices':>14} "
           f"{'compile s':>9} {'train img/s':>11} {'eval img/s':>10}")
     results = []
@@ -78,12 +97,15 @@ def main():
         config = Config(resize=args.resize, batch_size=batch_size, dtype=dtype, parallel=args.parallel,
                         cpu_kernels=cpu_kernels, max_pool=max_pool, conv1x1=conv1x1).validate()
         start = time.perf_counter()
-        result = measure(config, args.steps, args.repeats, args.warmup)
+        result = (measure_plain if args.model == "plain" else measure)(config, args.steps, args.repeats, args.warmup)
         result["wall_seconds"] = time.perf_counter() - start
-        results.append(result)
+        peaks = peak_memory_bytes()
+        if results:  # the device's peak is the process's, the first configuration's only
+            peaks.pop("device_peak_bytes", None)
+        results.append({**result, **peaks})
         print(f"{args.resize:>6} {batch_size:>5} {dtype:>8} {cpu_kernels:>11} {max_pool:>13} {conv1x1:>4} {result['devices']:>14} "
               f"{result['compile_seconds']:>9.1f} {result['train_images_per_sec']:>11.1f} "
-              f"{result['eval_images_per_sec']:>10.1f}", flush=True)
+              f"{result.get('eval_images_per_sec', float('nan')):>10.1f}", flush=True)
     write_json(args.out, {"args": vars(args), "results": results})
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -36,6 +37,15 @@ def test_step_throughput_measures_every_batch_size_dtype_and_kernel_choice(tmp_p
     assert len(result.stdout.strip().splitlines()) == 1 + 8 + 1  # header, 8 rows, "wrote ..."
 
 
+def test_step_throughput_times_the_plain_flax_nin_beside_nin_jax(tmp_path):
+    out = tmp_path / "steps.json"
+    result = run_script(sys.executable, "benchmarks/step_throughput.py", "--resize", "67", "--batch_size", "4",
+                        "--model", "plain", "--steps", "1", "--repeats", "2", "--warmup", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    (plain,) = json.loads(out.read_text())["results"]
+    assert plain["model"] == "plain" and plain["train_images_per_sec"] > 0 and "eval_images_per_sec" not in plain
+
+
 def random_arrays(path, train_examples: int, test_examples: int) -> None:
     rng = np.random.default_rng(0)
     split = lambda n: input_pipeline.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),  # noqa: E731
@@ -56,39 +66,55 @@ def test_epoch_overhead_compares_the_real_loop_with_the_step_alone(tmp_path):
     assert "epoch of 40 examples at 67 px (5 steps of 8)" in result.stdout and "overhead" in result.stdout
 
 
+@pytest.mark.slow
 def test_accelerator_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_path):
-    """benchmarks/accelerator.sh at 67 px on 32 examples, in fp32 (and the strong recipe in bf16): what a GPU machine runs at 224
-    on all the data. Every part runs and records itself; the PyTorch step only where torch is installed."""
+    """benchmarks/accelerator.sh at 67 px on 32 examples, batch 8: what a GPU machine runs at 224 on all
+    the data. Every part runs and records itself, the summary holds every figure, the results are
+    packed into one file; the PyTorch parts only where torch is installed."""
     data = tmp_path / "arrays.npz"
     random_arrays(data, 32, 16)
     out = tmp_path / "results"
-    env = dict(RESIZE="67", BATCH_SIZES="8", DTYPES="float32", EPOCHS="2", DATA=str(data), PYTHON=sys.executable,
-               STEP_FLAGS="--steps 1 --repeats 2 --warmup 1", LOOP_BATCH_SIZE="8", BUDGET_S="3000", LIMIT_SCALE="10")
+    env = dict(RESIZE="67", BATCH_SIZES="8", EPOCHS="2", TRAIN_EXAMPLES="32", DATA=str(data), PYTHON=sys.executable,
+               STEP_FLAGS="--steps 1 --repeats 2 --warmup 1", TORCH_FLAGS="--steps 1 --rounds 2 --warmup 1",
+               PROFILE_STEPS="2", BUDGET_S="3000", LIMIT_SCALE="10")
     result = run_script("bash", "benchmarks/accelerator.sh", str(out), env=env, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr
     parts = {p["part"]: p for p in map(json.loads, (out / "parts.jsonl").read_text().splitlines())}
     torch = importlib.util.find_spec("torch") is not None  # optional: the test extra does not install it
-    pytorch_part = "pytorch step float32" if torch else "pytorch step"
-    assert list(parts) == ["environment", "accelerator tests", "loop ceiling", "step grid", "plan", "pmap step",
-                           "deterministic step", "levers", pytorch_part, "reference recipe", "strong recipe"]
+    steps = [f"step {model}_{dtype}_8" for dtype in ("bfloat16", "float32") for model in ("nin_jax", "plain")]
+    levers = [f"step lever_{lever}" for lever in ("slices_conv", "reduce_window_conv", "indexed_dot")]
+    pytorch_parts = ["pytorch_float32_8", "pytorch_bfloat16_8"] if torch else ["pytorch"]
+    assert list(parts) == ["environment", "recipe_reference", "recipe_strong", "recipe_strong_again", *steps, "plan",
+                           "profile", *levers, *pytorch_parts, "pmap step", "step deterministic_bfloat16_8",
+                           "accelerator tests"]
     skipped = {"plan": "skipped: no accelerator to plan for"}
     assert {name: p["status"] for name, p in parts.items() if p["status"] != "ok"} == (
-        skipped if torch else {**skipped, "pytorch step": "skipped: torch is not installed"})
-    assert json.loads((out / "environment.json").read_text())["backend"] == "cpu"
+        skipped if torch else {**skipped, "pytorch": "skipped: torch is not installed"})
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["backend"] == "cpu" and environment["versions"]["jax"] and "accelerator.sh" in environment["command"]
     log = (out / "log.txt").read_text()
     assert "3 skipped" in log and "no accelerator" in log  # the accelerator tests, on a CPU
-    assert len(json.loads((out / "steps.json").read_text())["results"]) == 1
-    assert json.loads((out / "pmap.json").read_text())["results"][0]["parallel"] == "pmap"
-    assert len(json.loads((out / "deterministic.json").read_text())["results"]) == 1
-    levers = [(r["config"]["max_pool"], r["config"]["conv1x1"])
-              for r in json.loads((out / "levers.json").read_text())["results"]]
-    assert levers == [("slices", "dot"), ("slices", "conv"), ("reduce_window", "dot"), ("reduce_window", "conv")]
-    assert not torch or json.loads((out / "pytorch_float32.json").read_text())["ratio"] > 0
-    for recipe, dtype in (("reference", "float32"), ("strong", "bfloat16")):
-        records = [json.loads(line) for line in (out / f"{recipe}.jsonl").read_text().splitlines()]
-        assert [r["epoch"] for r in records] == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("recipe_reference", "recipe_strong", "recipe_strong_again"):
+        recipe = summary["recipes"][name]
+        assert recipe["status"] == "ok" and recipe["epochs"] == 2 and len(recipe["epoch_images_per_sec"]) == 2
+        assert 0 <= recipe["test_accuracy"] <= 1 and recipe["seconds"] > 0
+        records = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
         assert records[-1]["train_examples"] == 32 and records[-1]["test_examples"] == 16
-        assert f"{recipe} recipe: 2 epochs at 67 px in {dtype}, evaluation included, in " in log
+    assert summary["recipes"]["recipe_strong_again"]["compile_seconds"] < summary["recipes"]["recipe_strong"]["compile_seconds"]
+    assert set(summary["steps"]) == {"nin_jax_bfloat16_8", "nin_jax_float32_8", "plain_bfloat16_8", "plain_float32_8",
+                                     "lever_slices_conv", "lever_reduce_window_conv", "lever_indexed_dot",
+                                     "pmap_bfloat16_8", "deterministic_bfloat16_8"}
+    assert all(step["train_images_per_sec"] > 0 for step in summary["steps"].values())
+    assert summary["steps"]["pmap_bfloat16_8"]["parallel"] == "pmap"
+    assert (summary["steps"]["lever_indexed_dot"]["max_pool"], summary["steps"]["lever_indexed_dot"]["conv1x1"]) == (
+        "indexed", "dot")
+    assert summary["profile"]["steps"] == 2 and summary["profile"]["table_ms"]["block 1"]["forward"] > 0
+    assert not torch or set(summary["pytorch"]["pytorch_float32_8"]["ratios"]) == {"pytorch book", "pytorch tuned"}
+    text = (out / "summary.md").read_text()
+    assert text.startswith("# nin_jax on cpu") and "| float32, 8 |" in text and "## Where the bf16 step's time goes" in text
+    with tarfile.open(tmp_path / "results.tar.gz") as packed:
+        assert {"results/summary.md", "results/summary.json", "results/log.txt"} <= set(packed.getnames())
 
 
 def test_accelerator_script_needs_a_results_folder_and_the_data(tmp_path):
@@ -197,22 +223,30 @@ def load_benchmark(name):
 
 
 def test_plan_check_sets_the_measured_step_beside_its_plan(tmp_path):
-    """benchmarks/plan_check.py on the files that accelerator.sh writes: the grid's first result
-    (whose peak memory is its own) and a later one of the other dtype."""
+    """benchmarks/plan_check.py on the files that accelerator.sh writes: one configuration per step
+    file, each with the device peak of its own process; a plan without a roofline (no published
+    figures) is checked for memory alone."""
     plan_check = load_benchmark("plan_check")
-    config = lambda dtype: {"dtype": dtype, "batch_size": 128, "resize": 224}  # noqa: E731
-    steps = {"results": [{"config": config("float32"), "train_images_per_sec": 20_000.0, "device_peak_bytes": 3 * 2**30},
-                         {"config": {**config("float32"), "batch_size": 256}, "train_images_per_sec": 1.0},
-                         {"config": config("bfloat16"), "train_images_per_sec": 35_000.0, "device_peak_bytes": 9 * 2**30}]}
-    (tmp_path / "steps.json").write_text(json.dumps(steps))
-    for dtype, roofline, total in (("float32", 100_000.0, 2 * 2**30), ("bfloat16", 70_000.0, 2**30)):
+    config = lambda dtype, batch=128: {"dtype": dtype, "batch_size": batch, "resize": 224}  # noqa: E731
+    (tmp_path / "steps").mkdir()
+    for name, result in (
+            ("nin_jax_float32_128", {"config": config("float32"), "train_images_per_sec": 20_000.0,
+                                     "device_peak_bytes": 3 * 2**30}),
+            ("nin_jax_float32_512", {"config": config("float32", 512), "train_images_per_sec": 1.0}),
+            ("plain_bfloat16_128", {"model": "plain", "config": config("bfloat16"), "train_images_per_sec": 1.0}),
+            ("nin_jax_bfloat16_128", {"config": config("bfloat16"), "train_images_per_sec": 35_000.0,
+                                      "device_peak_bytes": 2**30})):
+        result = {"model": "nin_jax", "parallel": "jit", **result}
+        (tmp_path / "steps" / f"{name}.json").write_text(json.dumps({"results": [result]}))
+    for dtype, roofline, total in (("float32", 100_000.0, 2 * 2**30), ("bfloat16", None, 2**30)):
         planned = {"compiled": True, "batch_size": 128, "resize": 224, "roofline": {"images_per_sec": roofline},
                    "memory": {"total": total}}
         (tmp_path / f"plan_{dtype}.json").write_text(json.dumps([planned]))
-    rows = plan_check.compare(steps, {dtype: json.loads((tmp_path / f"plan_{dtype}.json").read_text())[0]
-                                      for dtype in ("float32", "bfloat16")})
-    assert [(row["dtype"], row["measured_over_roofline"]) for row in rows] == [("float32", 0.2), ("bfloat16", 0.5)]
-    assert rows[0]["measured_over_planned_bytes"] == 1.5 and "measured_peak_bytes" not in rows[1]
+    rows = plan_check.compare(*plan_check.read_results(str(tmp_path)))
+    assert [(row["dtype"], row["measured_over_roofline"]) for row in rows] == [("float32", 0.2), ("bfloat16", None)]
+    assert [row["measured_over_planned_bytes"] for row in rows] == [1.5, 1.0]
     assert plan_check.format_row(rows[0]) == (
         "float32 at batch 128, 224 px: 20,000 train images/s measured against a roofline of 100,000 (20.0% of it); "
         "peak device memory 3,072 MiB against 2,048 MiB planned (1.50x)")
+    assert plan_check.format_row(rows[1]) == ("bfloat16 at batch 128, 224 px: 35,000 train images/s; peak device "
+                                              "memory 1,024 MiB against 1,024 MiB planned (1.00x)")

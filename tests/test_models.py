@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.plain_flax import PlainNiN
 from nin_jax import models
 
 # The book's PyTorch printout on a 1x224x224 image (NCHW), transposed to NHWC.
@@ -138,41 +139,8 @@ def test_every_class_score_can_learn_from_the_first_step(weight_init):
         assert dead_classes > 0
 
 
-def pool(x):
-    return nn.max_pool(x, (3, 3), (2, 2), "VALID")
-
-
-class ConvNiN(nn.Module):
-    """The book's NiN written the straightforward way, every convolution an `nn.Conv` (the 1x1
-    ones too), every ReLU `nn.relu` where the book has it and every pool `nn.max_pool`: what
-    `models.NiN` must compute, whatever it does to be fast. With `batch_norm`, the same masked
-    batch normalisation after every convolution."""
-
-    batch_norm: bool = False
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, mask=None):
-        def layer(x, name, features, kernel_size, strides=1, padding=0):
-            pad = ((padding, padding), (padding, padding))
-            x = nn.Conv(features, (kernel_size,) * 2, (strides,) * 2, pad, use_bias=not self.batch_norm, name=name)(x)
-            if self.batch_norm:
-                x = models.MaskedBatchNorm(dtype=self.dtype, name=f"{name}_bn")(x, train=True, mask=mask)
-            return nn.relu(x)
-
-        def block(x, name, features, kernel_size, strides, padding):
-            x = layer(x, f"{name}/conv", features, kernel_size, strides, padding)
-            x = layer(x, f"{name}/conv1x1_1", features, 1)
-            return layer(x, f"{name}/conv1x1_2", features, 1)
-
-        x = pool(block(x, "block1", 96, 11, 4, 0))
-        x = pool(block(x, "block2", 256, 5, 1, 2))
-        x = pool(block(x, "block3", 384, 3, 1, 1))
-        return block(x, "block4", 10, 3, 1, 1).mean(axis=(1, 2))
-
-
 def as_conv_variables(variables):
-    """models.NiN's variables under ConvNiN's names, 1x1 kernels reshaped to [1, 1, in, out]."""
+    """models.NiN's variables under PlainNiN's names, 1x1 kernels reshaped to [1, 1, in, out]."""
     return {
         collection: {
             f"{block}/{layer}": {name: value.reshape((1, 1) + value.shape) if name == "kernel" and value.ndim == 2
@@ -216,8 +184,8 @@ def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool,
 
         def straightforward(params):
             converted = as_conv_variables({"params": params, "batch_stats": stats})
-            logits, _ = ConvNiN(batch_norm, jnp.float64).apply(converted, images, mask, mutable=["batch_stats"])
-            return logits.astype(jnp.float32)  # as models.NiN returns them
+            logits, _ = PlainNiN(batch_norm, jnp.float64).apply(converted, images, mask, mutable=["batch_stats"])
+            return logits
 
         logits, fast_vjp = jax.vjp(fast, params)
         expected, straightforward_vjp = jax.vjp(straightforward, params)
