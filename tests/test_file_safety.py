@@ -2,12 +2,16 @@
 written through a link planted inside them."""
 
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
 from nin_jax import dataset
 from nin_jax.errors import DataError
 
+from conftest import REPO_ROOT
 from test_benchmarks import random_arrays
 from test_train import run_cli
 
@@ -55,3 +59,32 @@ def test_a_symbolic_link_at_the_data_folder_lock_is_refused_and_its_target_kept(
         with dataset._build_lock(str(data_dir)):
             pass
     assert precious.read_text() == PRECIOUS
+
+
+# Plants a link where the runtime's log of this very process used to go (a name that anyone could
+# guess from the host and the pid), then routes the log as a process of a multi-process job does.
+ROUTE_LOG = """
+import os, socket, sys, tempfile
+os.symlink(sys.argv[1], os.path.join(tempfile.gettempdir(), f"nin_jax_runtime_{socket.gethostname()}_{os.getpid()}.log"))
+from nin_jax import peers
+log = peers.route_runtime_log(2)
+folder = os.stat(os.path.dirname(log))
+print(log, oct(folder.st_mode & 0o777), folder.st_uid == os.geteuid())
+"""
+
+
+def test_the_runtime_log_of_several_processes_goes_to_a_private_folder_not_through_a_planted_link(tmp_path, precious):
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir(mode=0o777)
+    result = subprocess.run([sys.executable, "-c", ROUTE_LOG, str(precious)], capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT, env={**os.environ, "TMPDIR": str(shared_tmp)})
+    assert result.returncode == 0, result.stderr
+    assert precious.read_text() == PRECIOUS
+    log, mode, owned = result.stdout.split()
+    folder = os.path.dirname(log)
+    assert os.path.dirname(folder) == str(shared_tmp) and os.path.basename(log) == "runtime.log"
+    assert (mode, owned) == ("0o700", "True")
+    deadline = time.monotonic() + 30
+    while os.path.exists(folder) and time.monotonic() < deadline:  # the reporter ends with its process
+        time.sleep(0.1)
+    assert not os.path.exists(folder)  # nothing was logged: nothing is left behind
