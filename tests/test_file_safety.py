@@ -1,14 +1,16 @@
-"""Nothing outside the workdir, the data folder and the compile cache is written, and nothing is
-written through a link planted inside them."""
+"""Nothing outside the workdir, the data folder and the compile cache is written, nothing is written
+through a link planted inside them, and every file honours the user's umask."""
 
 import os
+import socket
+import stat
 import subprocess
 import sys
 import time
 
 import pytest
 
-from nin_jax import dataset
+from nin_jax import dataset, files
 from nin_jax.errors import DataError
 
 from conftest import REPO_ROOT
@@ -88,3 +90,39 @@ def test_the_runtime_log_of_several_processes_goes_to_a_private_folder_not_throu
     while os.path.exists(folder) and time.monotonic() < deadline:  # the reporter ends with its process
         time.sleep(0.1)
     assert not os.path.exists(folder)  # nothing was logged: nothing is left behind
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_files_written_whole_get_the_mode_that_open_gives_under_the_umask(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        files.write_text(str(tmp_path / "config.json"), "{}")
+        with open(tmp_path / "opened.json", "w"):
+            pass
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(os.stat(tmp_path / "config.json").st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "opened.json").st_mode) == 0o666 & ~umask
+
+
+def _under_umask_077(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                          preexec_fn=lambda: os.umask(0o077), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.mark.slow  # three processes: train, export, predict
+def test_under_umask_077_no_file_of_a_run_its_model_or_its_pictures_is_readable_by_others(tmp_path):
+    workdir, data, model = tmp_path / "run", tmp_path / "arrays.npz", tmp_path / "nin.jax_exported"
+    random_arrays(data, 16, 8)
+    train = _under_umask_077("train.py", "--data_arrays", str(data), "--resize", "67", "--batch_size", "8",
+                             "--num_epochs", "1", "--compile_cache", "off", "--workdir", str(workdir))
+    assert train.returncode == 0, train.stderr
+    export = _under_umask_077("-m", "nin_jax.export", "--workdir", str(workdir), "--out", str(model))
+    assert export.returncode == 0, export.stderr
+    predict = _under_umask_077("-m", "nin_jax.predict", "--workdir", str(workdir), "--num_images", "4")
+    assert predict.returncode == 0, predict.stderr
+    written = [model] + [path for path in workdir.rglob("*") if path.is_file()]
+    assert {"config.json", "metrics.jsonl", "curves.png", "predictions.png", "run.lock"} <= {p.name for p in written}
+    readable_by_others = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in written
+                          if path.stat().st_mode & 0o077}
+    assert not readable_by_others
