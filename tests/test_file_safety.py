@@ -111,7 +111,7 @@ def _under_umask_077(*args):
 
 
 @pytest.mark.slow  # three processes: train, export, predict
-def test_under_umask_077_no_file_of_a_run_its_model_or_its_pictures_is_readable_by_others(tmp_path):
+def test_under_umask_077_no_file_or_folder_of_a_run_its_model_or_its_pictures_is_open_to_others(tmp_path):
     workdir, data, model = tmp_path / "run", tmp_path / "arrays.npz", tmp_path / "nin.jax_exported"
     random_arrays(data, 16, 8)
     train = _under_umask_077("train.py", "--data_arrays", str(data), "--resize", "67", "--batch_size", "8",
@@ -121,8 +121,9 @@ def test_under_umask_077_no_file_of_a_run_its_model_or_its_pictures_is_readable_
     assert export.returncode == 0, export.stderr
     predict = _under_umask_077("-m", "nin_jax.predict", "--workdir", str(workdir), "--num_images", "4")
     assert predict.returncode == 0, predict.stderr
-    written = [model] + [path for path in workdir.rglob("*") if path.is_file()]
-    assert {"config.json", "metrics.jsonl", "curves.png", "predictions.png", "run.lock"} <= {p.name for p in written}
-    readable_by_others = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in written
-                          if path.stat().st_mode & 0o077}
-    assert not readable_by_others
+    written = [model, workdir, *workdir.rglob("*")]  # files and folders, ours, orbax's, TensorBoard's
+    assert {"config.json", "metrics.jsonl", "curves.png", "predictions.png", "run.lock", "checkpoints"} <= {
+        path.name for path in written}
+    open_to_others = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in written
+                      if path.stat().st_mode & 0o077}
+    assert not open_to_others
