@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nin_jax import dataset, files
+from nin_jax import dataset, files, run_outputs
 from nin_jax.errors import DataError
 
 from conftest import REPO_ROOT
@@ -61,6 +61,20 @@ def test_a_symbolic_link_at_the_data_folder_lock_is_refused_and_its_target_kept(
         with dataset._build_lock(str(data_dir)):
             pass
     assert precious.read_text() == PRECIOUS
+
+
+def test_the_tensorboard_events_are_never_written_through_a_link_planted_at_their_name(tmp_path, precious):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    now = int(time.time())
+    for second in range(now, now + 5):  # the name the file would get in the next seconds, before it was unguessable
+        (workdir / f"events.out.tfevents.{second:010d}.{socket.gethostname()}.{os.getpid()}").symlink_to(precious)
+    events = run_outputs.ScalarEvents(str(workdir))
+    events.write({"train/loss": 1.0}, step=1)
+    events.close()
+    assert precious.read_text() == PRECIOUS
+    (written,) = [path for path in workdir.iterdir() if not path.is_symlink()]
+    assert written.name.startswith(f"events.out.tfevents.") and written.stat().st_size > 0
 
 
 # Plants a link where the runtime's log of this very process used to go (a name that anyone could
