@@ -138,8 +138,8 @@ def test_a_train_step_planted_under_another_runs_key_is_never_run(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("planting a file as another user needs root")
     planter, cache = tmp_path / "planter_cache", tmp_path / "cache"
-    assert _tiny_run(tmp_path, "--learning_rate", "0.05", "--compile_cache", str(planter), workdir="at_0.05").returncode == 0
-    assert _tiny_run(tmp_path, "--learning_rate", "0.1", "--compile_cache", str(cache), workdir="honest").returncode == 0
+    for rate, folder, workdir in (("0.05", planter, "at_0.05"), ("0.1", cache, "honest")):
+        assert _tiny_run(tmp_path, "--learning_rate", rate, "--compile_cache", str(folder), workdir=workdir).returncode == 0
     planted_loss, honest_loss = _train_loss(tmp_path, "at_0.05"), _train_loss(tmp_path, "honest")
     assert planted_loss != honest_loss
     # Another user, let in by a folder that everyone can write, puts the 0.05 step under the 0.1 key.
@@ -188,8 +188,8 @@ def test_a_full_disk_leaves_no_broken_entry_and_later_runs_are_quiet(tmp_path):
         os.close(filler)
         full = compile_with_cache(cache)
         assert full.returncode == 0, full.stderr
-        assert full.stderr == (f"-c: warning: cannot write to the compile cache {cache} (No space left on device); this "
-                               f"run stores no more compiled programs there\n")
+        assert full.stderr == (f"-c: warning: cannot write to the compile cache {cache} (No space left on device); "
+                               f"this run stores no more compiled programs there\n")
         assert not entries(cache)  # no empty or torn entry, no temporary file
         os.unlink(disk / "filler")
         freed = compile_with_cache(cache)

@@ -81,7 +81,8 @@ def test_the_tensorboard_events_are_never_written_through_a_link_planted_at_thei
 # guess from the host and the pid), then routes the log as a process of a multi-process job does.
 ROUTE_LOG = """
 import os, socket, sys, tempfile
-os.symlink(sys.argv[1], os.path.join(tempfile.gettempdir(), f"nin_jax_runtime_{socket.gethostname()}_{os.getpid()}.log"))
+guessable = f"nin_jax_runtime_{socket.gethostname()}_{os.getpid()}.log"
+os.symlink(sys.argv[1], os.path.join(tempfile.gettempdir(), guessable))
 from nin_jax import peers
 log = peers.route_runtime_log(2)
 folder = os.stat(os.path.dirname(log))
