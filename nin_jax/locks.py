@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import socket
+import stat
 import sys
 from typing import Callable, Iterator, Optional
 
@@ -45,6 +46,23 @@ def _write_holder(fd: int) -> None:
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
 
 
+def _open_own_file(path: str) -> int:
+    """`path` opened for reading and writing, created if missing (with the mode open() gives it under
+    the umask), refused when it is a symbolic link or has other names (a hard link): a link planted
+    there would have the holder's line written into a file outside the folder."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:  # what O_NOFOLLOW gives for a symbolic link
+            raise
+    else:
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode) and status.st_nlink == 1:
+            return fd
+        os.close(fd)
+    raise OSError(errno.EPERM, f"{path} is a link or not a plain file, which nin_jax never writes to; remove it", path)
+
+
 @contextlib.contextmanager
 def exclusive(path: str, wait: Optional[Callable[[str], None]] = None) -> Iterator[None]:
     """Holds an exclusive lock on `path` (created when missing) for the block. When another process
@@ -52,7 +70,7 @@ def exclusive(path: str, wait: Optional[Callable[[str], None]] = None) -> Iterat
     A lock that is taken changes nothing in the file; the holder writes its name into it."""
     import fcntl  # POSIX only, like the multi-process runtime itself
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_own_file(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -152,6 +152,7 @@ fatal = ("Terminating process because the JAX distributed service" in text  # th
          or "terminate called after throwing" in text)  # a collective's transport failed outside Python
 if not text:
     os.remove(log_path)  # nothing to keep
+    os.rmdir(os.path.dirname(log_path))
 elif fatal and not said:
     sys.stderr.write(f"{prog}: error: the JAX runtime ended this process after losing another process of this job "
                      f"or its coordinator (process 0), which has likely died; {advice} The runtime's log: {log_path}\n")
@@ -160,12 +161,14 @@ elif fatal and not said:
 
 def route_runtime_log(num_processes: int) -> str:
     """Sends what C++ code writes to stderr into a log file, keeps Python's `sys.stderr` on the
-    terminal, and starts the reporter; returns the log's path."""
-    path = os.path.join(tempfile.gettempdir(), f"nin_jax_runtime_{socket.gethostname()}_{os.getpid()}.log")
+    terminal, and starts the reporter; returns the log's path. The log lies in a folder of its own
+    that only this user can enter (`mkdtemp`): a name that others can guess, in a folder they can
+    write, is one they could plant a link at."""
+    path = os.path.join(tempfile.mkdtemp(prefix=f"nin_jax_runtime_{socket.gethostname()}_"), "runtime.log")
     global _said_fd
     sys.stderr.flush()
     terminal = os.dup(2)
-    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.dup2(log_fd, 2)
     os.close(log_fd)
     sys.stderr = os.fdopen(terminal, "w", buffering=1)

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import socket
 import threading
 import time
@@ -207,9 +208,10 @@ class ScalarEvents:
     def __init__(self, logdir: str):
         from tensorboard.summary.writer.record_writer import RecordWriter
 
-        # TensorBoard finds event files by this name; the pid keeps two writers apart.
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-        self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+        # TensorBoard finds event files by this name. Its random end keeps two writers apart and
+        # makes it a name no one can plant a link at; "x" (O_EXCL) never opens one anyway.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{secrets.token_hex(4)}"
+        self._records = RecordWriter(open(os.path.join(logdir, name), "xb"))
         self._add(file_version="brain.Event:2")
 
     def write(self, values: dict[str, float], step: int) -> None:
