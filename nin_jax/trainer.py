@@ -104,7 +104,8 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
         how_to_go_on = ("raise --num_epochs to train on" if config.lr_schedule == "constant" else
                         f"its --lr_schedule {config.lr_schedule} spans exactly these epochs, so it cannot go on: "
                         f"train a longer run in a new --workdir")
-        log(f"the run in {workdir} is finished: its checkpoint has all {done_epochs} epochs ({step} steps); "
+        log(f"the run in {workdir} is finished: its checkpoint has "
+            f"{f'all {done_epochs} epochs' if done_epochs > 1 else '1 epoch'} ({step} steps); "
             f"{how_to_go_on}")
         return snapshot.state, records
     if step:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import cpu_estimate, predict, run_outputs, trainer
+from nin_jax import cpu_estimate, plots, predict, run_outputs, trainer
 from nin_jax.config import Config
 from nin_jax.errors import WorkdirError
 
@@ -62,6 +62,14 @@ def test_the_last_step_line_of_an_epoch_gives_the_epoch_lines_images_per_second(
     last_step_line = [line for line in lines if line.startswith("epoch 1/1 step 3/3:")][0]
     step_rate = float(re.search(r"([\d.]+) images/s so far$", last_step_line)[1])
     assert 0.8 < step_rate / records[0]["examples_per_sec"] < 1.25, (last_step_line, records[0])
+    assert re.fullmatch(r"epoch 1/1: loss .*, [\d.]+ images/s on 1 cpu device", lines[-1])
+
+    lines.clear()  # the same call again: one epoch, said in the singular
+    with mock_fashion_mnist(NUM_EXAMPLES):
+        trainer.train_and_evaluate(Config(resize=67, batch_size=8, num_epochs=1, parallel="jit", compile_cache="off"),
+                                   str(tmp_path), log=lines.append)
+    assert lines == [f"the run in {tmp_path} is finished: its checkpoint has 1 epoch (3 steps); raise --num_epochs "
+                     f"to train on"]
 
 
 def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run):
@@ -75,6 +83,15 @@ def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run)
 def test_curves_png_is_written(trained_run):
     with Image.open(os.path.join(trained_run["workdir"], run_outputs.CURVES_FILE)) as image:
         assert image.format == "PNG" and image.width > 200 and image.height > 150
+
+
+@pytest.mark.parametrize("num_epochs, ticks", [(1, [1]), (3, [1, 2, 3])])
+def test_the_curves_epoch_axis_spans_exactly_the_runs_epochs(trained_run, num_epochs, ticks):
+    records = [{**trained_run["records"][0], "epoch": epoch} for epoch in range(1, num_epochs + 1)]
+    axes = plots.curves_figure(records, num_epochs).axes[0]
+    low, high = axes.get_xlim()
+    assert [tick for tick in axes.get_xticks() if low <= tick <= high] == ticks
+    assert low <= 1 and high >= num_epochs and high - low <= max(num_epochs - 1, 1)
 
 
 def logged_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
