@@ -127,7 +127,9 @@ def running_metrics(totals: steps.Metrics) -> dict[str, float]:
 
 class StepProgress:
     """Call `update(totals)` after dispatching each step with the running sums on the device,
-    `close()` at the end; `fetch` brings running sums to the host (`strategy.fetch`)."""
+    `close()` at the end, or use it as a context manager, which closes it; `fetch` brings running
+    sums to the host (`strategy.fetch`). Left by an exception, the bar is taken off the terminal at
+    once, so that the line that says why starts a line of its own."""
 
     def __init__(self, desc: str, num_examples: int, batch_size: int, log: Callable[[str], None] = print,
                  log_every_steps: int = 0, start_batch: int = 0,
@@ -159,6 +161,15 @@ class StepProgress:
         while self._pending:
             self._count(self._pending.popleft())
         self._bar.close()
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            self.close()
+        else:
+            self._bar.close()  # without waiting for the pending steps
 
     def _count(self, totals: steps.Metrics) -> None:
         jax.block_until_ready(totals["count"])  # one output of the step stands for all: they are ready together

@@ -1,6 +1,7 @@
 """What people coming from the book see: --summary, step lines, curves.png, TensorBoard events,
 the CPU estimate and the predict command, on tfds' mock data."""
 
+import io
 import json
 import os
 import re
@@ -92,6 +93,34 @@ def test_the_curves_epoch_axis_spans_exactly_the_runs_epochs(trained_run, num_ep
     low, high = axes.get_xlim()
     assert [tick for tick in axes.get_xticks() if low <= tick <= high] == ticks
     assert low <= 1 and high >= num_epochs and high - low <= max(num_epochs - 1, 1)
+
+
+def on_screen(text: str) -> list[str]:
+    """The lines a terminal shows for `text`: a carriage return goes back to the line's start."""
+    lines = []
+    for written in text.split("\n"):
+        line = ""
+        for part in written.split("\r"):
+            line = part + line[len(part):]
+        lines.append(line.rstrip())
+    return lines
+
+
+def test_a_bar_left_by_an_exception_leaves_its_line_to_the_message_that_follows(monkeypatch):
+    """A stopped run's last line (`train.py: stopped by SIGINT after step 7: ...`) starts a line of
+    its own, not the end of the bar's."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with pytest.raises(KeyboardInterrupt), run_outputs.StepProgress("epoch 1/10", 1000, 10) as bar:
+        bar.update({"count": np.float32(10), "loss_sum": np.float32(23.0), "correct": np.float32(1)})
+        raise KeyboardInterrupt
+    assert "epoch 1/10" in terminal.getvalue()  # the bar was drawn
+    terminal.write("train.py: stopped by SIGINT after step 1\n")
+    assert on_screen(terminal.getvalue())[-2:] == ["train.py: stopped by SIGINT after step 1", ""]
 
 
 def logged_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
