@@ -130,9 +130,6 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
         first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size, process))
         compile_seconds = strategy.compile(state, first_batch)
         log(f"compiled the train and eval steps for {devices} ({strategy.name}) in {compile_seconds:.1f}s")
-        if cpu_estimate.applies(config):
-            log(cpu_estimate.measure_and_estimate(strategy, state, first_batch, config, len(train_split),
-                                                  len(test_split)))
 
         # The loop: an epoch of train steps, its evaluation, its record and checkpoint.
         learning_rate = steps.learning_rate_schedule(config, steps_per_epoch)
@@ -150,6 +147,8 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
 
         carry = strategy.put_carry(steps.zero_carry(snapshot.epoch_totals))
         epoch_seconds = snapshot.epoch_seconds
+        estimate = (cpu_estimate.Estimate(strategy, first_batch, config, len(train_split), len(test_split), log)
+                    if cpu_estimate.applies(config) else None)  # says from the first step how long the run takes
         for epoch in range(done_epochs + 1, config.num_epochs + 1):
             start = time.perf_counter() - epoch_seconds
             with run_outputs.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size,
@@ -161,6 +160,8 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
                         checkpoints.check()  # a save that failed in the background ends the run here
                     trace.after_step(state)
                     bar.update(carry["metrics"])
+                    if estimate:
+                        estimate.after_step(state, carry)
                     step += 1
                     stopping_now = watch.agreed(carry, step)
                     checkpoint_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0

@@ -73,11 +73,18 @@ def test_the_last_step_line_of_an_epoch_gives_the_epoch_lines_images_per_second(
                      f"to train on"]
 
 
-def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run):
+def test_cpu_estimate_comes_from_the_first_steps_and_before_the_first_epoch_ends(trained_run):
     lines = trained_run["lines"]
-    (estimate,) = [i for i, line in enumerate(lines) if line.startswith("no accelerator")]
-    assert estimate < min(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
-    assert "2 epochs of 3 steps will take about" in lines[estimate] and cpu_estimate.QUICK_RUN in lines[estimate]
+    compiled = [i for i, line in enumerate(lines) if line.startswith("compiled the train and eval steps")]
+    first = [i for i, line in enumerate(lines) if line.startswith("no accelerator")]
+    refined = [i for i, line in enumerate(lines) if line.startswith("steps 2 to 3")]
+    assert len(compiled) == len(first) == len(refined) == 1, lines
+    assert compiled[0] < first[0] < refined[0] < min(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
+    assert re.fullmatch(r"no accelerator: on this CPU the first training step at 67x67 took \d+\.\ds and an evaluation "
+                        r"step \d+\.\ds, so 2 epochs of 3 steps will take about \d+\.\d (seconds|minutes); for a quick "
+                        r"run try --resize 96 --num_epochs 2", lines[first[0]])
+    assert re.fullmatch(r"steps 2 to 3 took \d+\.\ds each: the 2 epochs will take about \d+\.\d (seconds|minutes)",
+                        lines[refined[0]])
     assert int(trained_run["state"].step) == CONFIG.num_epochs * 3
 
 
