@@ -206,6 +206,14 @@ class Checkpoints:
         if self._saves:
             self._saves.raise_failed()
 
+    def kept(self) -> str:
+        """Which checkpoint a process that ends now leaves to resume from: the latest whole one
+        (orbax names a checkpoint's folder by its step only once the checkpoint is complete)."""
+        saved = _step_folders(self.directory)
+        if not saved:
+            return f"no checkpoint was saved yet in {self.directory}"
+        return f"the checkpoint of step {max(saved)} in {self.directory} is kept; run the same command to resume from it"
+
     def _save(self, snapshot: Snapshot) -> None:
         arrays = snapshot.saved_arrays()
         run = {"config": self._record, "epoch_seconds": snapshot.epoch_seconds, "fingerprint": _fingerprint(arrays)}

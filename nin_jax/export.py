@@ -1,4 +1,5 @@
-"""Writes a trained NiN as one file that runs with JAX alone: no flax, optax, orbax or nin_jax.
+"""Writes a trained NiN as one file that runs with JAX alone: no flax, optax, orbax or nin_jax,
+with only `jax`, `numpy` and `flatbuffers` installed (`pip install jax numpy flatbuffers`).
 
     python -m nin_jax.export --workdir runs/quick --out nin.jax_exported
 
@@ -27,6 +28,9 @@ from nin_jax import errors, files, input_pipeline, predict
 from nin_jax.config import Config, FlagParser
 
 PLATFORMS = ("cpu", "cuda", "tpu")
+# What loading the file needs, and all it needs (the README names them): `export.deserialize` reads
+# the file with flatbuffers, which jax itself does not install.
+LOADING_NEEDS = ("jax", "numpy", "flatbuffers")
 
 
 def export_classifier(config: Config, variables: predict.Variables,

@@ -24,6 +24,11 @@ def _save(figure: Figure, path: str) -> None:
 
 
 def plot_curves(records: Sequence[dict[str, Any]], num_epochs: int, path: str) -> None:
+    """Writes `curves_figure` to `path`."""
+    _save(curves_figure(records, num_epochs), path)
+
+
+def curves_figure(records: Sequence[dict[str, Any]], num_epochs: int) -> Figure:
     """Train loss, train accuracy and test accuracy against epoch, on axes spanning every epoch."""
     figure = Figure(figsize=(4.5, 3.2))
     axes = figure.add_subplot()
@@ -31,12 +36,12 @@ def plot_curves(records: Sequence[dict[str, Any]], num_epochs: int, path: str) -
     for key, label, style in CURVES:
         axes.plot(epochs, [record[key] for record in records], style, marker=".", label=label)
     axes.set_xlabel("epoch")
-    axes.set_xlim(1, max(num_epochs, 2))
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlim(*((1, num_epochs) if num_epochs > 1 else (0.5, 1.5)))  # one epoch: its point in the middle
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.4)
     axes.legend()
-    _save(figure, path)
+    return figure
 
 
 def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,

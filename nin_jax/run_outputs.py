@@ -42,11 +42,12 @@ CONFIG_FILE = "config.json"
 
 def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
     """The book's `train_ch6` summary for one epoch, e.g.
-    'epoch 3/10: loss 0.563, train acc 0.786, test acc 0.790, 3087.6 examples/sec on 2 cpu devices'."""
+    'epoch 3/10: loss 0.563, train acc 0.786, test acc 0.790, 3087.6 images/s on 2 cpu devices'. The
+    record keeps the rate under `examples_per_sec`, the key of metrics.jsonl since its first version."""
     return (
         f"epoch {record['epoch']}/{num_epochs}: loss {record['train_loss']:.3f}, "
         f"train acc {record['train_accuracy']:.3f}, test acc {record['test_accuracy']:.3f}, "
-        f"{record['examples_per_sec']:.1f} examples/sec on {record['devices']}"
+        f"{record['examples_per_sec']:.1f} images/s on {record['devices']}"
     )
 
 
@@ -127,7 +128,9 @@ def running_metrics(totals: steps.Metrics) -> dict[str, float]:
 
 class StepProgress:
     """Call `update(totals)` after dispatching each step with the running sums on the device,
-    `close()` at the end; `fetch` brings running sums to the host (`strategy.fetch`)."""
+    `close()` at the end, or use it as a context manager, which closes it; `fetch` brings running
+    sums to the host (`strategy.fetch`). Left by an exception, the bar is taken off the terminal at
+    once, so that the line that says why starts a line of its own."""
 
     def __init__(self, desc: str, num_examples: int, batch_size: int, log: Callable[[str], None] = print,
                  log_every_steps: int = 0, start_batch: int = 0,
@@ -141,7 +144,7 @@ class StepProgress:
         self._log_every_steps = log_every_steps
         self._steps_done = start_batch  # a resumed epoch starts part-way
         self._examples_done = min(start_batch * batch_size, num_examples)
-        self._bar = tqdm.tqdm(total=num_examples, initial=self._examples_done, desc=desc, unit="img", unit_scale=True,
+        self._bar = tqdm.tqdm(total=num_examples, initial=self._examples_done, desc=desc, unit=" images", unit_scale=True,
                               leave=False, disable=None if distributed.is_main_process() else True, dynamic_ncols=True)
         self._pending: collections.deque[steps.Metrics] = collections.deque()
         self._since = (self._examples_done, time.perf_counter())  # the step lines' images/s count from here
@@ -160,6 +163,15 @@ class StepProgress:
             self._count(self._pending.popleft())
         self._bar.close()
 
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            self.close()
+        else:
+            self._bar.close()  # without waiting for the pending steps
+
     def _count(self, totals: steps.Metrics) -> None:
         jax.block_until_ready(totals["count"])  # one output of the step stands for all: they are ready together
         examples = min(self._batch_size, self._num_examples - self._examples_done)
@@ -173,7 +185,7 @@ class StepProgress:
             self._last_postfix_time = time.perf_counter()
 
     def _log_step(self, metrics: dict[str, float]) -> None:
-        # Over the epoch so far, checkpoints included, like the epoch line's examples/sec: between
+        # Over the epoch so far, checkpoints included, like the epoch line's images/s: between
         # two step lines the counted steps are those the devices finished, which come in bursts
         # after a checkpoint has waited for all of them.
         first_examples, first_time = self._since

@@ -17,7 +17,7 @@ from nin_jax import (cpu_estimate, dataset, distributed, input_pipeline, kernels
 from nin_jax.checkpoints import Checkpoints, Snapshot
 from nin_jax.config import Config
 from nin_jax.errors import OutOfMemory
-from nin_jax.stopping import StopWatch
+from nin_jax.stopping import StopWatch, StoppedAtOnce, stopped_at_once
 from nin_jax.profiling import StepTrace, check_profile_steps
 
 
@@ -26,11 +26,10 @@ def evaluate(strategy, state: steps.TrainState, split: input_pipeline.Split, bat
     """Loss, accuracy and the number of examples counted, over every example of `split` once.
     The running sums stay on the devices, added up inside the eval step."""
     totals = strategy.zero_totals()
-    bar = run_outputs.StepProgress(desc, len(split), batch_size, fetch=strategy.fetch)
-    for batch in input_pipeline.eval_batches(split, batch_size, process):
-        totals = strategy.eval_step(state, totals, batch)
-        bar.update(totals)
-    bar.close()
+    with run_outputs.StepProgress(desc, len(split), batch_size, fetch=strategy.fetch) as bar:
+        for batch in input_pipeline.eval_batches(split, batch_size, process):
+            totals = strategy.eval_step(state, totals, batch)
+            bar.update(totals)
     totals = strategy.fetch(totals)
     count = int(totals["count"])
     return {"loss": float(totals["loss_sum"]) / count, "accuracy": float(totals["correct"]) / count, "examples": count}
@@ -43,7 +42,8 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     the records are also in metrics.jsonl there.
 
     Raises `stopping.Interrupted` after saving a checkpoint when SIGINT or SIGTERM asked it, or
-    with several processes any one of them, to stop (all processes stop after the same step), and
+    with several processes any one of them, to stop (all processes stop after the same step), or
+    at once, saying which checkpoint is kept, at a second such signal, and
     `stopping.Diverged` at a non-finite training loss, without saving the bad state.
     """
     config = config.validate()
@@ -55,9 +55,12 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
         checkpoints = Checkpoints(workdir, config) if workdir else None
         if not distributed.is_main_process():
             workdir, log = None, lambda line: None  # checkpoints are saved by every process, together
-        with checkpoints or contextlib.nullcontext(), peers.peer_failures_exit(), \
-                out_of_memory_explained(config, strategy.num_devices, workdir):
-            return _train(config, strategy, process, checkpoints, workdir, log)
+        try:
+            with checkpoints or contextlib.nullcontext(), peers.peer_failures_exit(), \
+                    out_of_memory_explained(config, strategy.num_devices, workdir):
+                return _train(config, strategy, process, checkpoints, workdir, log)
+        except StoppedAtOnce as stop:  # the checkpoints are closed: every save begun is whole or gone
+            raise stopped_at_once(stop.signum, checkpoints.kept if checkpoints else None) from None
 
 
 # How XLA says it: RESOURCE_EXHAUSTED, or (jaxlib 0.7 on the CPU) an INTERNAL error that says so.
@@ -104,7 +107,8 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
         how_to_go_on = ("raise --num_epochs to train on" if config.lr_schedule == "constant" else
                         f"its --lr_schedule {config.lr_schedule} spans exactly these epochs, so it cannot go on: "
                         f"train a longer run in a new --workdir")
-        log(f"the run in {workdir} is finished: its checkpoint has all {done_epochs} epochs ({step} steps); "
+        log(f"the run in {workdir} is finished: its checkpoint has "
+            f"{f'all {done_epochs} epochs' if done_epochs > 1 else '1 epoch'} ({step} steps); "
             f"{how_to_go_on}")
         return snapshot.state, records
     if step:
@@ -115,7 +119,9 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
     # From here on a first Ctrl-C or SIGTERM saves, then stops (`nin_jax.stopping`).
     resume = (f"saved a checkpoint in {checkpoints.directory}; run the same command to resume"
               if checkpoints else "nothing was saved (no --workdir)")
-    watch = StopWatch(jax.process_count(), steps_per_epoch, config.learning_rate, resume, fetch=strategy.fetch)
+    watch = StopWatch(jax.process_count(), steps_per_epoch, config.learning_rate, resume,
+                      kept=checkpoints.kept if checkpoints else None, first_step=step,
+                      last_step=config.num_epochs * steps_per_epoch, fetch=strategy.fetch)
     outputs = run_outputs.EpochOutputs(workdir, config)
     with watch, contextlib.closing(outputs), StepTrace(workdir, config.profile_steps, log,
                                                                     strategy.train_program) as trace:
@@ -125,9 +131,6 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
         first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size, process))
         compile_seconds = strategy.compile(state, first_batch)
         log(f"compiled the train and eval steps for {devices} ({strategy.name}) in {compile_seconds:.1f}s")
-        if cpu_estimate.applies(config):
-            log(cpu_estimate.measure_and_estimate(strategy, state, first_batch, config, len(train_split),
-                                                  len(test_split)))
 
         # The loop: an epoch of train steps, its evaluation, its record and checkpoint.
         learning_rate = steps.learning_rate_schedule(config, steps_per_epoch)
@@ -145,25 +148,28 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
 
         carry = strategy.put_carry(steps.zero_carry(snapshot.epoch_totals))
         epoch_seconds = snapshot.epoch_seconds
+        estimate = (cpu_estimate.Estimate(strategy, first_batch, config, len(train_split), len(test_split), log)
+                    if cpu_estimate.applies(config) else None)  # says from the first step how long the run takes
         for epoch in range(done_epochs + 1, config.num_epochs + 1):
             start = time.perf_counter() - epoch_seconds
-            bar = run_outputs.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size,
-                                           log, config.log_every_steps, start_batch, fetch=strategy.fetch)
-            for batch in input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch, start_batch,
-                                                      process):
-                state, carry = strategy.train_step(state, carry, batch, watch.vote)
-                if checkpoints:
-                    checkpoints.check()  # a save that failed in the background ends the run here
-                trace.after_step(state)
-                bar.update(carry["metrics"])
-                step += 1
-                stopping_now = watch.agreed(carry)
-                checkpoint_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                if step % steps_per_epoch and (checkpoint_due or stopping_now):  # an epoch's end is saved below
-                    save(state, checked(carry), time.perf_counter() - start)
-                    if stopping_now:
-                        raise watch.interrupted(step)
-            bar.close()
+            with run_outputs.StepProgress(f"epoch {epoch}/{config.num_epochs}", len(train_split), config.batch_size,
+                                          log, config.log_every_steps, start_batch, fetch=strategy.fetch) as bar:
+                for batch in input_pipeline.train_batches(train_split, config.batch_size, config.seed, epoch,
+                                                          start_batch, process):
+                    state, carry = strategy.train_step(state, carry, batch, watch.vote)
+                    if checkpoints:
+                        checkpoints.check()  # a save that failed in the background ends the run here
+                    trace.after_step(state)
+                    bar.update(carry["metrics"])
+                    if estimate:
+                        estimate.after_step(state, carry)
+                    step += 1
+                    stopping_now = watch.agreed(carry, step)
+                    checkpoint_due = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                    if step % steps_per_epoch and (checkpoint_due or stopping_now):  # an epoch's end is saved below
+                        save(state, checked(carry), time.perf_counter() - start)
+                        if stopping_now:
+                            raise watch.interrupted(step)
             carry = checked(carry)
             train_seconds = time.perf_counter() - start
             test = evaluate(strategy, state, test_split, config.batch_size, f"epoch {epoch}/{config.num_epochs} test",
@@ -174,7 +180,7 @@ def _train(config: Config, strategy, process: distributed.ProcessSlice, checkpoi
             run_outputs.append_metrics(workdir, records[-1])
             outputs.write(records)
             save(state, steps.zero_carry(), 0.0)
-            if watch.agreed_after_epoch(carry):
+            if watch.agreed_after_epoch(carry, step):
                 raise watch.interrupted(step)
             carry, epoch_seconds, start_batch = strategy.zero_carry(), 0.0, 0
         if watch.vote:  # asked after the last step: everything is saved

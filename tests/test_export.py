@@ -1,20 +1,22 @@
 """`python -m nin_jax.export`: a trained NiN as one file that a process with JAX alone runs."""
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from nin_jax import dataset, export, predict
+from nin_jax import dataset, export, input_pipeline, predict
 
 from conftest import REPO_ROOT, fake_fashion_mnist
 
 NUM_EXAMPLES = 256
 NUM_IMAGES = 64
 CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
-# What a user who installed only jax and numpy runs (the module's docstring shows it), and the
+# What a user who installed only jax, numpy and flatbuffers runs (the module's docstring shows it), and the
 # packages it must not have needed.
 LOADER = """
 import sys
@@ -69,6 +71,48 @@ def test_the_exported_file_gives_predicts_logits_in_a_process_with_jax_alone(tra
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
     assert (logits.argmax(-1) == expected.argmax(-1)).all()
     np.testing.assert_allclose(np.load(tmp_path / "logits5.npy"), logits[:5], rtol=1e-5, atol=1e-5)
+
+
+def loading_needs_in_words() -> str:
+    """`export.LOADING_NEEDS` as the docs write it: `jax`, `numpy` and `flatbuffers`."""
+    names = [f"`{name}`" for name in export.LOADING_NEEDS]
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def test_the_docs_name_exactly_what_loading_the_file_needs():
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    assert f"runs where only {loading_needs_in_words()} are installed" in readme
+    assert f"with only {loading_needs_in_words()} installed" in " ".join(export.__doc__.split())
+
+
+@pytest.mark.slow
+def test_the_exported_file_loads_in_a_fresh_environment_holding_only_what_the_docs_name(trained_workdir, tmp_path):
+    """`pip install jax numpy flatbuffers` (at this environment's versions) and nothing else: what
+    the docs tell a user who only wants to run the file."""
+    out = tmp_path / "nin.jax_exported"
+    result = subprocess.run([sys.executable, "-m", "nin_jax.export", f"--workdir={trained_workdir}", f"--out={out}"],
+                            capture_output=True, text=True, timeout=300, env=CPU_ENV, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = str(venv / "bin" / "python")
+    pins = [f"{name}=={importlib.metadata.version(name)}" for name in export.LOADING_NEEDS]
+    result = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", *pins],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    images = np.random.default_rng(0).integers(0, 256, (NUM_IMAGES, 28, 28, 1), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "loader.py").write_text(LOADER)
+    result = subprocess.run([python, str(tmp_path / "loader.py"), str(out), str(tmp_path / "images.npy"),
+                             str(tmp_path / "logits.npy"), str(tmp_path / "logits5.npy")],
+                            capture_output=True, text=True, timeout=120, env=CPU_ENV, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "cpu,cuda,tpu []"
+    config, variables = predict.restore_variables(str(trained_workdir))
+    expected = predict.predict_logits(config, variables, input_pipeline.Split(images, np.zeros(NUM_IMAGES, np.int32)),
+                                      config.batch_size)
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_export_refuses_what_it_cannot_do_in_one_line_and_writes_nothing(trained_workdir, tmp_path, capsys):

@@ -63,13 +63,13 @@ def deterministic(records: list[dict]) -> list[dict]:
 
 
 @contextlib.contextmanager
-def training_process(workdir, log_path, **changes):
-    """`fake_data_train.py` in a process of its own, with stdout and stderr in `log_path`; killed on
-    leaving the block if it is still running."""
+def training_process(workdir, log_path, env=(), **changes):
+    """`fake_data_train.py` in a process of its own, with stdout and stderr in `log_path` and `env`
+    added to its environment; killed on leaving the block if it is still running."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, HELPER, str(NUM_EXAMPLES), *flags(**changes), f"--workdir={workdir}"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(env)},
         )
     try:
         yield process
@@ -79,12 +79,12 @@ def training_process(workdir, log_path, **changes):
         process.wait()
 
 
-def wait_until(condition, process, log_path) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
+def wait_until(condition, process, log_path, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
     while not condition():
         with open(log_path) as log:
             assert process.poll() is None, f"training ended before the test could stop it:\n{log.read()}"
-        assert time.monotonic() < deadline, "training did not get there in time"
+        assert time.monotonic() < deadline, f"training did not get there in {timeout_s} s:\n{log_path.read_text()}"
         time.sleep(0.02)
 
 
@@ -163,6 +163,28 @@ def test_a_first_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path)
     assert "Traceback" not in log_path.read_text()
 
 
+def test_ctrl_c_answers_at_once_while_a_step_takes_10_s_and_a_second_one_stops_the_run_at_once(tmp_path):
+    """Steps after step 2 take 10 s on the device, as at 224 px on a CPU, while the loop waits inside
+    JAX for them: the first Ctrl-C still says within a second what will happen, and the second one
+    ends the process within two, saying which checkpoint is kept."""
+    workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with training_process(workdir, log_path, env={"SLOW_STEPS": "2:10"}, parallel="jit",
+                          checkpoint_every_steps=2) as process:
+        wait_until(lambda: 2 in saved_steps(workdir), process, log_path)  # then the loop waits for steps 3 and 4
+        process.send_signal(signal.SIGINT)
+        wait_until(lambda: "stopping after" in log_path.read_text(), process, log_path, timeout_s=1.0)
+        # Step 3 or 5: the loop waits inside the dispatch of step 3, or (where a dispatch returns at
+        # once) in the checkpoint of step 4, which waits for both slow steps.
+        assert re.fullmatch(r"fake_data_train.py: stopping after step [35] \(SIGINT\), then saving; press Ctrl-C "
+                            r"again to stop now without saving this step", log_path.read_text().splitlines()[-1])
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=2.0) == 130, log_path.read_text()
+    assert log_path.read_text().splitlines()[-1] == (
+        f"fake_data_train.py: stopped at once by a second SIGINT: the checkpoint of step 2 in "
+        f"{workdir / CHECKPOINT_DIR} is kept; run the same command to resume from it")
+    assert saved_steps(workdir) == [2]
+
+
 def test_sigterm_stops_like_a_first_ctrl_c_and_the_usual_handlers_come_back(fake_data, tmp_path):
     handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
     train_batches = input_pipeline.train_batches
@@ -219,8 +241,11 @@ def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_th
             pytest.raises(SystemExit) as exit_status:
         train.main([*flags(parallel="jit"), f"--workdir={tmp_path}"])
     assert exit_status.value.code == 128 + signal.SIGTERM
-    assert capsys.readouterr().err == (f"{os.path.basename(sys.argv[0])}: interrupted by SIGTERM; the same command "
-                                       f"resumes from the latest checkpoint, if any\n")
+    prog = os.path.basename(sys.argv[0])
+    assert capsys.readouterr().err == (
+        f"{prog}: stopping after step 4 (SIGTERM), then saving; send SIGTERM again to stop now without saving this step\n"
+        f"{prog}: stopped at once by a second SIGTERM: the checkpoint of step 3 in {tmp_path / CHECKPOINT_DIR} is "
+        f"kept; run the same command to resume from it\n")
     assert saved_steps(tmp_path) == [1, 2, 3]  # every step before the signals, each checkpointed whole
 
 

@@ -32,7 +32,7 @@ def test_train_and_evaluate_on_mock_data(mock_data, tmp_path, parallel):
     assert records[0]["devices"] == ("4 cpu devices" if parallel == "pmap" else "1 cpu device")
     logged = run_outputs.read_metrics(str(tmp_path))
     assert logged == records and REQUIRED_FIELDS <= set(logged[0])
-    assert lines[-1].startswith("epoch 2/2: loss ") and "examples/sec on" in lines[-1]
+    assert lines[-1].startswith("epoch 2/2: loss ") and "images/s on" in lines[-1]
 
 
 def run_cli(*args, **env):

@@ -1,6 +1,7 @@
 """What people coming from the book see: --summary, step lines, curves.png, TensorBoard events,
 the CPU estimate and the predict command, on tfds' mock data."""
 
+import io
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import cpu_estimate, predict, run_outputs, trainer
+from nin_jax import cpu_estimate, plots, predict, run_outputs, trainer
 from nin_jax.config import Config
 from nin_jax.errors import WorkdirError
 
@@ -62,19 +63,71 @@ def test_the_last_step_line_of_an_epoch_gives_the_epoch_lines_images_per_second(
     last_step_line = [line for line in lines if line.startswith("epoch 1/1 step 3/3:")][0]
     step_rate = float(re.search(r"([\d.]+) images/s so far$", last_step_line)[1])
     assert 0.8 < step_rate / records[0]["examples_per_sec"] < 1.25, (last_step_line, records[0])
+    assert re.fullmatch(r"epoch 1/1: loss .*, [\d.]+ images/s on 1 cpu device", lines[-1])
+
+    lines.clear()  # the same call again: one epoch, said in the singular
+    with mock_fashion_mnist(NUM_EXAMPLES):
+        trainer.train_and_evaluate(Config(resize=67, batch_size=8, num_epochs=1, parallel="jit", compile_cache="off"),
+                                   str(tmp_path), log=lines.append)
+    assert lines == [f"the run in {tmp_path} is finished: its checkpoint has 1 epoch (3 steps); raise --num_epochs "
+                     f"to train on"]
 
 
-def test_cpu_estimate_comes_before_training_and_leaves_it_unchanged(trained_run):
+def test_cpu_estimate_comes_from_the_first_steps_and_before_the_first_epoch_ends(trained_run):
     lines = trained_run["lines"]
-    (estimate,) = [i for i, line in enumerate(lines) if line.startswith("no accelerator")]
-    assert estimate < min(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
-    assert "2 epochs of 3 steps will take about" in lines[estimate] and cpu_estimate.QUICK_RUN in lines[estimate]
+    compiled = [i for i, line in enumerate(lines) if line.startswith("compiled the train and eval steps")]
+    first = [i for i, line in enumerate(lines) if line.startswith("no accelerator")]
+    refined = [i for i, line in enumerate(lines) if line.startswith("steps 2 to 3")]
+    assert len(compiled) == len(first) == len(refined) == 1, lines
+    assert compiled[0] < first[0] < refined[0] < min(i for i, line in enumerate(lines) if line.startswith("epoch 1/2"))
+    assert re.fullmatch(r"no accelerator: on this CPU the first training step at 67x67 took \d+\.\ds and an evaluation "
+                        r"step \d+\.\ds, so 2 epochs of 3 steps will take about \d+\.\d (seconds|minutes); for a quick "
+                        r"run try --resize 96 --num_epochs 2", lines[first[0]])
+    assert re.fullmatch(r"steps 2 to 3 took \d+\.\ds each: the 2 epochs will take about \d+\.\d (seconds|minutes)",
+                        lines[refined[0]])
     assert int(trained_run["state"].step) == CONFIG.num_epochs * 3
 
 
 def test_curves_png_is_written(trained_run):
     with Image.open(os.path.join(trained_run["workdir"], run_outputs.CURVES_FILE)) as image:
         assert image.format == "PNG" and image.width > 200 and image.height > 150
+
+
+@pytest.mark.parametrize("num_epochs, ticks", [(1, [1]), (3, [1, 2, 3])])
+def test_the_curves_epoch_axis_spans_exactly_the_runs_epochs(trained_run, num_epochs, ticks):
+    records = [{**trained_run["records"][0], "epoch": epoch} for epoch in range(1, num_epochs + 1)]
+    axes = plots.curves_figure(records, num_epochs).axes[0]
+    low, high = axes.get_xlim()
+    assert [tick for tick in axes.get_xticks() if low <= tick <= high] == ticks
+    assert low <= 1 and high >= num_epochs and high - low <= max(num_epochs - 1, 1)
+
+
+def on_screen(text: str) -> list[str]:
+    """The lines a terminal shows for `text`: a carriage return goes back to the line's start."""
+    lines = []
+    for written in text.split("\n"):
+        line = ""
+        for part in written.split("\r"):
+            line = part + line[len(part):]
+        lines.append(line.rstrip())
+    return lines
+
+
+def test_a_bar_left_by_an_exception_leaves_its_line_to_the_message_that_follows(monkeypatch):
+    """A stopped run's last line (`train.py: stopped by SIGINT after step 7: ...`) starts a line of
+    its own, not the end of the bar's."""
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with pytest.raises(KeyboardInterrupt), run_outputs.StepProgress("epoch 1/10", 1000, 10) as bar:
+        bar.update({"count": np.float32(10), "loss_sum": np.float32(23.0), "correct": np.float32(1)})
+        raise KeyboardInterrupt
+    assert "epoch 1/10" in terminal.getvalue()  # the bar was drawn
+    terminal.write("train.py: stopped by SIGINT after step 1\n")
+    assert on_screen(terminal.getvalue())[-2:] == ["train.py: stopped by SIGINT after step 1", ""]
 
 
 def logged_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
