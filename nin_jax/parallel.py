@@ -12,6 +12,7 @@ Batches are handed to the compiled steps as NumPy arrays: the call moves them to
 faster than a `jax.device_put` of its own would.
 """
 
+import concurrent.futures
 import time
 from typing import Any, Optional
 
@@ -74,11 +75,17 @@ class JitStrategy:
         return self._zero_carry
 
     def compile(self, state: steps.TrainState, batch: dict[str, np.ndarray]) -> float:
-        """Compiles both steps ahead of time for this state and batch layout; returns seconds."""
+        """Compiles both steps ahead of time for this state and batch layout; returns seconds. For an
+        accelerator the two compile at the same time: XLA compiles without holding Python's lock, and
+        much of a GPU compile waits on the device's autotuning. On a CPU they take turns: XLA's CPU
+        compiler already uses its cores, and side by side was slower (docs/performance.md)."""
         start = time.perf_counter()
         zero = self.zero_carry()
-        self._train = self._train.lower(state, zero, self._with_vote(self._lay_out(batch), False)).compile()
-        self._eval = self._eval.lower(state, zero["metrics"], self._lay_out(batch)).compile()
+        lowered = (self._train.lower(state, zero, self._with_vote(self._lay_out(batch), False)),
+                   self._eval.lower(state, zero["metrics"], self._lay_out(batch)))
+        workers = 1 if jax.default_backend() == "cpu" else len(lowered)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            self._train, self._eval = pool.map(lambda step: step.compile(), lowered)
         return time.perf_counter() - start
 
     def train_program(self) -> Optional[str]:

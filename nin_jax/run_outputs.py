@@ -18,8 +18,8 @@ the step lines of `log_every_steps` are written either way.
 
 import collections
 import dataclasses
+import importlib
 import json
-import math
 import os
 import secrets
 import socket
@@ -269,7 +269,11 @@ class EpochOutputs:
         self._lock = threading.Lock()
         self._records: list[dict[str, Any]] = []
         self._written = self._drawn = 0  # epochs sent to TensorBoard, epochs on curves.png
-        self._last_drawn = -math.inf  # time.monotonic() of the last redraw
+        # The first redraw waits REDRAW_EVERY_SECONDS too: on a fast device the epochs of its first
+        # seconds run without a drawing beside them, and matplotlib is imported before training.
+        self._last_drawn = time.monotonic()
+        if workdir:
+            self._jobs.submit(importlib.import_module, "nin_jax.plots")
 
     def write(self, records: list[dict[str, Any]]) -> None:
         """Starts writing the epochs that the files lack; `records` holds every epoch so far."""
@@ -289,7 +293,7 @@ class EpochOutputs:
             self._written = len(records)
         due = final or time.monotonic() - self._last_drawn >= REDRAW_EVERY_SECONDS
         if due and self._drawn < len(records):
-            from nin_jax import plots  # matplotlib, imported once there is something to draw
+            from nin_jax import plots  # matplotlib, imported before training by __init__
 
             self._last_drawn = time.monotonic()
             plots.plot_curves(records, self._config.num_epochs, os.path.join(self._workdir, CURVES_FILE))
