@@ -10,6 +10,8 @@ Every field is also a flag of `train.py`, documented by the `help` text below. N
 import argparse
 import dataclasses
 import math
+import os
+import sys
 import typing
 from typing import Optional
 
@@ -205,8 +207,7 @@ class Config:
         if not 0 <= self.seed < 2**32:  # NumPy draws the data order from it
             raise ConfigError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
         for name in ("workdir", "data_dir", "manual_dir", "data_arrays", "compile_cache"):
-            if getattr(self, name) is not None and not getattr(self, name).strip():
-                raise ConfigError(f"--{name} is empty (an unset shell variable?); give a path, or leave the flag out")
+            check_path(name, getattr(self, name))
         if not 0 < self.learning_rate < math.inf:
             raise ConfigError(f"--learning_rate must be positive and finite, got {self.learning_rate}")
         from nin_jax.models import MIN_INPUT_SIZE
@@ -241,6 +242,26 @@ class Config:
         return self
 
 
+def check_path(flag: str, path: Optional[str], required: bool = False) -> None:
+    """Refuses a path flag that is empty (what an unset shell variable gives), or that is not UTF-8
+    text: under a C locale without Python's UTF-8 mode a non-ASCII path arrives as undecodable
+    bytes, which Python's own file functions take but orbax, tensorstore and TensorFlow do not, so
+    the run would train and then fail to save, or call a good checkpoint damaged."""
+    if path is None:
+        return
+    if not path.strip():
+        raise ConfigError(f"--{flag} is empty (an unset shell variable?); give a path"
+                          f"{'' if required else ', or leave the flag out'}")
+    absolute = os.path.abspath(path)
+    try:
+        absolute.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(absolute).decode("utf-8", "backslashreplace")
+        raise ConfigError(f"--{flag} {shown} is not UTF-8 text to this process (its file names are "
+                          f"{sys.getfilesystemencoding()}, from the locale), so orbax cannot save there; run under a "
+                          f"UTF-8 locale (LC_ALL=C.UTF-8) or with PYTHONUTF8=1, or use an ASCII path") from None
+
+
 _CHOICE_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if "choices" in field.metadata)
 # Options that earlier versions had and this one has not, with their off values: a run that had
 # them off is a run of this version (its config.json and checkpoints still name them).
@@ -260,6 +281,16 @@ class FlagParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def check_paths(self, values: typing.Mapping[str, Optional[str]], *flags: str) -> None:
+        """Ends with one line when one of the path `flags` has an empty or non-UTF-8 value
+        (`check_path`); `values` are the parsed flags, by name."""
+        required = {action.dest for action in self._actions if action.required}
+        for flag in flags:
+            try:
+                check_path(flag, values[flag], required=flag in required)
+            except ConfigError as error:
+                self.error(str(error))
 
 
 def _flag_type(field: dataclasses.Field):

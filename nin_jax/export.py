@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="the workdir of a training run (train.py --workdir)")
     parser.add_argument("--out", required=True, help="the file to write")
     args = parser.parse_args(argv)
+    parser.check_paths(vars(args), "workdir", "out")
     errors.quiet_library_logs()
     try:
         files.check_writable(args.out)  # before the checkpoint is read

@@ -14,6 +14,7 @@ def main(argv=None) -> None:
     parser.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory (default: tfds' own)")
     parser.add_argument("--manual_dir", default=None, help="folder holding the four Fashion-MNIST .gz files")
     args = parser.parse_args(argv)
+    parser.check_paths(vars(args), "out", "data_dir", "manual_dir")
     if not args.out.endswith(".npz"):
         parser.error(f"--out {args.out} must end in .npz (the file that --data_arrays then reads)")
     errors.quiet_library_logs()

@@ -565,6 +565,7 @@ def main(argv=None) -> int:
     from nin_jax.config import parse_flags
 
     config, flags = parse_flags(parser, argv)
+    parser.check_paths(flags, "json")
     if flags["list"]:
         print(format_targets())
         return 0

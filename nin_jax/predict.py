@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num_images", type=int, default=18,
                         help=f"test images shown in predictions.png, 1 to {MAX_IMAGES}")
     args = parser.parse_args(argv)
+    parser.check_paths(vars(args), "workdir", "data_dir", "manual_dir")
     if not 1 <= args.num_images <= MAX_IMAGES:
         parser.error(f"--num_images must be from 1 to {MAX_IMAGES}, got {args.num_images}")
     errors.quiet_library_logs()
