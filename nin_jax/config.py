@@ -64,6 +64,14 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# Bounds on the counts that size memory or time, checked before anything is allocated: a typo of
+# a few digits must end in one line, not in the kernel's out-of-memory killer.
+MAX_BATCH_SIZE = 2**16  # above the 60,000 training images: a larger batch is all padding
+MAX_RESIZE = 1024  # 28-pixel images; 224 is the book's, and activations grow with the square
+MAX_PROCESSES = 100_000  # the runtime's coordinator holds about 200 bytes per process before any arrives
+MAX_PEER_TIMEOUT_SECONDS = 24 * 3600
+
+
 # The groups of `python train.py --help`, in its order: each field says which one it is in.
 TRAINING = "the recipe and its training options"
 DATA = "data"
@@ -204,6 +212,15 @@ class Config:
         for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints", "peer_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(f"--batch_size must be from 1 to {MAX_BATCH_SIZE:,}, got {self.batch_size}")
+        if self.peer_timeout_seconds > MAX_PEER_TIMEOUT_SECONDS:
+            raise ConfigError(f"--peer_timeout_seconds must be from 1 to {MAX_PEER_TIMEOUT_SECONDS:,} (a day), "
+                              f"got {self.peer_timeout_seconds}")
+        if not 1 <= self.num_processes <= MAX_PROCESSES:
+            raise ConfigError(f"--num_processes must be from 1 to {MAX_PROCESSES:,}, got {self.num_processes}")
+        if self.coordinator_address is not None:
+            check_address("coordinator_address", self.coordinator_address)
         if not 0 <= self.seed < 2**32:  # NumPy draws the data order from it
             raise ConfigError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
         for name in ("workdir", "data_dir", "manual_dir", "data_arrays", "compile_cache"):
@@ -214,6 +231,9 @@ class Config:
 
         if self.resize < MIN_INPUT_SIZE:
             raise ConfigError(f"--resize must be at least {MIN_INPUT_SIZE} (NiN's pools need it), got {self.resize}")
+        if self.resize > MAX_RESIZE:
+            raise ConfigError(f"--resize must be from {MIN_INPUT_SIZE} (NiN's pools need it) to {MAX_RESIZE:,}, "
+                              f"got {self.resize}")
         for name in ("train_examples", "eval_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (all) or positive, got {getattr(self, name)}")
@@ -240,6 +260,17 @@ class Config:
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         return self
+
+
+def check_address(flag: str, address: str) -> None:
+    """Refuses an address that is not host:port, which JAX's runtime would take apart with an
+    IndexError, or try to bind and reach for minutes."""
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [fe80::1]:1234
+    if not colon or not host or not port.isdigit() or any(character.isspace() for character in address):
+        raise ConfigError(f"--{flag} {address} is not host:port (such as 10.0.0.1:1234 or [fe80::1]:1234)")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--{flag} {address}: the port must be from 1 to 65535")
 
 
 def check_path(flag: str, path: Optional[str], required: bool = False) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 from nin_jax import files
 from nin_jax.errors import ConfigError, OutputError
 
+MAX_GPUS_PER_HOST = 16  # NVIDIA's HGX and DGX hosts hold 8; a few machines 16
 GPU_PREALLOCATED = 0.75  # the share of a GPU's memory that JAX takes for its pool by default
 
 
@@ -571,8 +572,8 @@ def main(argv=None) -> int:
         return 0
     if not flags["target"]:
         parser.error("--target is required; --list names the targets")
-    if flags["devices"] < 1:
-        parser.error(f"--devices must be positive, got {flags['devices']}")
+    if not 1 <= flags["devices"] <= MAX_GPUS_PER_HOST:  # before the compiler allocates for each
+        parser.error(f"--devices must be from 1 to {MAX_GPUS_PER_HOST} (the GPUs of one host), got {flags['devices']}")
     if LOCAL in flags["target"] and len(flags["target"]) > 1:
         parser.error(f"--target {LOCAL} plans for the attached accelerator alone; plan other targets in another run")
     if flags["devices"] > 1 and any(name == LOCAL or TARGETS[name].platform != "gpu" for name in flags["target"]):
