@@ -94,7 +94,7 @@ class Config:
         "strong (see RECIPES in nin_jax/config.py)", choices=tuple(RECIPES),
     )
     num_epochs: int = _field(TRAINING, 10, "passes over the training set")
-    batch_size: int = _field(TRAINING, 128, "global batch size, split evenly over all devices", resume=True)
+    batch_size: int = _field(TRAINING, 128, "global batch size, split evenly over all devices; at most 65,536", resume=True)
     learning_rate: float = _field(
         TRAINING, 0.1, "SGD learning rate; with --lr_schedule cosine or onecycle, the peak", resume=True,
     )
@@ -122,7 +122,7 @@ class Config:
         TRAINING, "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier (the book's, which can stall)",
         choices=WEIGHT_INITS, resume=True,
     )
-    resize: int = _field(TRAINING, 224, "images are resized (bilinear) to resize x resize; at least 67", resume=True)
+    resize: int = _field(TRAINING, 224, "images are resized (bilinear) to resize x resize; 67 to 1,024", resume=True)
     dtype: str = _field(
         TRAINING, "float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES, resume=True,
     )
@@ -171,11 +171,11 @@ class Config:
     coordinator_address: Optional[str] = _field(
         DEVICES, None, "host:port of process 0, to start jax.distributed by hand with --num_processes and --process_id",
     )
-    num_processes: int = _field(DEVICES, 1, "with --coordinator_address: how many processes take part")
+    num_processes: int = _field(DEVICES, 1, "with --coordinator_address: how many processes take part, at most 100,000")
     process_id: int = _field(DEVICES, 0, "with --coordinator_address: this process's rank, 0 .. num_processes-1")
     peer_timeout_seconds: int = _field(
-        DEVICES, 60, "with several processes: a process not heard from for this long is taken for dead, and the others "
-        "stop with one line",
+        DEVICES, 60, "with several processes: a process not heard from for this long, at the start too, is taken for "
+        "dead, and the others stop with one line; at most 86,400 (a day)",
     )
 
     cpu_kernels: str = _field(
