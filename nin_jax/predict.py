@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import dataset, errors, input_pipeline, plots, run_outputs, steps
+from nin_jax import dataset, errors, files, input_pipeline, plots, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, WorkdirError
 from nin_jax.config import Config, FlagParser
 
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
         parser.error(f"--num_images must be from 1 to {MAX_IMAGES}, got {args.num_images}")
     errors.quiet_library_logs()
     try:
+        files.check_writable(os.path.join(args.workdir, PREDICTIONS_FILE))  # before the test set is predicted
         matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
     except (WorkdirError, errors.DataError, errors.OutputError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")

@@ -18,10 +18,12 @@ the step lines of `log_every_steps` are written either way.
 
 import collections
 import dataclasses
+import errno
 import json
 import math
 import os
 import socket
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -29,7 +31,7 @@ from typing import Any, Callable, Optional
 import jax
 import tqdm
 
-from nin_jax import background, distributed, files, input_pipeline, steps
+from nin_jax import background, distributed, files, input_pipeline, profiling, steps
 from nin_jax.config import REMOVED_OPTIONS, Config
 from nin_jax.errors import WorkdirError
 
@@ -110,6 +112,28 @@ def read_config(workdir: str) -> Config:
     except (OSError, ValueError, TypeError) as error:  # unreadable, not JSON, or fields this version lacks
         raise WorkdirError(f"cannot read the run's flags from {path} ({type(error).__name__}: {error}); "
                            f"it was not written by this version's train.py") from error
+
+
+def check_outputs(workdir: str, profile_steps: int) -> None:
+    """Raises WorkdirError now when process 0 could not write its files in the workdir during the
+    run (a folder where metrics.jsonl or curves.png goes, a file where the profile goes, a workdir
+    that takes no new file, where the TensorBoard events and each file's temporary twin go), as
+    `Checkpoints` does for its folder: before training, not after an epoch. With several
+    processes, all of them learn process 0's finding and stop together."""
+    refusal = ""
+    if distributed.is_main_process():
+        try:
+            for name in (METRICS_FILE, CONFIG_FILE, CURVES_FILE):
+                if os.path.isdir(os.path.join(workdir, name)):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.path.join(workdir, name))
+            if profile_steps:
+                os.makedirs(os.path.join(workdir, profiling.PROFILE_DIR), exist_ok=True)
+            tempfile.TemporaryFile(dir=workdir).close()
+        except OSError as error:
+            refusal = f"cannot write to --workdir {workdir}: {error.filename}: {error.strerror or error}"
+    refusal = distributed.from_process_0("outputs", refusal)
+    if refusal:
+        raise WorkdirError(refusal)
 
 
 # Progress within an epoch.

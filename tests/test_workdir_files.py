@@ -82,3 +82,52 @@ def test_the_same_workdir_under_a_utf8_locale_resumes(non_ascii_run):
     result = fake_run(*SMALL_JOB, "--num_epochs=2", f"--workdir={non_ascii_run}", env={"LC_ALL": "C.UTF-8"})
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().startswith("resuming from the checkpoint of step 2 ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Every place a run writes, checked before it trains.
+
+@pytest.mark.parametrize("name, make, flags, reason", [
+    ("profile", "file", ["--profile_steps=3"], "File exists"),
+    ("metrics.jsonl", "folder", [], "Is a directory"),
+    ("config.json", "folder", [], "Is a directory"),
+    ("curves.png", "folder", [], "Is a directory"),
+])
+def test_an_output_that_cannot_be_written_ends_the_run_before_training_in_one_line(tmp_path, name, make, flags, reason):
+    """As a file where W/checkpoints goes always did: `W/profile` as a file ended the run with two
+    JaxRuntimeError tracebacks after steps had trained, and nothing was saved."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / name).mkdir() if make == "folder" else (workdir / name).write_text("in the way")
+    result = fake_run(*SMALL_JOB, f"--workdir={workdir}", *flags)
+    assert result.returncode == 1, result.stderr.decode()
+    assert result.stderr.decode() == (f"fake_data_train.py: error: cannot write to --workdir {workdir}: "
+                                      f"{workdir / name}: {reason}\n")
+    assert result.stdout.decode() == ""  # nothing compiled, nothing trained
+    assert not [step for step in os.listdir(workdir / "checkpoints") if step.isdigit()]
+
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    result = fake_run(*SMALL_JOB, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr.decode()
+    return workdir
+
+
+def test_predict_checks_its_picture_can_be_written_before_it_predicts(finished_run, monkeypatch, capsys):
+    from nin_jax import predict
+
+    from conftest import fake_fashion_mnist
+
+    (finished_run / predict.PREDICTIONS_FILE).mkdir()
+    monkeypatch.setattr(predict, "predict_classes", lambda *args: pytest.fail("predicted before checking the picture"))
+    try:
+        with fake_fashion_mnist(NUM_EXAMPLES), pytest.raises(SystemExit) as end:
+            predict.main([f"--workdir={finished_run}"])
+    finally:
+        (finished_run / predict.PREDICTIONS_FILE).rmdir()
+    assert end.value.code == 1
+    assert capsys.readouterr().err == (f"python -m nin_jax.predict: error: cannot write "
+                                       f"{finished_run / predict.PREDICTIONS_FILE}: Is a directory\n")
