@@ -10,7 +10,9 @@ Every field is also a flag of `train.py`, documented by the `help` text below. N
 import argparse
 import dataclasses
 import math
+import numbers
 import os
+import reprlib
 import sys
 import typing
 from typing import Optional
@@ -207,6 +209,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Raises ConfigError for values that cannot work; returns self."""
+        _check_types(self)
         for name in _CHOICE_FIELDS:
             _check_choice(name, getattr(self, name))
         for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints", "peer_timeout_seconds"):
@@ -298,6 +301,19 @@ _CHOICE_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if "ch
 # them off is a run of this version (its config.json and checkpoints still name them).
 REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0, "test_time_flips": False}
 RESUME_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if field.metadata["resume"])
+
+
+def _check_types(config: Config) -> None:
+    """Refuses a field whose value is not of the field's type: a Config made from a file
+    (config.json, which anyone can edit) or by a Python caller, not from the flags."""
+    for field in dataclasses.fields(Config):
+        value, kind = getattr(config, field.name), _flag_type(field)
+        if value is None and typing.get_origin(typing.get_type_hints(Config)[field.name]) is typing.Union:
+            continue
+        wanted = {bool: (bool, "true or false"), int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"),
+                  str: (str, "a string")}[kind]
+        if not isinstance(value, wanted[0]) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"--{field.name} must be {wanted[1]}, got {reprlib.repr(value)}")
 
 
 def _check_choice(name: str, value: str) -> None:
