@@ -18,11 +18,15 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any
 
-from nin_jax import files
+if __name__ == "__main__":  # first: see nin_jax.commands
+    from nin_jax import commands
+
+    commands.begin()
+
+from nin_jax import commands, files, platforms
 from nin_jax.errors import ConfigError, OutputError
 
 MAX_GPUS_PER_HOST = 16  # NVIDIA's HGX and DGX hosts hold 8; a few machines 16
@@ -578,33 +582,37 @@ def main(argv=None) -> int:
         parser.error(f"--target {LOCAL} plans for the attached accelerator alone; plan other targets in another run")
     if flags["devices"] > 1 and any(name == LOCAL or TARGETS[name].platform != "gpu" for name in flags["target"]):
         parser.error("--devices is for listed GPU targets; a TPU target's topology, or the machine, fixes its devices")
-    try:
-        if flags["json"]:
-            files.check_writable(flags["json"])  # before minutes of compiling
-        if config.deterministic:
-            from nin_jax import kernels
+    with commands.stops_in_one_line(parser.prog):
+        try:
+            if flags["json"]:
+                files.check_writable(flags["json"])  # before minutes of compiling
+            if config.deterministic:
+                from nin_jax import kernels
 
-            kernels.make_deterministic()  # the GPU steps compile with the deterministic kernels
-        if flags["target"] != [LOCAL]:
-            prepare_jax()
-        plans, status = [], 0
-        for name in flags["target"]:
-            try:
-                result = plan(config, name, flags["devices"], flags["largest_batch"])
-            except ConfigError as error:  # a batch that does not split over the target's devices
-                parser.error(f"{name}: {error}")
-            plans.append(result)
-            print(format_plan(result), end="\n\n", flush=True)
-            if not result["compiled"] or not result["memory"]["fits"]:
-                status = 1
-        if flags["json"]:
-            files.write_text(flags["json"], json.dumps(plans, indent=2))
-    except (PlanError, OutputError) as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted\n")
+                kernels.make_deterministic()  # the GPU steps compile with the deterministic kernels
+            if flags["target"] != [LOCAL]:
+                prepare_jax()
+            else:
+                found_nothing = platforms.skip_absent_accelerators(parser.prog, say=False)
+                if found_nothing:
+                    raise PlanError(f"--target {LOCAL} plans for the GPU or TPU attached here, and {found_nothing} "
+                                    f"here; plan for a listed target instead (--list)")
+            plans, status = [], 0
+            for name in flags["target"]:
+                try:
+                    result = plan(config, name, flags["devices"], flags["largest_batch"])
+                except ConfigError as error:  # a batch that does not split over the target's devices
+                    parser.error(f"{name}: {error}")
+                plans.append(result)
+                print(format_plan(result), end="\n\n", flush=True)
+                if not result["compiled"] or not result["memory"]["fits"]:
+                    status = 1
+            if flags["json"]:
+                files.write_text(flags["json"], json.dumps(plans, indent=2))
+        except (PlanError, OutputError) as error:
+            parser.exit(1, f"{parser.prog}: error: {error}\n")
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    commands.run(main)
