@@ -133,7 +133,9 @@ class PlanError(RuntimeError):
 
 
 def prepare_jax() -> None:
-    """Keeps JAX on the CPU and XLA from timing GPU kernels it cannot run: before any backend starts."""
+    """Keeps JAX on the CPU, XLA from timing GPU kernels it cannot run, and JAX off the persistent
+    compilation cache (JAX_COMPILATION_CACHE_DIR), whose entries for a compile-only device it
+    cannot load back: before any backend starts."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # plans side by side: there is no TPU to share
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask about a TPU VM
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # nor a TPU VM's workers
@@ -143,6 +145,7 @@ def prepare_jax() -> None:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def gpu_target_config(target: Target) -> str:

@@ -230,3 +230,15 @@ def test_a_stop_signal_ends_a_command_with_one_line_and_its_status(trained, tmp_
     by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
     assert re.fullmatch(rf"{re.escape(prog(command))}: interrupted{by}(; .*)?\n", stderr), stderr
     assert sorted(os.listdir(tmp_path)) in ([], ["run"])  # the export neither written nor left as a temporary
+
+
+def test_plan_leaves_the_persistent_compilation_cache_alone(tmp_path):
+    """Found by tests/test_flag_draws.py: with JAX_COMPILATION_CACHE_DIR set, a second plan read the
+    entry the first had written for the compile-only GPU, could not load it, and printed JAX's
+    UserWarning ('PjRtCompiler must be constructed with a Client')."""
+    env = {**CPU_ENV, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-m", "nin_jax.plan", "--target=h100", "--resize=67", "--batch_size=8",
+                                 "--no-largest_batch"], capture_output=True, text=True, timeout=300, env=env,
+                                cwd=REPO_ROOT)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
