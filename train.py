@@ -9,11 +9,15 @@ Offline, point --manual_dir at the four Fashion-MNIST .gz files. `python train.p
 every flag with its default.
 """
 
-import argparse
-import os
-import signal
-import sys
+if __name__ == "__main__":  # first, before the imports below (seconds): see nin_jax.commands
+    from nin_jax import commands
 
+    commands.begin()
+
+import argparse
+import signal
+
+from nin_jax import commands, platforms
 from nin_jax.config import TRAINING, FlagParser, add_config_flags, parse_flags
 from nin_jax.errors import ConfigError, DataError, OutOfMemory, OutputError, WorkdirError, quiet_library_logs
 from nin_jax.stopping import Diverged, Interrupted, Terminated, signals_raise
@@ -49,6 +53,7 @@ def main(argv=None) -> int:
     quiet_library_logs()
     try:
         with signals_raise():  # from here on a SIGTERM or SIGHUP ends the run with a line, not in silence
+            platforms.skip_absent_accelerators(parser.prog)
             from nin_jax import compile_cache, kernels, trainer
 
             if config.deterministic:
@@ -63,27 +68,10 @@ def main(argv=None) -> int:
         parser.exit(stop.exit_code, f"{parser.prog}: {stop}\n")
     except (KeyboardInterrupt, Terminated) as stop:  # before training started, or a second signal
         signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
-        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
-        parser.exit(128 + signum, f"{parser.prog}: interrupted{by}; the same command resumes from the latest "
-                                  f"checkpoint, if any\n")
+        parser.exit(128 + signum, commands.interrupted_line(
+            parser.prog, signum, "the same command resumes from the latest checkpoint, if any"))
     return 0
 
 
-def exit_process(status) -> None:
-    """Ends the process with `status` once `main` has said what it must. A failed run of one
-    process has nothing left to do by then (its checkpoints are closed, its lock released), so it
-    exits at once: threads that a failed save left behind (orbax's) can neither wait nor print at
-    shutdown. With several processes the runtime's own shutdown still runs."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if status and ("jax" not in sys.modules or sys.modules["jax"].process_count() == 1):
-        os._exit(status if isinstance(status, int) else 1)
-    sys.exit(status)
-
-
 if __name__ == "__main__":
-    try:
-        status = main()
-    except SystemExit as end:
-        status = end.code
-    exit_process(status)
+    commands.run(main)

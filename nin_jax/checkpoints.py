@@ -138,12 +138,49 @@ def _step_folders(directory: str) -> list[int]:
 
 
 def _garbled_metadata(directory: str, step: int) -> bool:
-    """Whether the step's orbax metadata is JSON but not an object, which orbax cannot open."""
+    """Whether the step's orbax metadata is JSON that orbax cannot open: not an object, fields of
+    the wrong types, or nested past Python's stack."""
     try:
-        with open(os.path.join(directory, str(step), METADATA_FILE)) as f:
-            return not isinstance(json.load(f), dict)
+        with open(os.path.join(directory, str(step), METADATA_FILE), "rb") as f:
+            json.loads(f.read())
+    except RecursionError:
+        return True
     except (OSError, ValueError):  # missing or not JSON: orbax passes over such a file by itself
         return False
+    try:
+        ocp.metadata.get_step_metadata(os.path.join(directory, str(step)))
+    except Exception:  # orbax's own kinds, ValueError mostly
+        return True
+    return False
+
+
+# orbax's metadata files of a NiN checkpoint hold under 10 KB; one this large is not orbax's, and
+# is refused before orbax reads it whole into memory.
+MAX_METADATA_BYTES = 16 * 2**20
+
+
+def _oversized_file(folder: str) -> Optional[str]:
+    """A file larger than MAX_METADATA_BYTES directly in the step's folder or in one of its items'
+    folders (the metadata; the arrays' data lies further down), if any."""
+    folders = [folder] + [entry.path for entry in os.scandir(folder) if entry.is_dir()]
+    for entry in (entry for item in folders for entry in os.scandir(item)):
+        if entry.is_file() and entry.stat().st_size > MAX_METADATA_BYTES:
+            return entry.path
+    return None
+
+
+def _run_metadata_problem(run: Any) -> str:
+    """What is wrong with the run item that `Checkpoints._save` writes, or '' when nothing is."""
+    if not isinstance(run, dict):
+        return f"the run's record is a JSON {type(run).__name__}, not an object"
+    if not isinstance(run.get("config"), dict):
+        return "the run's record has no config"
+    if not isinstance(run.get("fingerprint"), str):
+        return "the run's record has no checksum"
+    seconds = run.get("epoch_seconds", 0.0)  # absent from checkpoints of earlier versions
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds < float("inf"):
+        return f"the run's record has epoch_seconds {seconds!r}"
+    return ""
 
 
 class Checkpoints:
@@ -156,9 +193,14 @@ class Checkpoints:
         self._record = _resume_record(config)
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=not read_only,
                                                read_only=read_only)
+        for step in _step_folders(self.directory) if os.path.isdir(self.directory) else ():
+            oversized = _oversized_file(os.path.join(self.directory, str(step)))
+            if oversized:
+                raise self._damaged(step, f"its files are incomplete or damaged ({os.path.basename(oversized)} is "
+                                          f"{os.path.getsize(oversized):,} bytes, not orbax's)")
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "run"))
-        except ValueError as error:  # orbax reads every checkpoint's metadata here, and fails on a garbled one
+        except (ValueError, RecursionError) as error:  # orbax reads every checkpoint's metadata here, and fails on a garbled one
             garbled = [step for step in _step_folders(self.directory) if _garbled_metadata(self.directory, step)]
             if not garbled:
                 raise
@@ -258,6 +300,9 @@ class Checkpoints:
 
     def _restore_step(self, step: int, initial_state: steps.TrainState) -> Snapshot:
         run = self._restore(step, run=ocp.args.JsonRestore())["run"]
+        problem = _run_metadata_problem(run)
+        if problem:
+            raise self._damaged(step, f"its files are incomplete or damaged ({problem})")
         self._check_compatible(step, run.get("config", {}))
         template = Snapshot.start(initial_state).saved_arrays()
         arrays = self._restore(step, arrays=ocp.args.StandardRestore(template))["arrays"]

@@ -10,6 +10,10 @@ Every field is also a flag of `train.py`, documented by the `help` text below. N
 import argparse
 import dataclasses
 import math
+import numbers
+import os
+import reprlib
+import sys
 import typing
 from typing import Optional
 
@@ -62,6 +66,14 @@ RECIPES: dict[str, dict] = {
 }
 
 
+# Bounds on the counts that size memory or time, checked before anything is allocated: a typo of
+# a few digits must end in one line, not in the kernel's out-of-memory killer.
+MAX_BATCH_SIZE = 2**16  # above the 60,000 training images: a larger batch is all padding
+MAX_RESIZE = 1024  # 28-pixel images; 224 is the book's, and activations grow with the square
+MAX_PROCESSES = 100_000  # the runtime's coordinator holds about 200 bytes per process before any arrives
+MAX_PEER_TIMEOUT_SECONDS = 24 * 3600
+
+
 # The groups of `python train.py --help`, in its order: each field says which one it is in.
 TRAINING = "the recipe and its training options"
 DATA = "data"
@@ -84,7 +96,7 @@ class Config:
         "strong (see RECIPES in nin_jax/config.py)", choices=tuple(RECIPES),
     )
     num_epochs: int = _field(TRAINING, 10, "passes over the training set")
-    batch_size: int = _field(TRAINING, 128, "global batch size, split evenly over all devices", resume=True)
+    batch_size: int = _field(TRAINING, 128, "global batch size, split evenly over all devices; at most 65,536", resume=True)
     learning_rate: float = _field(
         TRAINING, 0.1, "SGD learning rate; with --lr_schedule cosine or onecycle, the peak", resume=True,
     )
@@ -112,7 +124,7 @@ class Config:
         TRAINING, "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier (the book's, which can stall)",
         choices=WEIGHT_INITS, resume=True,
     )
-    resize: int = _field(TRAINING, 224, "images are resized (bilinear) to resize x resize; at least 67", resume=True)
+    resize: int = _field(TRAINING, 224, "images are resized (bilinear) to resize x resize; 67 to 1,024", resume=True)
     dtype: str = _field(
         TRAINING, "float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES, resume=True,
     )
@@ -161,11 +173,11 @@ class Config:
     coordinator_address: Optional[str] = _field(
         DEVICES, None, "host:port of process 0, to start jax.distributed by hand with --num_processes and --process_id",
     )
-    num_processes: int = _field(DEVICES, 1, "with --coordinator_address: how many processes take part")
+    num_processes: int = _field(DEVICES, 1, "with --coordinator_address: how many processes take part, at most 100,000")
     process_id: int = _field(DEVICES, 0, "with --coordinator_address: this process's rank, 0 .. num_processes-1")
     peer_timeout_seconds: int = _field(
-        DEVICES, 60, "with several processes: a process not heard from for this long is taken for dead, and the others "
-        "stop with one line",
+        DEVICES, 60, "with several processes: a process not heard from for this long, at the start too, is taken for "
+        "dead, and the others stop with one line; at most 86,400 (a day)",
     )
 
     cpu_kernels: str = _field(
@@ -198,22 +210,34 @@ class Config:
 
     def validate(self) -> "Config":
         """Raises ConfigError for values that cannot work; returns self."""
+        _check_types(self)
         for name in _CHOICE_FIELDS:
             _check_choice(name, getattr(self, name))
         for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints", "peer_timeout_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise ConfigError(f"--batch_size must be from 1 to {MAX_BATCH_SIZE:,}, got {self.batch_size}")
+        if self.peer_timeout_seconds > MAX_PEER_TIMEOUT_SECONDS:
+            raise ConfigError(f"--peer_timeout_seconds must be from 1 to {MAX_PEER_TIMEOUT_SECONDS:,} (a day), "
+                              f"got {self.peer_timeout_seconds}")
+        if not 1 <= self.num_processes <= MAX_PROCESSES:
+            raise ConfigError(f"--num_processes must be from 1 to {MAX_PROCESSES:,}, got {self.num_processes}")
+        if self.coordinator_address is not None:
+            check_address("coordinator_address", self.coordinator_address)
         if not 0 <= self.seed < 2**32:  # NumPy draws the data order from it
             raise ConfigError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
         for name in ("workdir", "data_dir", "manual_dir", "data_arrays", "compile_cache"):
-            if getattr(self, name) is not None and not getattr(self, name).strip():
-                raise ConfigError(f"--{name} is empty (an unset shell variable?); give a path, or leave the flag out")
+            check_path(name, getattr(self, name))
         if not 0 < self.learning_rate < math.inf:
             raise ConfigError(f"--learning_rate must be positive and finite, got {self.learning_rate}")
         from nin_jax.models import MIN_INPUT_SIZE
 
         if self.resize < MIN_INPUT_SIZE:
             raise ConfigError(f"--resize must be at least {MIN_INPUT_SIZE} (NiN's pools need it), got {self.resize}")
+        if self.resize > MAX_RESIZE:
+            raise ConfigError(f"--resize must be from {MIN_INPUT_SIZE} (NiN's pools need it) to {MAX_RESIZE:,}, "
+                              f"got {self.resize}")
         for name in ("train_examples", "eval_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be 0 (all) or positive, got {getattr(self, name)}")
@@ -242,11 +266,55 @@ class Config:
         return self
 
 
+def check_address(flag: str, address: str) -> None:
+    """Refuses an address that is not host:port, which JAX's runtime would take apart with an
+    IndexError, or try to bind and reach for minutes."""
+    host, colon, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [fe80::1]:1234
+    if not colon or not host or not port.isdigit() or any(character.isspace() for character in address):
+        raise ConfigError(f"--{flag} {address} is not host:port (such as 10.0.0.1:1234 or [fe80::1]:1234)")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(f"--{flag} {address}: the port must be from 1 to 65535")
+
+
+def check_path(flag: str, path: Optional[str], required: bool = False) -> None:
+    """Refuses a path flag that is empty (what an unset shell variable gives), or that is not UTF-8
+    text: under a C locale without Python's UTF-8 mode a non-ASCII path arrives as undecodable
+    bytes, which Python's own file functions take but orbax, tensorstore and TensorFlow do not, so
+    the run would train and then fail to save, or call a good checkpoint damaged."""
+    if path is None:
+        return
+    if not path.strip():
+        raise ConfigError(f"--{flag} is empty (an unset shell variable?); give a path"
+                          f"{'' if required else ', or leave the flag out'}")
+    absolute = os.path.abspath(path)
+    try:
+        absolute.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(absolute).decode("utf-8", "backslashreplace")
+        raise ConfigError(f"--{flag} {shown} is not UTF-8 text to this process (its file names are "
+                          f"{sys.getfilesystemencoding()}, from the locale), so orbax cannot save there; run under a "
+                          f"UTF-8 locale (LC_ALL=C.UTF-8) or with PYTHONUTF8=1, or use an ASCII path") from None
+
+
 _CHOICE_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if "choices" in field.metadata)
 # Options that earlier versions had and this one has not, with their off values: a run that had
 # them off is a run of this version (its config.json and checkpoints still name them).
 REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0, "test_time_flips": False}
 RESUME_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if field.metadata["resume"])
+
+
+def _check_types(config: Config) -> None:
+    """Refuses a field whose value is not of the field's type: a Config made from a file
+    (config.json, which anyone can edit) or by a Python caller, not from the flags."""
+    for field in dataclasses.fields(Config):
+        value, kind = getattr(config, field.name), _flag_type(field)
+        if value is None and typing.get_origin(typing.get_type_hints(Config)[field.name]) is typing.Union:
+            continue
+        wanted = {bool: (bool, "true or false"), int: (numbers.Integral, "an integer"), float: (numbers.Real, "a number"),
+                  str: (str, "a string")}[kind]
+        if not isinstance(value, wanted[0]) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"--{field.name} must be {wanted[1]}, got {reprlib.repr(value)}")
 
 
 def _check_choice(name: str, value: str) -> None:
@@ -261,6 +329,16 @@ class FlagParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def check_paths(self, values: typing.Mapping[str, Optional[str]], *flags: str) -> None:
+        """Ends with one line when one of the path `flags` has an empty or non-UTF-8 value
+        (`check_path`); `values` are the parsed flags, by name."""
+        required = {action.dest for action in self._actions if action.required}
+        for flag in flags:
+            try:
+                check_path(flag, values[flag], required=flag in required)
+            except ConfigError as error:
+                self.error(str(error))
 
 
 def _flag_type(field: dataclasses.Field):

@@ -16,15 +16,19 @@ CUDA GPUs and TPUs; a JAX at least as new as the one that wrote it loads it. To 
     logits = classify.call(images)  # images: np.uint8 [B, 28, 28, 1]; np.argmax(logits, -1) is the class
 """
 
+if __name__ == "__main__":  # first, before the imports below (seconds): see nin_jax.commands
+    from nin_jax import commands
+
+    commands.begin()
+
 import dataclasses
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
 from jax import export as jax_export  # a submodule that older JAX does not import with `jax`
 
-from nin_jax import errors, files, input_pipeline, predict
+from nin_jax import commands, errors, files, input_pipeline, platforms, predict
 from nin_jax.config import Config, FlagParser
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -59,14 +63,15 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="the workdir of a training run (train.py --workdir)")
     parser.add_argument("--out", required=True, help="the file to write")
     args = parser.parse_args(argv)
+    parser.check_paths(vars(args), "workdir", "out")
     errors.quiet_library_logs()
-    try:
-        files.check_writable(args.out)  # before the checkpoint is read
-        exported = export_workdir(args.workdir, args.out)
-    except (errors.WorkdirError, errors.OutputError) as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; {args.out} is as it was\n")
+    with commands.stops_in_one_line(parser.prog, f"{args.out} is as it was"):
+        platforms.skip_absent_accelerators(parser.prog)
+        try:
+            files.check_writable(args.out)  # before the checkpoint is read
+            exported = export_workdir(args.workdir, args.out)
+        except (errors.WorkdirError, errors.OutputError) as error:
+            parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(f"wrote {args.out}: uint8 images [B, {', '.join(map(str, input_pipeline.IMAGE_SHAPE))}] in, "
           f"float32 logits [B, {input_pipeline.NUM_CLASSES}] out, for {', '.join(exported.platforms)}; classes "
           f"0 to 9: {', '.join(input_pipeline.CLASS_NAMES)}")
@@ -74,4 +79,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    commands.run(main)

@@ -61,6 +61,26 @@ def exit_for_lost_peer(what_happened: str) -> None:
     os._exit(EXIT_CODE)
 
 
+@contextlib.contextmanager
+def arrival_deadline(timeout_s: float, what_happened: str) -> Iterator[None]:
+    """Ends this process with the one line `what_happened` when the block (the runtime's start,
+    where every process waits for all the others) has not ended within `timeout_s`: the runtime
+    would wait out its own start timeout, then abort with a C++ stack trace."""
+    arrived = threading.Event()
+
+    def watch() -> None:
+        if not arrived.wait(timeout_s):
+            sys.stderr.write(f"{program_name()}: error: {what_happened}\n")
+            sys.stderr.flush()
+            os._exit(EXIT_CODE)
+
+    threading.Thread(target=watch, name="ArrivalDeadline", daemon=True).start()
+    try:
+        yield
+    finally:
+        arrived.set()
+
+
 def client():
     """The runtime's own client, whose key-value store the processes share."""
     return jax_distributed.global_state.client

@@ -18,13 +18,18 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any, Optional
 
-from nin_jax import files
+if __name__ == "__main__":  # first: see nin_jax.commands
+    from nin_jax import commands
+
+    commands.begin()
+
+from nin_jax import commands, files, platforms
 from nin_jax.errors import ConfigError, OutputError
 
+MAX_GPUS_PER_HOST = 16  # NVIDIA's HGX and DGX hosts hold 8; a few machines 16
 GPU_PREALLOCATED = 0.75  # the share of a GPU's memory that JAX takes for its pool by default
 
 
@@ -129,7 +134,9 @@ class PlanError(RuntimeError):
 
 
 def prepare_jax() -> None:
-    """Keeps JAX on the CPU and XLA from timing GPU kernels it cannot run: before any backend starts."""
+    """Keeps JAX on the CPU, XLA from timing GPU kernels it cannot run, and JAX off the persistent
+    compilation cache (JAX_COMPILATION_CACHE_DIR), whose entries for a compile-only device it
+    cannot load back: before any backend starts."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # plans side by side: there is no TPU to share
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask about a TPU VM
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # nor a TPU VM's workers
@@ -139,6 +146,7 @@ def prepare_jax() -> None:
     import jax
 
     jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def gpu_target_config(target: Target) -> str:
@@ -618,44 +626,49 @@ def main(argv=None) -> int:
     from nin_jax.config import parse_flags
 
     config, flags = parse_flags(parser, argv)
+    parser.check_paths(flags, "json")
     if flags["list"]:
         print(format_targets())
         return 0
     if not flags["target"]:
         parser.error("--target is required; --list names the targets")
-    if flags["devices"] < 1:
-        parser.error(f"--devices must be positive, got {flags['devices']}")
+    if not 1 <= flags["devices"] <= MAX_GPUS_PER_HOST:  # before the compiler allocates for each
+        parser.error(f"--devices must be from 1 to {MAX_GPUS_PER_HOST} (the GPUs of one host), got {flags['devices']}")
     if LOCAL in flags["target"] and len(flags["target"]) > 1:
         parser.error(f"--target {LOCAL} plans for the attached accelerator alone; plan other targets in another run")
     if flags["devices"] > 1 and any(name == LOCAL or TARGETS[name].platform != "gpu" for name in flags["target"]):
         parser.error("--devices is for listed GPU targets; a TPU target's topology, or the machine, fixes its devices")
-    try:
-        if flags["json"]:
-            files.check_writable(flags["json"])  # before minutes of compiling
-        if config.deterministic:
-            from nin_jax import kernels
+    with commands.stops_in_one_line(parser.prog):
+        try:
+            if flags["json"]:
+                files.check_writable(flags["json"])  # before minutes of compiling
+            if config.deterministic:
+                from nin_jax import kernels
 
-            kernels.make_deterministic()  # the GPU steps compile with the deterministic kernels
-        if flags["target"] != [LOCAL]:
-            prepare_jax()
-        plans, status = [], 0
-        for name in flags["target"]:
-            try:
-                result = plan(config, name, flags["devices"], flags["largest_batch"])
-            except ConfigError as error:  # a batch that does not split over the target's devices
-                parser.error(f"{name}: {error}")
-            plans.append(result)
-            print(format_plan(result), end="\n\n", flush=True)
-            if not result["compiled"] or not result["memory"]["fits"]:
-                status = 1
-        if flags["json"]:
-            files.write_text(flags["json"], json.dumps(plans, indent=2))
-    except (PlanError, OutputError) as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted\n")
+                kernels.make_deterministic()  # the GPU steps compile with the deterministic kernels
+            if flags["target"] != [LOCAL]:
+                prepare_jax()
+            else:
+                found_nothing = platforms.skip_absent_accelerators(parser.prog, say=False)
+                if found_nothing:
+                    raise PlanError(f"--target {LOCAL} plans for the GPU or TPU attached here, and {found_nothing} "
+                                    f"here; plan for a listed target instead (--list)")
+            plans, status = [], 0
+            for name in flags["target"]:
+                try:
+                    result = plan(config, name, flags["devices"], flags["largest_batch"])
+                except ConfigError as error:  # a batch that does not split over the target's devices
+                    parser.error(f"{name}: {error}")
+                plans.append(result)
+                print(format_plan(result), end="\n\n", flush=True)
+                if not result["compiled"] or not result["memory"]["fits"]:
+                    status = 1
+            if flags["json"]:
+                files.write_text(flags["json"], json.dumps(plans, indent=2))
+        except (PlanError, OutputError) as error:
+            parser.exit(1, f"{parser.prog}: error: {error}\n")
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    commands.run(main)

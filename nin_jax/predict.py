@@ -7,17 +7,21 @@ writes <workdir>/predictions.png (test images titled true class over predicted c
 in red) and prints the accuracy of each class and the confusion matrix.
 """
 
+if __name__ == "__main__":  # first, before the imports below (seconds): see nin_jax.commands
+    from nin_jax import commands
+
+    commands.begin()
+
 import argparse
 import dataclasses
 import os
-import sys
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import dataset, errors, input_pipeline, plots, run_outputs, steps
+from nin_jax import commands, dataset, errors, files, input_pipeline, platforms, plots, run_outputs, steps
 from nin_jax.checkpoints import Checkpoints, WorkdirError
 from nin_jax.config import Config, FlagParser
 
@@ -112,18 +116,21 @@ def main(argv=None) -> int:
     parser.add_argument("--num_images", type=int, default=18,
                         help=f"test images shown in predictions.png, 1 to {MAX_IMAGES}")
     args = parser.parse_args(argv)
+    parser.check_paths(vars(args), "workdir", "data_dir", "manual_dir")
     if not 1 <= args.num_images <= MAX_IMAGES:
         parser.error(f"--num_images must be from 1 to {MAX_IMAGES}, got {args.num_images}")
     errors.quiet_library_logs()
-    try:
-        matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
-    except (WorkdirError, errors.DataError, errors.OutputError) as error:
-        parser.exit(1, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted\n")
+    with commands.stops_in_one_line(parser.prog):
+        platforms.skip_absent_accelerators(parser.prog)
+        try:
+            files.check_writable(os.path.join(args.workdir, PREDICTIONS_FILE))  # before the test set is predicted
+            matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
+        except (WorkdirError, errors.DataError, errors.OutputError) as error:
+            parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(format_report(matrix))
     print(f"\nwrote {os.path.join(args.workdir, PREDICTIONS_FILE)}")
     return 0
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    commands.run(main)

@@ -18,11 +18,13 @@ the step lines of `log_every_steps` are written either way.
 
 import collections
 import dataclasses
+import errno
 import importlib
 import json
 import os
 import secrets
 import socket
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -30,9 +32,9 @@ from typing import Any, Callable, Optional
 import jax
 import tqdm
 
-from nin_jax import background, distributed, files, input_pipeline, steps
+from nin_jax import background, distributed, files, input_pipeline, profiling, steps
 from nin_jax.config import REMOVED_OPTIONS, Config
-from nin_jax.errors import WorkdirError
+from nin_jax.errors import ConfigError, WorkdirError
 
 # The per-epoch line, metrics.jsonl and config.json.
 
@@ -51,23 +53,43 @@ def epoch_line(record: dict[str, Any], num_epochs: int) -> str:
     )
 
 
+# Larger files are not this project's: refused in one line rather than read into memory.
+MAX_METRICS_BYTES = 64 * 2**20  # 150,000 epochs' records
+MAX_CONFIG_BYTES = 2**20  # config.json is about 1.5 KB
+
+
+def _is_epoch_record(record: Any) -> bool:
+    """Whether `record` is an epoch's line as far as its readers go: an epoch number from 1, and
+    every value that TensorBoard and the curves read, as a number."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return (isinstance(record, dict) and number(record.get("epoch")) and isinstance(record["epoch"], int)
+            and record["epoch"] >= 1 and all(number(record.get(key)) for key in SCALARS.values()))
+
+
 def _metric_lines(workdir: str, warn: Callable[[str], None] = lambda line: None) -> list[tuple[str, dict[str, Any]]]:
     """The lines of metrics.jsonl with their records. A line that is not a whole record (the torn
-    end of a write that a crash cut short, on a filesystem whose writes are not atomic) is left out,
-    and `warn` is told."""
+    end of a write that a crash cut short, on a filesystem whose writes are not atomic, or a line
+    edited by hand) is left out, and `warn` is told. The loop writes ASCII JSON, one object a line."""
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
+    size = os.path.getsize(path)
+    if size > MAX_METRICS_BYTES:
+        raise WorkdirError(f"{path} is {size:,} bytes, more than the records of {MAX_METRICS_BYTES // 440:,} epochs: "
+                           f"not written by train.py; move it away and run again")
     lines = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
             try:
+                line = raw.decode("ascii")
                 record = json.loads(line) if line.strip() else None
-            except ValueError:
+            except (ValueError, RecursionError):  # not ASCII, not JSON, or nested past Python's stack
                 record = {}
             if record is None:
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            if not _is_epoch_record(record):
                 warn(f"warning: {path} line {number} is not a whole epoch record; left out")
                 continue
             lines.append((line if line.endswith("\n") else line + "\n", record))
@@ -103,15 +125,49 @@ def write_config(workdir: Optional[str], config: Config) -> None:
 
 def read_config(workdir: str) -> Config:
     """The Config that <workdir>/config.json records; options of earlier versions are left out (the
-    checkpoint says whether the run had them on)."""
+    checkpoint says whether the run had them on). A file that is not what train.py writes (too
+    large, not a JSON object, fields of the wrong type or value) is refused in one line."""
     path = os.path.join(workdir, CONFIG_FILE)
+
+    def refused(reason: str) -> WorkdirError:
+        return WorkdirError(f"cannot read the run's flags from {path} ({reason}); it was not written by this "
+                            f"version's train.py")
+
     try:
-        with open(path) as f:
-            fields = json.load(f)
-        return Config(**{name: value for name, value in fields.items() if name not in REMOVED_OPTIONS})
-    except (OSError, ValueError, TypeError) as error:  # unreadable, not JSON, or fields this version lacks
-        raise WorkdirError(f"cannot read the run's flags from {path} ({type(error).__name__}: {error}); "
-                           f"it was not written by this version's train.py") from error
+        size = os.path.getsize(path)
+        if size > MAX_CONFIG_BYTES:
+            raise refused(f"it is {size:,} bytes, more than any config.json")
+        with open(path, "rb") as f:
+            fields = json.loads(f.read())
+        if not isinstance(fields, dict):
+            raise refused(f"it holds a JSON {type(fields).__name__}, not an object")
+        return Config(**{name: value for name, value in fields.items() if name not in REMOVED_OPTIONS}).validate()
+    except ConfigError as error:  # a field of the wrong type or value
+        raise refused(str(error)) from error
+    except (OSError, ValueError, TypeError, RecursionError) as error:  # unreadable, not JSON, fields this version lacks
+        raise refused(f"{type(error).__name__}: {error}") from error
+
+
+def check_outputs(workdir: str, profile_steps: int) -> None:
+    """Raises WorkdirError now when process 0 could not write its files in the workdir during the
+    run (a folder where metrics.jsonl or curves.png goes, a file where the profile goes, a workdir
+    that takes no new file, where the TensorBoard events and each file's temporary twin go), as
+    `Checkpoints` does for its folder: before training, not after an epoch. With several
+    processes, all of them learn process 0's finding and stop together."""
+    refusal = ""
+    if distributed.is_main_process():
+        try:
+            for name in (METRICS_FILE, CONFIG_FILE, CURVES_FILE):
+                if os.path.isdir(os.path.join(workdir, name)):
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.path.join(workdir, name))
+            if profile_steps:
+                os.makedirs(os.path.join(workdir, profiling.PROFILE_DIR), exist_ok=True)
+            tempfile.TemporaryFile(dir=workdir).close()
+        except OSError as error:
+            refusal = f"cannot write to --workdir {workdir}: {error.filename}: {error.strerror or error}"
+    refusal = distributed.from_process_0("outputs", refusal)
+    if refusal:
+        raise WorkdirError(refusal)
 
 
 # Progress within an epoch.

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
+from nin_jax.commands import STOP_SIGNALS
+
 
 # The exit status of a process that stopped because another process was asked to: sysexits.h's
 # EX_TEMPFAIL, "a temporary failure; the user is invited to retry".

@@ -53,6 +53,8 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
     strategy = parallel.create_strategy(config)  # refuses a batch that does not split over the devices
     with locks.workdir_lock(workdir) if workdir else contextlib.nullcontext():  # before anything is written there
         checkpoints = Checkpoints(workdir, config) if workdir else None
+        if workdir:
+            run_outputs.check_outputs(workdir, config.profile_steps)
         if not distributed.is_main_process():
             workdir, log = None, lambda line: None  # checkpoints are saved by every process, together
         try:

@@ -15,6 +15,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tree's nin_jax and train.py
 
+from nin_jax import commands  # noqa: E402
+
+commands.begin()  # as the commands do, before their imports
+
 import train  # noqa: E402
 from conftest import fake_fashion_mnist  # noqa: E402
 
@@ -56,9 +60,5 @@ if __name__ == "__main__":
         if sys.argv[2:3] == ["predict"]:
             from nin_jax import predict
 
-            sys.exit(predict.main(sys.argv[3:]))
-        try:
-            status = train.main(sys.argv[2:])
-        except SystemExit as end:
-            status = end.code
-    train.exit_process(status)
+            commands.run(lambda: predict.main(sys.argv[3:]))
+        commands.run(lambda: train.main(sys.argv[2:]))

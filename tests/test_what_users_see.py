@@ -253,14 +253,15 @@ def test_predict_refuses_a_grid_it_cannot_draw_before_reading_anything(tmp_path,
 
 
 def test_a_torn_last_line_of_metrics_jsonl_is_left_out_with_a_warning_and_the_rest_kept(tmp_path):
-    whole = [json.dumps({"epoch": epoch, "test_accuracy": 0.5}) + "\n" for epoch in (1, 2)]
+    scalars = {key: 0.5 for key in run_outputs.SCALARS.values()}
+    whole = [json.dumps({"epoch": epoch, **scalars}) + "\n" for epoch in (1, 2)]
     (tmp_path / run_outputs.METRICS_FILE).write_text("".join(whole) + '{"epoch": 3, "test_acc')
     warnings = []
     assert run_outputs.keep_epochs(str(tmp_path), 3, warnings.append) == [json.loads(line) for line in whole]
     assert warnings == [f"warning: {tmp_path / run_outputs.METRICS_FILE} line 3 is not a whole epoch record; left out"]
     assert (tmp_path / run_outputs.METRICS_FILE).read_text() == "".join(whole)
-    run_outputs.append_metrics(str(tmp_path), {"epoch": 3})
-    assert run_outputs.read_metrics(str(tmp_path))[-1] == {"epoch": 3}
+    run_outputs.append_metrics(str(tmp_path), {"epoch": 3, **scalars})
+    assert run_outputs.read_metrics(str(tmp_path))[-1] == {"epoch": 3, **scalars}
     assert sorted(os.listdir(tmp_path)) == [run_outputs.METRICS_FILE]  # no temporary left
 
 

@@ -1,0 +1,195 @@
+"""What every command (`train.py`, `python -m nin_jax.export`, ...) does at the edges of its
+process, so that neither a stop signal nor a closed terminal ends it with a traceback, a crash or a
+lost epoch:
+
+* `begin()`, first thing, before the command's imports (which take seconds): a stop signal until
+  the command's work starts ends the process at once with one line; a closed stdout, stderr or
+  stdin is reopened on /dev/null, so that no file the command opens takes its number; and a
+  stdout or stderr whose writes fail (a reader that quit, `| head -1`; a full disk, `> /dev/full`)
+  costs the command only what it prints there, said once in one line on stderr where it still works.
+* `stops_in_one_line(...)`: during the work of a command that has nothing to save, a stop signal
+  unwinds it (what it was writing is removed) and ends it with one line and status 128 + the
+  signal's number; train.py saves first, with `nin_jax.stopping`.
+* `run(main)`: the process ends with `main`'s status, without the interpreter's shutdown after a
+  failure, which can crash in the JAX runtime's threads.
+
+This module imports nothing of JAX's, so that `begin` comes before the imports it guards.
+"""
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Iterator, TextIO
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
+
+
+def program_name() -> str:
+    """The command as its parser names it: `train.py`, or `python -m nin_jax.export` for a module run with -m."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name}"
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
+def interrupted_line(prog: str, signum: int, note: str = "") -> str:
+    """What a command stopped by `signum` says, e.g. `train.py: interrupted by SIGTERM`."""
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    return f"{prog}: interrupted{by}{f'; {note}' if note else ''}\n"
+
+
+def begin() -> None:
+    """A command's first call, before its other imports."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # closed (`>&-`): the next file opened would get its number
+            _to_devnull(fd)
+    sys.stdout = _Forgiving(sys.stdout or open(1, "w", closefd=False), "stdout")
+    sys.stderr = _Forgiving(sys.stderr or open(2, "w", closefd=False), "stderr")
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _stop_at_once)
+
+
+def _to_devnull(fd: int) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
+
+
+def _stop_at_once(signum, frame) -> None:
+    """Before the work starts there is nothing to save or remove."""
+    sys.stderr.write(interrupted_line(program_name(), signum))
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+class _Forgiving:
+    """sys.stdout or sys.stderr, whose first failed write or flush (EPIPE, ENOSPC, EIO) points
+    its file descriptor at /dev/null, so that later writes, Python's own flush at exit and the
+    runtime's C++ output all go nowhere quietly, and says so on the other stream once."""
+
+    def __init__(self, stream: TextIO, name: str):
+        self._stream = stream
+        self._name = name
+        self._lock = threading.Lock()
+        self._failed = False
+
+    def write(self, text: str) -> int:
+        self._guard(self._stream.write, text)
+        if "\n" in text:  # line by line: a broken pipe shows at the line that met it, not at exit
+            self._guard(self._stream.flush)
+        return len(text)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def _guard(self, call: Callable, *args) -> None:
+        if self._failed:
+            return
+        try:
+            call(*args)
+        except (OSError, ValueError) as error:  # ValueError: the stream was closed
+            self._fail(error)
+
+    def _fail(self, error: Exception) -> None:
+        with self._lock:
+            if self._failed:
+                return
+            self._failed = True
+        with contextlib.suppress(OSError, ValueError):
+            _to_devnull(self._stream.fileno())
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()  # what was pending goes to /dev/null now
+        reason = getattr(error, "strerror", None) or str(error)
+        other = sys.stderr if self._name == "stdout" else None
+        if other is not None:
+            other.write(f"{program_name()}: warning: cannot write to {self._name} ({reason}); going on without it\n")
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, buffer, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def stops_in_one_line(prog: str, note: str = "") -> Iterator[None]:
+    """Within the block SIGINT raises KeyboardInterrupt and SIGTERM or SIGHUP `stopping.Terminated`,
+    so that what the block was writing is cleaned up; then the process ends with
+    `interrupted_line(prog, signum, note)` and status 128 + the signal's number. A signal whose exception
+    Python swallowed (one raised inside a garbage-collector callback is only reported) still ends
+    the command, once the block is done."""
+    from nin_jax.stopping import Terminated
+
+    caught: list[int] = []
+
+    def stop(signum, frame):
+        caught.append(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+    def unraisable(report, previous=sys.unraisablehook):
+        if not isinstance(report.exc_value, (KeyboardInterrupt, Terminated)):
+            previous(report)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        try:
+            yield
+        except (KeyboardInterrupt, Terminated):
+            _end(prog, caught[0] if caught else signal.SIGINT, note)
+        if caught:
+            _end(prog, caught[0])
+    finally:
+        sys.unraisablehook = hook
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _end(prog: str, signum: int, note: str = "") -> None:
+    sys.stderr.write(interrupted_line(prog, signum, note))
+    raise SystemExit(128 + signum)
+
+
+def run(main: Callable[[], int]) -> None:
+    """Runs a command's `main` as the process and ends it with main's status. Within `main`,
+    Ctrl-C raises KeyboardInterrupt again, as in plain Python, and SIGTERM and SIGHUP keep `begin`'s
+    answer until the command installs its own; once `main` is done, `begin`'s answer is back."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = main()
+    except SystemExit as end:
+        status = end.code
+    except KeyboardInterrupt:  # outside the blocks that answer it themselves
+        sys.stderr.write(interrupted_line(program_name(), signal.SIGINT))
+        status = 128 + signal.SIGINT
+    if in_main_thread:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _stop_at_once)
+    exit_process(status)
+
+
+def exit_process(status) -> None:
+    """Ends the process with `status` once the command has said what it must. A command of one
+    process has nothing left to do by then (its files are written and closed, its lock released),
+    so it exits at once: threads that a failed save left behind (orbax's) can neither wait nor
+    print at shutdown, the interpreter's shutdown after an interrupted compile can crash inside the
+    runtime, and a signal during that shutdown would end the process without a word. With several
+    processes the runtime's own shutdown still runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not _several_processes():
+        os._exit(status if isinstance(status, int) else 0 if status is None else 1)
+    sys.exit(status)
+
+
+def _several_processes() -> bool:
+    """Whether this process took part in `jax.distributed` (looked up, not imported)."""
+    distributed = sys.modules.get("jax._src.distributed")
+    return distributed is not None and getattr(distributed.global_state, "client", None) is not None
