@@ -20,7 +20,7 @@ import signal
 from nin_jax import commands, platforms
 from nin_jax.config import TRAINING, FlagParser, add_config_flags, parse_flags
 from nin_jax.errors import ConfigError, DataError, OutOfMemory, OutputError, WorkdirError, quiet_library_logs
-from nin_jax.stopping import Diverged, Interrupted, Terminated, signals_raise
+from nin_jax.stopping import Diverged, Interrupted, signals_raise
 
 # Errors whose message is all the user needs: printed as one line, without a traceback.
 USER_ERRORS = (DataError, WorkdirError, OutputError, OutOfMemory, Diverged)
@@ -66,8 +66,8 @@ def main(argv=None) -> int:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     except Interrupted as stop:
         parser.exit(stop.exit_code, f"{parser.prog}: {stop}\n")
-    except (KeyboardInterrupt, Terminated) as stop:  # before training started, or a second signal
-        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+    except (KeyboardInterrupt, commands.Terminated) as stop:  # before training started, or a second signal
+        signum = stop.signum if isinstance(stop, commands.Terminated) else signal.SIGINT
         parser.exit(128 + signum, commands.interrupted_line(
             parser.prog, signum, "the same command resumes from the latest checkpoint, if any"))
     return 0

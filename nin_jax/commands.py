@@ -26,6 +26,16 @@ from typing import Callable, Iterator, TextIO
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP where nothing watches for them (before training starts, a second one, a
+    command with nothing to save), raised like the KeyboardInterrupt of a SIGINT so that the
+    command can say so."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def program_name() -> str:
     """The command as its parser names it: `train.py`, or `python -m nin_jax.export` for a module run with -m."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -116,13 +126,11 @@ class _Forgiving:
 
 @contextlib.contextmanager
 def stops_in_one_line(prog: str, note: str = "") -> Iterator[None]:
-    """Within the block SIGINT raises KeyboardInterrupt and SIGTERM or SIGHUP `stopping.Terminated`,
+    """Within the block SIGINT raises KeyboardInterrupt and SIGTERM or SIGHUP `Terminated`,
     so that what the block was writing is cleaned up; then the process ends with
     `interrupted_line(prog, signum, note)` and status 128 + the signal's number. A signal whose exception
     Python swallowed (one raised inside a garbage-collector callback is only reported) still ends
     the command, once the block is done."""
-    from nin_jax.stopping import Terminated
-
     caught: list[int] = []
 
     def stop(signum, frame):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from nin_jax.commands import STOP_SIGNALS
+from nin_jax.commands import STOP_SIGNALS, Terminated
 
 
 # The exit status of a process that stopped because another process was asked to: sysexits.h's
@@ -71,15 +71,6 @@ def stopped_at_once(signum: int, kept: Optional[Callable[[], str]]) -> Interrupt
     (None: the run saves none)."""
     return Interrupted(f"stopped at once by a second {signal.Signals(signum).name}: "
                        f"{kept() if kept else 'nothing was saved (no --workdir)'}", 128 + signum)
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP where the loop does not watch for them (before training starts, or a
-    second one), raised like the KeyboardInterrupt of a SIGINT so that the entry point can say so."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 @contextlib.contextmanager
