@@ -134,13 +134,17 @@ def _pad_channels(x: jax.Array, channels: int) -> jax.Array:
     return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, channels - x.shape[-1]),))
 
 
-def _computed(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], out_channels: int, dtype: Any):
-    """The input, kernel [..., in, out] and bias in the compute dtype, the kernel and bias padded
-    with zeros to the channels computed: x's own, and `out_channels`."""
-    pads = ((0, 0),) * (kernel.ndim - 2) + ((0, x.shape[-1] - kernel.shape[-2]), (0, out_channels - kernel.shape[-1]))
-    kernel = jnp.pad(kernel, pads)
+def _parameters(layer: nn.Module, x: jax.Array, window: tuple[int, ...]):
+    """The kernel [*window, in, out] and bias of `layer` (a `Conv` or `Conv1x1`), created with the
+    layer's own channels, and returned with the input in the compute dtype, the kernel and bias
+    padded with zeros to the channels computed: x's own, and `compute_features`."""
+    shape = (*window, layer.in_features or x.shape[-1], layer.features)
+    kernel = layer.param("kernel", layer.kernel_init, shape, jnp.float32)
+    bias = layer.param("bias", layer.bias_init, (layer.features,), jnp.float32) if layer.use_bias else None
+    out_channels = layer.compute_features or layer.features
+    kernel = jnp.pad(kernel, ((0, 0),) * len(window) + ((0, x.shape[-1] - shape[-2]), (0, out_channels - shape[-1])))
     bias = None if bias is None else _pad_channels(bias, out_channels)
-    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=layer.dtype)
 
 
 def space_to_depth(x: jax.Array, block: int) -> jax.Array:
@@ -189,10 +193,7 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (self.kernel_size, self.kernel_size, self.in_features or x.shape[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-        x, kernel, bias = _computed(x, kernel, bias, self.compute_features or self.features, self.dtype)
+        x, kernel, bias = _parameters(self, x, (self.kernel_size, self.kernel_size))
         pads = ((self.padding, self.padding),) * 2
         if self.strides > 1:
             y = strided_conv_as_space_to_depth(jnp.pad(x, ((0, 0), *pads, (0, 0))), kernel, self.strides)
@@ -221,9 +222,7 @@ class Conv1x1(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (self.in_features or x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-        x, kernel, bias = _computed(x, kernel, bias, self.compute_features or self.features, self.dtype)
+        x, kernel, bias = _parameters(self, x, ())
         if self.as_dot:
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         else:

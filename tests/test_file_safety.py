@@ -42,22 +42,17 @@ def test_a_link_planted_at_the_workdir_lock_is_refused_and_its_target_kept(tmp_p
     assert precious.read_text() == PRECIOUS
 
 
-def test_a_hard_link_at_the_data_folder_lock_is_refused_and_its_target_kept(tmp_path, precious):
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_a_link_at_the_data_folder_lock_is_refused_and_its_target_kept(tmp_path, precious, link):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    os.link(precious, data_dir / "fashion_mnist.lock")
+    lock = data_dir / "fashion_mnist.lock"
+    if link == "hard":
+        os.link(precious, lock)
+    else:
+        lock.symlink_to(precious)
     with pytest.raises(DataError, match=f"^cannot write to --data_dir {data_dir} to build Fashion-MNIST there: "
-                                        f"{data_dir / 'fashion_mnist.lock'} is a link or not a plain file"):
-        with dataset._build_lock(str(data_dir)):
-            pass
-    assert precious.read_text() == PRECIOUS
-
-
-def test_a_symbolic_link_at_the_data_folder_lock_is_refused_and_its_target_kept(tmp_path, precious):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    (data_dir / "fashion_mnist.lock").symlink_to(precious)
-    with pytest.raises(DataError, match="fashion_mnist.lock is a link or not a plain file"):
+                                        f"{lock} is a link or not a plain file"):
         with dataset._build_lock(str(data_dir)):
             pass
     assert precious.read_text() == PRECIOUS
