@@ -21,7 +21,8 @@
 #   plan_check.json            the measured steps beside their plans
 #   profile.txt, profile.json  where the bf16 step's time goes at batch 128, by part of the network
 #   profile/                   its trace and the step's optimised program
-#   steps/lever_*.json         the other max-pool forms and the 1x1 convolutions as dots, bf16, batch 128
+#   steps/lever_*.json         the other max-pool forms, the 1x1 convolutions as dots and the ReLU before
+#                              the pool, bf16, batch 128
 #   pytorch_*.json             the book's PyTorch step and a tuned one on the same device, alternating
 #   steps/pmap_*.json          the step under --parallel pmap
 #   steps/deterministic_*.json the step with XLA's deterministic GPU kernels (train.py --deterministic)
@@ -182,6 +183,7 @@ fi
 step "lever_slices_conv" 30 bfloat16 "$FIRST_BATCH_SIZE" --max_pool slices --conv1x1 conv
 step "lever_reduce_window_conv" 30 bfloat16 "$FIRST_BATCH_SIZE" --max_pool reduce_window --conv1x1 conv
 step "lever_indexed_dot" 30 bfloat16 "$FIRST_BATCH_SIZE" --max_pool indexed --conv1x1 dot
+step "lever_relu_then_pool" 30 bfloat16 "$FIRST_BATCH_SIZE" --pool_order relu_then_pool
 
 if ! "$PYTHON" -c "import torch" 2> /dev/null; then
   skip "pytorch" "torch is not installed"

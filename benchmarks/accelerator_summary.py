@@ -49,7 +49,7 @@ def collect(folder: str) -> dict:
                                                              "eval_images_per_sec", "compile_seconds",
                                                              "device_peak_bytes")}
             steps[name].update({key: result["config"][key] for key in ("dtype", "batch_size", "resize", "max_pool",
-                                                                      "conv1x1")})
+                                                                      "conv1x1", "pool_order")})
     pytorch = {}
     for path in sorted(glob.glob(os.path.join(folder, "pytorch_*.json"))):
         payload = _read_json(path, {})
@@ -102,11 +102,11 @@ def format_summary(summary: dict, folder: str) -> str:
                      f"{_number(result['eval_images_per_sec'])} | {_number(plain.get('train_images_per_sec'))} | "
                      f"{_number(ratio, 2)} | {_number(result['compile_seconds'], 1)} | "
                      f"{_gib(result['device_peak_bytes'])}, {_gib(plain.get('device_peak_bytes'))} |")
-    lines += ["", "## Other forms of the step (train images/s)", "", "| step | max pool | 1x1 | dtype, batch | train | eval |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "## Other forms of the step (train images/s)", "",
+              "| step | max pool | 1x1 | pool order | dtype, batch | train | eval |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, result in steps.items():
         if name.startswith(("lever_", "pmap_", "deterministic_")):
-            lines.append(f"| {name} | {result['max_pool']} | {result['conv1x1']} | {result['dtype']}, "
+            lines.append(f"| {name} | {result['max_pool']} | {result['conv1x1']} | {result['pool_order']} | {result['dtype']}, "
                          f"{result['batch_size']} | {_number(result['train_images_per_sec'])} | "
                          f"{_number(result['eval_images_per_sec'])} |")
     lines += ["", "## PyTorch on the same device, alternating with nin_jax in one process", "",

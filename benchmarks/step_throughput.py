@@ -22,7 +22,8 @@ import time
 import jax
 
 from nin_jax import compile_cache, parallel, steps
-from nin_jax.config import CONV1X1_CHOICES, CPU_KERNELS, DTYPES, MAX_POOL_CHOICES, PARALLEL_MODES, Config
+from nin_jax.config import (CONV1X1_CHOICES, CPU_KERNELS, DTYPES, MAX_POOL_CHOICES, PARALLEL_MODES, POOL_ORDER_CHOICES,
+                            Config)
 
 import plain_flax
 from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
@@ -80,6 +81,8 @@ def main():
                         help="one or more of train.py's --max_pool (nin_jax/kernels.py)")
     parser.add_argument("--conv1x1", nargs="+", default=["auto"], choices=CONV1X1_CHOICES,
                         help="one or more of train.py's --conv1x1 (nin_jax/kernels.py)")
+    parser.add_argument("--pool_order", nargs="+", default=["auto"], choices=POOL_ORDER_CHOICES,
+                        help="one or more of train.py's --pool_order (nin_jax/kernels.py)")
     parser.add_argument("--parallel", default="auto", choices=PARALLEL_MODES)
     parser.add_argument("--model", default="nin_jax", choices=("nin_jax", "plain"),
                         help="nin_jax's steps, or a plain Flax NiN's train step (benchmarks/plain_flax.py)")
@@ -92,10 +95,11 @@ def main():
     print(f"{'resize':>6} {'batch':>5} {'dtype':>8} {'cpu kernels':>11} {'max pool':>13} {'1x1':>4} {'devices':>14} "
           f"{'compile s':>9} {'train img/s':>11} {'eval img/s':>10}")
     results = []
-    grid = itertools.product(args.dtype, args.batch_size, args.cpu_kernels, args.max_pool, args.conv1x1)
-    for dtype, batch_size, cpu_kernels, max_pool, conv1x1 in grid:
+    grid = itertools.product(args.dtype, args.batch_size, args.cpu_kernels, args.max_pool, args.conv1x1,
+                             args.pool_order)
+    for dtype, batch_size, cpu_kernels, max_pool, conv1x1, pool_order in grid:
         config = Config(resize=args.resize, batch_size=batch_size, dtype=dtype, parallel=args.parallel,
-                        cpu_kernels=cpu_kernels, max_pool=max_pool, conv1x1=conv1x1).validate()
+                        cpu_kernels=cpu_kernels, max_pool=max_pool, conv1x1=conv1x1, pool_order=pool_order).validate()
         start = time.perf_counter()
         result = (measure_plain if args.model == "plain" else measure)(config, args.steps, args.repeats, args.warmup)
         result["wall_seconds"] = time.perf_counter() - start

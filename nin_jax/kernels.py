@@ -8,12 +8,15 @@ Each lever changes how XLA computes the same function, never the function or the
     `reduce_window`, Flax's `nn.max_pool`;
   * `--conv1x1`: the 1x1 convolutions as a `dot` over channels or as a `conv`; the layer's
     kernel is the same (inputs, outputs) matrix either way, so checkpoints do not depend on it;
+  * `--pool_order`: each block's last ReLU before its max-pool, as the book has it, or after it,
+    on a quarter of the elements (ReLU and max-pool commute);
   * `--cpu_kernels` (`compiler_options` below): an option of XLA's CPU compiler only;
   * `--deterministic` (`make_deterministic` below): XLA's deterministic GPU kernels.
 
-`auto` is the measured choice on the CPU (`slices`, `dot`) and on GPUs (`indexed`, `conv`:
-benchmarks/accelerator.sh times every form), and XLA's plain ops on TPUs (`reduce_window`,
-`conv`), where nothing has been measured.
+`auto` is the measured choice on the CPU (`slices`, `dot`, `relu_then_pool`), the choice of fewest
+bytes in the program compiled for GPUs (`indexed`, `conv`, `pool_then_relu`: docs/performance.md;
+benchmarks/accelerator.sh times every form), and XLA's plain ops in the book's order on TPUs,
+where nothing has been measured.
 """
 
 import dataclasses
@@ -28,8 +31,9 @@ from jax import lax
 from nin_jax.errors import ConfigError
 
 # Where a lever was measured to help, `auto` turns it on; every other backend gets XLA's plain ops.
-_MEASURED = {"cpu": {"max_pool": "slices", "conv1x1": "dot"}, "gpu": {"max_pool": "indexed", "conv1x1": "conv"}}
-_PLAIN = {"max_pool": "reduce_window", "conv1x1": "conv"}
+_MEASURED = {"cpu": {"max_pool": "slices", "conv1x1": "dot", "pool_order": "relu_then_pool"},
+             "gpu": {"max_pool": "indexed", "conv1x1": "conv", "pool_order": "pool_then_relu"}}
+_PLAIN = {"max_pool": "reduce_window", "conv1x1": "conv", "pool_order": "relu_then_pool"}
 
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
@@ -52,7 +56,7 @@ def check_deterministic(config) -> None:
 
 
 def resolve(lever: str, choice: str, platform: Optional[str] = None) -> str:
-    """The concrete choice for `lever` ('max_pool' or 'conv1x1'): `choice` itself unless it is
+    """The concrete choice for `lever` ('max_pool', 'conv1x1' or 'pool_order'): `choice` itself unless it is
     'auto', which picks by the platform the steps compile for (default: JAX's default backend)."""
     if choice != "auto":
         return choice

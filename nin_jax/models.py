@@ -310,7 +310,8 @@ class NiN(nn.Module):
 
     Every layer's output is sown into the 'intermediates' collection as `<position>_<layer>`
     (e.g. `01_pool1`), so `layer_summary` can list the shapes in order without a second copy of
-    the architecture. Blocks 1 to 3 are sown before their last ReLU, which runs after the pool.
+    the architecture. With `pool_order` pool_then_relu, blocks 1 to 3 are sown before their last
+    ReLU, which runs after the pool.
     """
 
     num_classes: int = 10
@@ -321,6 +322,7 @@ class NiN(nn.Module):
     batch_norm: bool = False  # batch normalisation after every convolution: a variant, not the book's NiN
     max_pool: str = "auto"  # how the kernels compute the same function: see nin_jax/kernels.py
     conv1x1: str = "auto"
+    pool_order: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None,
@@ -330,18 +332,22 @@ class NiN(nn.Module):
         check_images(x, self.in_channels)
         init = INITS[self.weight_init]
 
+        relu_after_pool = kernels.resolve("pool_order", self.pool_order) == "pool_then_relu"
+
         def block(name, features, kernel_size, strides, padding, classes=False):
             # Under batch norm a zero class kernel would normalise to zero, where ReLU passes no gradient.
             special = classes and not self.batch_norm
             last_kernel, last_bias = (init.class_kernel, init.class_bias) if special else (init.kernel, nn.initializers.zeros)
-            # Every block but the class block is followed by a max-pool, which runs its last ReLU (`pool`).
+            # Every block but the class block is followed by a max-pool, which may run its last ReLU (`pool`).
             module = NiNBlock(features, kernel_size, strides, padding, self.dtype, init.kernel, last_kernel, last_bias,
-                              self.batch_norm, self.conv1x1, last_relu=classes, name=name)
+                              self.batch_norm, self.conv1x1, last_relu=classes or not relu_after_pool, name=name)
             return functools.partial(module, train=train, mask=mask, axis_name=axis_name)
 
         def pool(y):
-            """The book's max-pool after a block, and that block's last ReLU: the same values."""
-            return relu(max_pool(y, self.max_pool))
+            """The book's max-pool after a block, with that block's last ReLU after it where
+            `pool_order` says: the same values."""
+            y = max_pool(y, self.max_pool)
+            return relu(y) if relu_after_pool else y
 
         layers = (
             ("block1", block("block1", 96, 11, 4, 0)),

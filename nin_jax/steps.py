@@ -101,7 +101,7 @@ def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
 def create_model(config: Config) -> NiN:
     return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
                weight_init=config.weight_init, batch_norm=config.batch_norm, max_pool=config.max_pool,
-               conv1x1=config.conv1x1)
+               conv1x1=config.conv1x1, pool_order=config.pool_order)
 
 
 def create_train_state(config: Config, model: Optional[nn.Module] = None,

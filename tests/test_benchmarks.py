@@ -82,7 +82,7 @@ def test_accelerator_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_pa
     parts = {p["part"]: p for p in map(json.loads, (out / "parts.jsonl").read_text().splitlines())}
     torch = importlib.util.find_spec("torch") is not None  # optional: the test extra does not install it
     steps = [f"step {model}_{dtype}_8" for dtype in ("bfloat16", "float32") for model in ("nin_jax", "plain")]
-    levers = [f"step lever_{lever}" for lever in ("slices_conv", "reduce_window_conv", "indexed_dot")]
+    levers = [f"step lever_{lever}" for lever in ("slices_conv", "reduce_window_conv", "indexed_dot", "relu_then_pool")]
     pytorch_parts = ["pytorch_float32_8", "pytorch_bfloat16_8"] if torch else ["pytorch"]
     assert list(parts) == ["environment", "recipe_reference", "recipe_strong", "recipe_strong_again", *steps, "plan",
                            "profile", *levers, *pytorch_parts, "pmap step", "step deterministic_bfloat16_8",
@@ -104,6 +104,7 @@ def test_accelerator_script_runs_small_on_the_cpu_without_tensorflow_data(tmp_pa
     assert summary["recipes"]["recipe_strong_again"]["compile_seconds"] < summary["recipes"]["recipe_strong"]["compile_seconds"]
     assert set(summary["steps"]) == {"nin_jax_bfloat16_8", "nin_jax_float32_8", "plain_bfloat16_8", "plain_float32_8",
                                      "lever_slices_conv", "lever_reduce_window_conv", "lever_indexed_dot",
+                                     "lever_relu_then_pool",
                                      "pmap_bfloat16_8", "deterministic_bfloat16_8"}
     assert all(step["train_images_per_sec"] > 0 for step in summary["steps"].values())
     assert summary["steps"]["pmap_bfloat16_8"]["parallel"] == "pmap"

@@ -17,9 +17,12 @@ from test_steps import random_batch
 
 # Xavier's class layer is not zero, so every layer gets a gradient to compare.
 CONFIG = Config(resize=67, batch_size=4, weight_init="xavier", dropout_rate=0.0)
-# Every pool and 1x1 form with the CPU's tuned kernels, then XLA's plain ops with its default ones.
-COMBINATIONS = [*itertools.product(("slices", "indexed", "reduce_window"), ("dot", "conv"), ("tuned",)),
-                ("reduce_window", "conv", "default")]
+# Every pool and 1x1 form with the CPU's tuned kernels, the ReLU after the pool with the CPU's and
+# the GPU's forms, then XLA's plain ops with its default kernels.
+COMBINATIONS = [*itertools.product(("slices", "indexed", "reduce_window"), ("dot", "conv"), ("tuned",),
+                                   ("relu_then_pool",)),
+                ("slices", "dot", "tuned", "pool_then_relu"), ("indexed", "conv", "tuned", "pool_then_relu"),
+                ("reduce_window", "conv", "default", "relu_then_pool")]
 
 
 def loss_and_grads(config: Config, params, batch):
@@ -36,8 +39,8 @@ def loss_and_grads(config: Config, params, batch):
 
 def test_every_combination_has_the_same_parameters_loss_and_gradients():
     batch = random_batch(CONFIG.batch_size, CONFIG.batch_size)
-    configs = [dataclasses.replace(CONFIG, max_pool=pool, conv1x1=conv1x1, cpu_kernels=kernels)
-               for pool, conv1x1, kernels in COMBINATIONS]
+    configs = [dataclasses.replace(CONFIG, max_pool=pool, conv1x1=conv1x1, cpu_kernels=kernels, pool_order=order)
+               for pool, conv1x1, kernels, order in COMBINATIONS]
     params = [jax.device_get(steps.create_train_state(config).params) for config in configs]
     for other in params[1:]:  # checkpoints do not depend on the levers
         assert jax.tree_util.tree_structure(other) == jax.tree_util.tree_structure(params[0])
@@ -60,14 +63,16 @@ def primitive_counts(config: Config) -> dict[str, int]:
     return {name: text.count(f" {name}[") for name in ("conv_general_dilated", "dot_general", "reduce_window_max")}
 
 
-@pytest.mark.parametrize("backend, pool, conv1x1", [
-    ("cpu", "slices", "dot"), ("gpu", "indexed", "conv"), ("tpu", "reduce_window", "conv"),
+@pytest.mark.parametrize("backend, pool, conv1x1, order", [
+    ("cpu", "slices", "dot", "relu_then_pool"), ("gpu", "indexed", "conv", "pool_then_relu"),
+    ("tpu", "reduce_window", "conv", "relu_then_pool"),
 ])
-def test_auto_applies_the_levers_where_they_were_measured_and_plain_ops_elsewhere(backend, pool, conv1x1):
+def test_auto_applies_the_levers_where_they_were_measured_and_plain_ops_elsewhere(backend, pool, conv1x1, order):
     with mock.patch.object(kernels.jax, "default_backend", return_value=backend):
-        assert (kernels.resolve("max_pool", "auto"), kernels.resolve("conv1x1", "auto")) == (pool, conv1x1)
+        assert tuple(kernels.resolve(lever, "auto") for lever in ("max_pool", "conv1x1", "pool_order")) == (
+            pool, conv1x1, order)
         auto = primitive_counts(CONFIG)
-    assert auto == primitive_counts(dataclasses.replace(CONFIG, max_pool=pool, conv1x1=conv1x1))
+    assert auto == primitive_counts(dataclasses.replace(CONFIG, max_pool=pool, conv1x1=conv1x1, pool_order=order))
     # 4 blocks of one k x k and two 1x1 convolutions; 3 max-pools
     assert auto == {"conv_general_dilated": 4 if conv1x1 == "dot" else 12, "dot_general": 8 if conv1x1 == "dot" else 0,
                     "reduce_window_max": 3 if pool == "reduce_window" else 0}

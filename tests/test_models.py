@@ -151,13 +151,14 @@ def as_conv_variables(variables):
     }
 
 
-@pytest.mark.parametrize("max_pool, conv1x1, size, batch_norm", [
-    ("slices", "dot", 67, False),  # the CPU's levers, at the smallest size
-    ("indexed", "conv", 75, False),  # sizes that are not multiples of the stem's stride
-    ("reduce_window", "conv", 98, False),
-    ("indexed", "dot", 71, True),  # the strong recipe's batch norm
+@pytest.mark.parametrize("max_pool, conv1x1, pool_order, size, batch_norm", [
+    ("slices", "dot", "relu_then_pool", 67, False),  # the CPU's levers, at the smallest size
+    ("indexed", "conv", "pool_then_relu", 75, False),  # the GPU's; sizes not multiples of the stem's stride
+    ("reduce_window", "conv", "pool_then_relu", 98, False),
+    ("indexed", "dot", "pool_then_relu", 71, True),  # the strong recipe's batch norm
 ])
-def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool, conv1x1, size, batch_norm):
+def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool, conv1x1, pool_order, size,
+                                                                        batch_norm):
     """Same weights, same outputs and same gradients as plain nn.Conv layers, nn.relu and
     nn.max_pool in the book's order (tests/test_levers.py checks every lever in float32), on a
     padded batch: the stem as space-to-depth, the ReLUs after the pools and with their gradient
@@ -167,8 +168,8 @@ def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool,
     with jax.enable_x64(True):
         images = jax.random.uniform(jax.random.key(1), (5, size, size, 1), jnp.float64)
         mask = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0], jnp.float64)  # a last batch of 3, padded to 5
-        model = models.NiN(max_pool=max_pool, conv1x1=conv1x1, batch_norm=batch_norm, dropout_rate=0.0,
-                           dtype=jnp.float64)
+        model = models.NiN(max_pool=max_pool, conv1x1=conv1x1, pool_order=pool_order, batch_norm=batch_norm,
+                           dropout_rate=0.0, dtype=jnp.float64)
         variables = model.init(jax.random.key(0), images)
         keys = iter(jax.random.split(jax.random.key(2), 100))
         # Every parameter nonzero (the default class layer starts at zero), so every gradient path is live.
