@@ -1,10 +1,14 @@
-"""train.py on random flag values drawn from each flag's type: every draw ends with status 0, or with
-one line on stderr and a documented non-zero status (1: the run could not go on, 2: the flags were
-refused), never a traceback; a refused draw leaves its workdir as it was.
+"""Every command on random flag values drawn from each flag's type, in a random environment: every
+draw ends with status 0, or with one line on stderr and a documented non-zero status (1: the run
+could not go on, 2: the flags were refused), never a traceback; a refused draw leaves its folder as
+it was. Lines that say what a command went on without (a stdout that cannot be written) may come
+beside it.
 
-Each draw sets a few flags, chosen at random, on top of a small job, each to a value drawn from the
-values of its type below (valid ones, edge ones and wrong ones). The flags of several processes
-and hosts are left out: a draw that named a coordinator would wait for peers that never come.
+Each draw picks a command (train.py, export, predict, plan), an environment (a umask, a locale, a
+stdout that is a pipe, closed, full or broken), and a few of the command's flags, each set to a
+value drawn from the values of its type below (valid ones, edge ones and wrong ones), on top of a
+small job. The flags of several processes and hosts are left out: a draw that named a
+coordinator would wait for peers that never come.
 
     NIN_JAX_FLAG_DRAWS=200 python -m pytest -n 2 tests/test_flag_draws.py   # CI draws fewer
 """
@@ -12,6 +16,7 @@ and hosts are left out: a draw that named a coordinator would wait for peers tha
 import dataclasses
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import typing
@@ -36,9 +41,19 @@ SMALL_INTS = {"num_epochs": ("-1", "0", "1", "2"), "batch_size": ("-1", "0", "3"
               "eval_examples": ("-1", "0", "5"), "profile_steps": ("-1", "0", "1")}
 LEFT_OUT = {field.name for field in dataclasses.fields(Config) if field.metadata["group"] == DEVICES} - {"parallel"}
 
+COMMANDS = ("train", "export", "predict", "plan")
+UMASKS = (0o022, 0o077, 0o027)
+LOCALES = ({"LC_ALL": "C.UTF-8"}, {"LC_ALL": "C", "PYTHONUTF8": "0"}, {"LC_ALL": "C"})
+STDOUTS = ("pipe", "closed", "full", "broken")
+
+
+def paths(tmp: str) -> tuple[str, ...]:
+    return ("", " ", f"{tmp}/new", f"{tmp}/a_file", f"{tmp}/a_folder", f"{tmp}/a_file/below",
+            f"{tmp}/neu-\N{LATIN SMALL LETTER U WITH DIAERESIS}")
+
 
 def values_of(field: dataclasses.Field, tmp: str) -> tuple[str, ...]:
-    """The values a draw may give `--name`; for a bool, the flag's two forms are drawn instead."""
+    """The values a draw may give `--name` of train.py; for a bool, the flag's two forms are drawn instead."""
     hint = typing.get_type_hints(Config)[field.name]
     kind = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
     if field.name in SMALL_INTS:
@@ -51,21 +66,51 @@ def values_of(field: dataclasses.Field, tmp: str) -> tuple[str, ...]:
         return FLOATS
     if field.name == "data_arrays":
         return ("", " ", f"{tmp}/missing.npz", f"{tmp}/a_file", f"{tmp}/a_folder")
-    return ("", " ", f"{tmp}/new", f"{tmp}/a_file", f"{tmp}/a_folder", f"{tmp}/a_file/below", "off")
+    return (*paths(tmp), "off")
 
 
-def draw_flags(seed: int, tmp: str) -> list[str]:
+def own_flags(command: str, tmp: str) -> dict[str, tuple[str, ...]]:
+    """The flags of the other commands, with their values (None: a bool flag, drawn in its two forms)."""
+    trained = f"{tmp}/trained"
+    return {"export": {"workdir": (*paths(tmp), trained), "out": (*paths(tmp), f"{tmp}/nin.jax_exported")},
+            "predict": {"workdir": (*paths(tmp), trained), "data_dir": paths(tmp), "manual_dir": paths(tmp),
+                        "num_images": (*INTS, "100", "101")},
+            "plan": {"target": ("h100", "l4", "local", "nope"), "devices": (*INTS, "16", "17"),
+                     "json": (*paths(tmp), f"{tmp}/plan.json"), "largest_batch": None}}.get(command, {})
+
+
+def draw(seed: int, tmp: str) -> tuple[str, dict, list[str]]:
+    """The draw's command, environment (umask, locale, stdout) and flags."""
     rng = np.random.default_rng(seed)
-    fields = [field for field in dataclasses.fields(Config) if field.name not in LEFT_OUT]
+    command = COMMANDS[rng.integers(len(COMMANDS))]
+    environment = {"umask": UMASKS[rng.integers(len(UMASKS))], "locale": LOCALES[rng.integers(len(LOCALES))],
+                   "stdout": STDOUTS[rng.integers(len(STDOUTS))]}
+    choices = {name: values for name, values in own_flags(command, tmp).items()}
+    if command in ("train", "plan"):  # plan takes train.py's flags, to plan the run that train.py would make
+        bools = {name for name, hint in typing.get_type_hints(Config).items() if hint is bool}
+        choices.update({field.name: None if field.name in bools else values_of(field, tmp)
+                        for field in dataclasses.fields(Config) if field.name not in LEFT_OUT})
+    names = sorted(choices)
     flags = []
-    for index in rng.choice(len(fields), rng.integers(*FLAGS_PER_DRAW, endpoint=True), replace=False):
-        field = fields[index]
-        if typing.get_type_hints(Config)[field.name] is bool:
-            flags.append(f"--{'' if rng.integers(2) else 'no-'}{field.name}")
+    for index in rng.choice(len(names), min(len(names), rng.integers(*FLAGS_PER_DRAW, endpoint=True)), replace=False):
+        name, values = names[index], choices[names[index]]
+        if values is None:
+            flags.append(f"--{'' if rng.integers(2) else 'no-'}{name}")
         else:
-            values = values_of(field, tmp)
-            flags.append(f"--{field.name}={values[rng.integers(len(values))]}")
-    return flags
+            flags.append(f"--{name}={values[rng.integers(len(values))]}")
+    return command, environment, flags
+
+
+def command_line(command: str, tmp: str, flags: list[str]) -> tuple[list[str], str]:
+    """The process's arguments and the name its lines begin with."""
+    if command == "train":
+        return [os.path.join(REPO_ROOT, "tests", "fake_data_train.py"), "64", *SMALL_JOB, f"--workdir={tmp}/run",
+                *flags], "fake_data_train.py"
+    base = {"export": [f"--workdir={tmp}/trained", f"--out={tmp}/nin.jax_exported"],
+            "predict": [f"--workdir={tmp}/trained"],
+            "plan": ["--resize=67", "--batch_size=8", "--no-largest_batch",
+                     *([] if any(flag.startswith("--target=") for flag in flags) else ["--target=h100"])]}[command]
+    return ["-m", f"nin_jax.{command}", *base, *flags], f"python -m nin_jax.{command}"
 
 
 def tree_digest(folder) -> str:
@@ -82,24 +127,71 @@ def tree_digest(folder) -> str:
     return digest.hexdigest()
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished small run, trained from data arrays, which export and predict read."""
+    from nin_jax import data_arrays, input_pipeline
+
+    folder = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(0)
+    data_arrays.save({split: input_pipeline.Split(rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
+                                                  rng.integers(0, 10, 64).astype(np.int32))
+                      for split in input_pipeline.SPLITS}, str(folder / "fashion_mnist.npz"))
+    result = subprocess.run([sys.executable, "train.py", *SMALL_JOB, f"--data_arrays={folder / 'fashion_mnist.npz'}",
+                             f"--workdir={folder / 'run'}"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    return folder / "run"
+
+
+def run_in(environment: dict, arguments: list[str], cwd) -> subprocess.CompletedProcess:
+    """`python arguments` under the drawn umask, locale and stdout."""
+    closed = environment["stdout"] == "closed"
+
+    def prepare():
+        os.umask(environment["umask"])
+        if closed:
+            os.close(1)
+
+    read_end = write_end = None
+    if environment["stdout"] == "broken":  # a reader that has gone: every write meets EPIPE
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+    stdout = {"pipe": subprocess.PIPE, "closed": None, "full": open("/dev/full", "wb"),
+              "broken": write_end}[environment["stdout"]]
+    try:
+        return subprocess.run([sys.executable, *arguments], stdout=stdout, stderr=subprocess.PIPE, timeout=300, cwd=cwd,
+                              preexec_fn=prepare, env={**os.environ, **environment["locale"], "JAX_PLATFORMS": "cpu",
+                                                       "PYTHONUNBUFFERED": "1"})
+    finally:
+        if environment["stdout"] == "full":
+            stdout.close()
+        if write_end is not None:
+            os.close(write_end)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(DRAWS))
-def test_a_random_draw_of_flags_ends_in_status_0_or_one_line(tmp_path, seed):
+def test_a_random_draw_ends_in_status_0_or_one_line(tmp_path, seed, trained_run):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "a_folder").mkdir()
-    flags = draw_flags(seed, str(tmp_path))
+    command, environment, flags = draw(seed, str(tmp_path))
+    if command in ("export", "predict"):
+        shutil.copytree(trained_run, tmp_path / "trained")
+    arguments, prog = command_line(command, str(tmp_path), flags)
     before = tree_digest(tmp_path)
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "tests", "fake_data_train.py"), "64", *SMALL_JOB,
-         f"--workdir={tmp_path}/run", *flags],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"},
-    )
-    shown = f"flags {flags}: status {result.returncode}\n{result.stderr}"
+    result = run_in(environment, arguments, cwd=tmp_path if command == "train" else REPO_ROOT)
+    stderr = result.stderr.decode(errors="replace")
+    shown = f"{command} {flags} in {environment}: status {result.returncode}\n{stderr}"
     assert result.returncode in STATUSES, shown
-    assert "Traceback" not in result.stderr, shown
+    assert "Traceback" not in stderr, shown
+    lines = stderr.splitlines()
+    assert all(line.startswith(f"{prog}: ") for line in lines), shown
+    said = [line for line in lines if not line.startswith(f"{prog}: warning: cannot write to stdout")]
     if result.returncode:
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("fake_data_train.py: "), shown
+        planned_no = command == "plan" and result.returncode == 1 and not said  # a table that says the step fails
+        assert len(said) == 1 or planned_no, shown
+    else:
+        assert not said, shown
     if result.returncode == 2:
         assert tree_digest(tmp_path) == before, shown
