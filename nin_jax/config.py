@@ -372,7 +372,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict:
 def parse_flags(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, dict]:
     """The Config that the flags ask for (the --recipe's values as defaults, then the flags given,
     which win) and the parser's other flags; a config that cannot run ends with the parser's error."""
-    first_pass = FlagParser(add_help=False)  # so that --help shows the recipe's defaults
+    first_pass = FlagParser(prog=parser.prog, add_help=False)  # so that --help shows the recipe's defaults
     first_pass.add_argument("--recipe", choices=tuple(RECIPES), default="reference")
     parser.set_defaults(**RECIPES[first_pass.parse_known_args(argv)[0].recipe])
     flags = vars(parser.parse_args(argv))

@@ -249,3 +249,12 @@ def test_plan_leaves_the_persistent_compilation_cache_alone(tmp_path):
                                  "--no-largest_batch"], capture_output=True, text=True, timeout=300, env=env,
                                 cwd=REPO_ROOT)
         assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_plan_names_itself_when_it_refuses_a_recipe(capsys):
+    """Found by tests/test_flag_draws.py: the recipe, read before the other flags, was refused as
+    `plan.py: error: ...`."""
+    with pytest.raises(SystemExit) as end:
+        plan.main(["--target", "h100", "--recipe", ""])
+    assert end.value.code == 2
+    assert capsys.readouterr().err.startswith("python -m nin_jax.plan: error: argument --recipe: invalid choice: ''")
