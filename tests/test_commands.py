@@ -44,7 +44,7 @@ def test_an_empty_path_is_refused_in_one_line_before_anything_is_read(command, a
 
 NUM_EXAMPLES = 64
 SMALL_JOB = ["--resize=67", "--batch_size=8", "--num_epochs=2", "--train_examples=16", "--eval_examples=8",
-             "--parallel=jit", "--compile_cache=off"]
+             "--parallel=jit"]  # the suite's compile cache (tests/conftest.py): each compile once
 CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 

@@ -311,7 +311,7 @@ def test_predict_reads_a_live_workdir_whose_run_deletes_old_checkpoints_and_neve
         while len(_committed_steps(workdir)) < 2:
             assert training.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        for _ in range(3):
+        for _ in range(2):
             result = fake_run("predict", f"--workdir={workdir}", timeout=120)
             assert result.returncode == 0, result.stderr
             assert "accuracy on 256 test images" in result.stdout

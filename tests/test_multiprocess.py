@@ -109,8 +109,11 @@ def wait_for_line(path, text: str, running) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["pmap", "sharding"])
-def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_resumes_exactly(tmp_path, parallel):
+def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_resumes_exactly(tmp_path):
+    """With sharding, the default. The stop's agreement is the same code under pmap; a pmap job of
+    two processes resuming is tests/test_faults.py's killed-process test, resuming exactly under
+    pmap tests/test_resume.py's."""
+    parallel = "sharding"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
     stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
     logs = {name: tmp_path / "logs" / name for name in ("stopped", "resumed", "uninterrupted")}

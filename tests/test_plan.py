@@ -44,6 +44,9 @@ def run_plan(*flags: str) -> list[dict]:
 
 
 def h100(*flags: str) -> dict:
+    """The plan for one H100, of the reference recipe unless FLAGS name one: equal plans, one compile."""
+    if "--recipe" not in flags:
+        flags = ("--recipe", "reference", *flags)
     (result,) = run_plan("--target", "h100", "--no-largest_batch", *flags)
     return result
 

@@ -177,7 +177,7 @@ def test_the_compiled_batch_norm_gradient_is_the_op_by_op_gradient():
         model = dataclasses.replace(steps.create_model(config), dtype=jnp.float64)
         state = steps.create_train_state(config, model)
         params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), state.params)
-        images = steps.preprocess(random_batch(16, 16)["image"], config.resize, jnp.float64)
+        images = steps.preprocess(random_batch(8, 8)["image"], config.resize, jnp.float64)
 
         def loss(params):
             logits, _ = model.apply({"params": params, "batch_stats": state.batch_stats}, images, train=True,
