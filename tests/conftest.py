@@ -72,6 +72,18 @@ def one_eval_step(strategy, state, batch):
     return strategy.eval_step(state, strategy.zero_totals(), batch)
 
 
+def float64():
+    """A context in which JAX computes in float64: `jax.enable_x64` from jax 0.8 on,
+    `jax.experimental.enable_x64` before (the oldest supported JAX, 0.7.2, has only that)."""
+    import jax
+
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64(True)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "accelerator: runs only where JAX finds a GPU or TPU (tests/test_accelerator.py)")
 

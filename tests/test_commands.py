@@ -124,7 +124,8 @@ def test_a_plugin_that_finds_no_device_is_one_line_and_the_command_runs_on_the_c
     if command == "plan_local":  # it plans for the accelerator attached here: there is none
         assert result.returncode == 1, result.stderr
         assert re.fullmatch(rf"python -m nin_jax.plan: error: --target local plans for the GPU or TPU attached here, "
-                            rf"and {found_nothing}; plan for a listed target instead \(--list\)\n", result.stderr)
+                            rf"and {found_nothing}; plan for a listed target instead \(--list\), or for this CPU with "
+                            rf"JAX_PLATFORMS=cpu\n", result.stderr)
         return
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(rf"{re.escape(prog(command))}: {found_nothing}; running on the CPU \(set JAX_PLATFORMS=cpu "

@@ -12,6 +12,8 @@ import pytest
 from benchmarks.plain_flax import PlainNiN
 from nin_jax import models
 
+from conftest import float64
+
 # The book's PyTorch printout on a 1x224x224 image (NCHW), transposed to NHWC.
 REFERENCE_SHAPES_224 = [
     ("block1", (1, 54, 54, 96)),
@@ -165,7 +167,7 @@ def test_the_fast_model_computes_the_straightforward_convolutional_nin(max_pool,
     from their outputs, the class block on 16 channels, each pool's gradient. In float64, where
     the two agree to 1e-15, so that rounding cannot hide a difference: in float32 batch norm over
     three examples magnifies the rounding of the two orders of summation to 1e-4."""
-    with jax.enable_x64(True):
+    with float64():
         images = jax.random.uniform(jax.random.key(1), (5, size, size, 1), jnp.float64)
         mask = jnp.array([1.0, 1.0, 1.0, 0.0, 0.0], jnp.float64)  # a last batch of 3, padded to 5
         model = models.NiN(max_pool=max_pool, conv1x1=conv1x1, pool_order=pool_order, batch_norm=batch_norm,

@@ -17,7 +17,7 @@ from nin_jax.config import RECIPES
 
 import train
 
-from conftest import one_eval_step, one_train_step
+from conftest import float64, one_eval_step, one_train_step
 from test_steps import random_batch
 
 STEPS_PER_EPOCH = 10
@@ -173,7 +173,7 @@ def test_the_compiled_batch_norm_gradient_is_the_op_by_op_gradient():
     batch norm over 16 examples magnified the two programs' rounding past this tolerance on jax
     0.12's CPU kernels."""
     config = Config(resize=67, batch_norm=True, dropout_rate=0.0)
-    with jax.enable_x64(True):
+    with float64():
         model = dataclasses.replace(steps.create_model(config), dtype=jnp.float64)
         state = steps.create_train_state(config, model)
         params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), state.params)
