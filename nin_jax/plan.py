@@ -652,7 +652,8 @@ def main(argv=None) -> int:
                 found_nothing = platforms.skip_absent_accelerators(parser.prog, say=False)
                 if found_nothing:
                     raise PlanError(f"--target {LOCAL} plans for the GPU or TPU attached here, and {found_nothing} "
-                                    f"here; plan for a listed target instead (--list), or for this CPU with JAX_PLATFORMS=cpu")
+                                    f"here; plan for a listed target instead (--list), or for this CPU with "
+                                    f"JAX_PLATFORMS=cpu")
             plans, status = [], 0
             for name in flags["target"]:
                 try:

@@ -73,8 +73,8 @@ def one_eval_step(strategy, state, batch):
 
 
 def float64():
-    """A context in which JAX computes in float64: `jax.enable_x64` from jax 0.8 on,
-    `jax.experimental.enable_x64` before (the oldest supported JAX, 0.7.2, has only that)."""
+    """A context in which JAX computes in float64: `jax.enable_x64` where JAX has it (0.10 and 0.12
+    do), `jax.experimental.enable_x64` where it does not (the oldest supported JAX, 0.7.2)."""
     import jax
 
     if hasattr(jax, "enable_x64"):
