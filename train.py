@@ -9,18 +9,18 @@ Offline, point --manual_dir at the four Fashion-MNIST .gz files. `python train.p
 every flag with its default.
 """
 
-if __name__ == "__main__":  # first, before the imports below (seconds): see nin_jax.commands
-    from nin_jax import commands
+if __name__ == "__main__":  # first, before the imports below (seconds): see nin_jax/runtime/commands.py
+    from nin_jax.runtime import commands
 
     commands.begin()
 
 import argparse
 import signal
 
-from nin_jax import commands, platforms
-from nin_jax.config import TRAINING, FlagParser, add_config_flags, parse_flags
-from nin_jax.errors import ConfigError, DataError, OutOfMemory, OutputError, WorkdirError, quiet_library_logs
-from nin_jax.stopping import Diverged, Interrupted, signals_raise
+from nin_jax.config import TRAINING, ConfigError, FlagParser, add_config_flags, parse_flags
+from nin_jax.run.stopping import Diverged, Interrupted, signals_raise
+from nin_jax.runtime import commands, platforms
+from nin_jax.runtime.errors import DataError, OutOfMemory, OutputError, WorkdirError, quiet_library_logs
 
 # Errors whose message is all the user needs: printed as one line, without a traceback.
 USER_ERRORS = (DataError, WorkdirError, OutputError, OutOfMemory, Diverged)
@@ -54,10 +54,12 @@ def main(argv=None) -> int:
     try:
         with signals_raise():  # from here on a SIGTERM or SIGHUP ends the run with a line, not in silence
             platforms.skip_absent_accelerators(parser.prog)
-            from nin_jax import compile_cache, kernels, trainer
+            from nin_jax import trainer
+            from nin_jax.ops import choices
+            from nin_jax.runtime import compile_cache
 
             if config.deterministic:
-                kernels.make_deterministic()  # before JAX's backend starts and reads XLA_FLAGS
+                choices.make_deterministic()  # before JAX's backend starts and reads XLA_FLAGS
             compile_cache.enable(config.compile_cache)  # before JAX compiles anything
             trainer.train_and_evaluate(config, config.workdir)
     except ConfigError as error:  # found once the devices are known, e.g. a batch that does not split over them

@@ -9,7 +9,8 @@ from typing import Callable
 import jax
 import numpy as np
 
-from nin_jax import input_pipeline, kernels
+from nin_jax import input_pipeline
+from nin_jax.ops import choices
 
 
 def random_batch(batch_size: int, seed: int = 0) -> input_pipeline.Batch:
@@ -39,7 +40,7 @@ def median(values: list[float]) -> float:
 
 def median_ms(fn: Callable, args: tuple, repeats: int, cpu_kernels: str = "tuned") -> float:
     """Median wall time of `jax.jit(fn)(*args)` in ms, compiled for `--cpu_kernels`, compilation excluded."""
-    fn = jax.jit(fn, compiler_options=kernels.compiler_options(cpu_kernels))
+    fn = jax.jit(fn, compiler_options=choices.compiler_options(cpu_kernels))
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):

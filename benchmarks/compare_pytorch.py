@@ -98,12 +98,14 @@ def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, 
     import jax
 
     from common import random_batch
-    from nin_jax import parallel, steps
+    from nin_jax import steps
     from nin_jax.config import Config
+    from nin_jax import trainer
+    from nin_jax.runtime import parallel
 
     config = Config(resize=resize, batch_size=batch_size, learning_rate=learning_rate, dtype=dtype, parallel="jit",
                     cpu_kernels=cpu_kernels)
-    strategy = parallel.JitStrategy(config)
+    strategy = parallel.create_strategy(config, trainer.loop_steps(config))
     batch = random_batch(batch_size)
     state = strategy.put_state(steps.create_train_state(config))
     strategy.compile(state, batch)
@@ -126,7 +128,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=tuple(TORCH_DEVICES),
                         help="where both run: the CPU, or the first NVIDIA GPU (JAX's gpu, torch's cuda)")
     parser.add_argument("--cpu_kernels", default="tuned", choices=CPU_KERNELS,
-                        help="nin_jax's --cpu_kernels (nin_jax/kernels.py)")
+                        help="nin_jax's --cpu_kernels (nin_jax/ops/choices.py)")
     parser.add_argument("--pytorch", nargs="+", default=["book"], choices=("book", "tuned", "compiled"),
                         help="one or more PyTorch steps to time beside nin_jax's (see above)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")

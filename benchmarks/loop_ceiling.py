@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax import dataset, input_pipeline, steps, trainer
+from nin_jax.data import dataset
+from nin_jax import input_pipeline, steps, trainer
 from nin_jax.config import PARALLEL_MODES, Config
 
 from common import write_json

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nin_jax.models import MaskedBatchNorm
+from nin_jax.ops.batch_norm import MaskedBatchNorm
 
 
 def pool(x):

@@ -1,10 +1,10 @@
-"""What NiN's three 3x3/2 max-pools cost in a training step, as `nn.max_pool` and as `kernels.max_pool`.
+"""What NiN's three 3x3/2 max-pools cost in a training step, as `nn.max_pool` and as `pooling.max_pool_slices`.
 
     python benchmarks/pool_levers.py --batch_size 32
 
 At the pool shapes of a 224 px image it times the forward pass and the forward + input gradient
 of `nn.max_pool` (XLA's reduce_window, whose gradient is select_and_scatter) and of
-`nin_jax.kernels.max_pool` (strided slices, a first-maximum gradient), and, with torch
+`nin_jax.ops.pooling.max_pool_slices` (strided slices, a first-maximum gradient), and, with torch
 installed, PyTorch's `MaxPool2d`. Each figure is the median of several timings, in ms; the
 outputs and gradients of the two JAX versions are checked against each other first.
 """
@@ -16,13 +16,13 @@ import jax
 import numpy as np
 
 from common import add_layer_timing_flags, median_ms, torch_module_ms, write_json
-from nin_jax import kernels
+from nin_jax.ops import pooling
 
 # name: (input size, channels) of the pools' inputs at 224 px.
 POOLS = {"pool1": (54, 96), "pool2": (26, 256), "pool3": (12, 384)}
 VARIANTS = {
     "nn.max_pool": lambda x: nn.max_pool(x, (3, 3), (2, 2), "VALID"),
-    "pooling": lambda x: kernels.max_pool(x, 3, 2),
+    "pooling": lambda x: pooling.max_pool_slices(x, 3, 2),
 }
 
 

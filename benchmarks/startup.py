@@ -32,8 +32,10 @@ def time_phases(args) -> dict:
     import jax
 
     import train  # noqa: F401  (the command line's imports)
-    from nin_jax import compile_cache, dataset, input_pipeline, parallel, steps, trainer  # noqa: F401
+    from nin_jax import input_pipeline, steps, trainer
     from nin_jax.config import Config
+    from nin_jax.data import dataset
+    from nin_jax.runtime import compile_cache, parallel
 
     seconds["import"] = time.perf_counter() - start
     compile_cache.enable(args.compile_cache)
@@ -47,7 +49,7 @@ def time_phases(args) -> dict:
         return result
 
     datasets = phase("data", lambda: dataset.load_datasets(config))
-    strategy = parallel.create_strategy(config)
+    strategy = parallel.create_strategy(config, trainer.loop_steps(config))
     state = phase("init", lambda: strategy.put_state(steps.create_train_state(config)))
     batch = next(input_pipeline.eval_batches(datasets["train"], config.batch_size))
     phase("compile", lambda: strategy.compile(state, batch))

@@ -21,16 +21,18 @@ import time
 
 import jax
 
-from nin_jax import compile_cache, parallel, steps
-from nin_jax.config import (CONV1X1_CHOICES, CPU_KERNELS, DTYPES, MAX_POOL_CHOICES, PARALLEL_MODES, POOL_ORDER_CHOICES,
-                            Config)
+from nin_jax import trainer
+from nin_jax.runtime import compile_cache, parallel
+from nin_jax import steps
+from nin_jax.config import CPU_KERNELS, DTYPES, PARALLEL_MODES, Config
+from nin_jax.ops.choices import CHOICES
 
 import plain_flax
 from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
 
 
 def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
-    strategy = parallel.create_strategy(config)
+    strategy = parallel.create_strategy(config, trainer.loop_steps(config))
     batch = random_batch(config.batch_size)
     state = strategy.put_state(steps.create_train_state(config))
     compile_seconds = strategy.compile(state, batch)
@@ -76,13 +78,13 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=DTYPES,
                         help="one or more compute dtypes")
     parser.add_argument("--cpu_kernels", nargs="+", default=["tuned"], choices=CPU_KERNELS,
-                        help="one or more of train.py's --cpu_kernels (nin_jax/kernels.py)")
-    parser.add_argument("--max_pool", nargs="+", default=["auto"], choices=MAX_POOL_CHOICES,
-                        help="one or more of train.py's --max_pool (nin_jax/kernels.py)")
-    parser.add_argument("--conv1x1", nargs="+", default=["auto"], choices=CONV1X1_CHOICES,
-                        help="one or more of train.py's --conv1x1 (nin_jax/kernels.py)")
-    parser.add_argument("--pool_order", nargs="+", default=["auto"], choices=POOL_ORDER_CHOICES,
-                        help="one or more of train.py's --pool_order (nin_jax/kernels.py)")
+                        help="one or more of train.py's --cpu_kernels (nin_jax/ops/choices.py)")
+    parser.add_argument("--max_pool", nargs="+", default=["auto"], choices=CHOICES["max_pool"],
+                        help="one or more of train.py's --max_pool (nin_jax/ops/choices.py)")
+    parser.add_argument("--conv1x1", nargs="+", default=["auto"], choices=CHOICES["conv1x1"],
+                        help="one or more of train.py's --conv1x1 (nin_jax/ops/choices.py)")
+    parser.add_argument("--pool_order", nargs="+", default=["auto"], choices=CHOICES["pool_order"],
+                        help="one or more of train.py's --pool_order (nin_jax/ops/choices.py)")
     parser.add_argument("--parallel", default="auto", choices=PARALLEL_MODES)
     parser.add_argument("--model", default="nin_jax", choices=("nin_jax", "plain"),
                         help="nin_jax's steps, or a plain Flax NiN's train step (benchmarks/plain_flax.py)")

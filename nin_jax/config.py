@@ -2,9 +2,9 @@
 
 The defaults are the book's recipe: SGD with learning rate 0.1, batch 128, 10 epochs,
 Fashion-MNIST resized to 224x224. Run it with `python train.py --workdir runs/reference`.
-Every field is also a flag of `train.py`, documented by the `help` text below. Named recipes
-(`RECIPES`) change some defaults: `Config.from_recipe('strong', resize=96)`, or
-`python train.py --recipe strong --resize 96`.
+Every field is also a flag of `train.py`, documented by the `help` text below, with its bounds
+beside it; named recipes (`RECIPES`) change some defaults: `Config.from_recipe('strong', resize=96)`,
+or `python train.py --recipe strong --resize 96`.
 """
 
 import argparse
@@ -17,20 +17,22 @@ import sys
 import typing
 from typing import Optional
 
-from nin_jax.errors import ConfigError
+from nin_jax.models import MIN_INPUT_SIZE
+from nin_jax.ops import choices
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; its message is meant for the user."""
+
 
 PARALLEL_MODES = ("auto", "jit", "pmap", "sharding")
 LR_SCHEDULES = ("constant", "cosine", "onecycle")
 DTYPES = ("float32", "bfloat16")
 WEIGHT_INITS = ("kaiming", "xavier")
-CPU_KERNELS = ("tuned", "default")  # see nin_jax/kernels.py
-MAX_POOL_CHOICES = ("auto", "slices", "indexed", "reduce_window")  # see nin_jax/kernels.py
-CONV1X1_CHOICES = ("auto", "dot", "conv")
-POOL_ORDER_CHOICES = ("auto", "relu_then_pool", "pool_then_relu")
+CPU_KERNELS = ("tuned", "default")  # see nin_jax/ops/choices.py
 
 
-# ---------------------------------------------------------------------------------------------
-# Named recipes. Named recipes: the defaults of `Config` that each one changes. Flags given explicitly win.
+# Named recipes: the defaults of `Config` that each one changes. Flags given explicitly win.
 #
 # reference
 #     The book's `train_ch6` recipe: plain SGD at learning rate 0.1, batch 128, 10 epochs, no
@@ -67,69 +69,84 @@ RECIPES: dict[str, dict] = {
 }
 
 
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a number may take: from `low` to `high`, each end included unless it is `open`.
+    `zero` says what 0 means where 0 is allowed and means something ('off', 'all'); `why`, why."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    zero: str = ""
+    why: str = ""
+
+    def holds(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def words(self) -> str:
+        """'positive', '0 (off) or positive', 'from 1 to 65,536', 'in [0, 1)', as a message says it."""
+        if self.high == math.inf:
+            if self.zero:
+                return f"0 ({self.zero}) or positive"
+            return "positive and finite" if self.high_open else "positive"
+        if self.low_open or self.high_open:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return f"from {self.low:,} to {self.high:,}{self.why}"
+
+
 # Bounds on the counts that size memory or time, checked before anything is allocated: a typo of
 # a few digits must end in one line, not in the kernel's out-of-memory killer.
 MAX_BATCH_SIZE = 2**16  # above the 60,000 training images: a larger batch is all padding
 MAX_RESIZE = 1024  # 28-pixel images; 224 is the book's, and activations grow with the square
 MAX_PROCESSES = 100_000  # the runtime's coordinator holds about 200 bytes per process before any arrives
 MAX_PEER_TIMEOUT_SECONDS = 24 * 3600
+POSITIVE = Bounds(1)
+FRACTION = Bounds(0, 1, high_open=True)
 
 
-# The groups of `python train.py --help`, in its order: each field says which one it is in.
-TRAINING = "the recipe and its training options"
+# The groups of `python train.py --help`, in its order: each field says which one it is in. The
+# last three are shown by --helpfull only: what a reader of the book needs comes first.
+TRAINING = "the recipe"
 DATA = "data"
 OUTPUTS = "workdir, logging and checkpoints"
+RECIPE_PARTS = "the strong recipe's parts"
 DEVICES = "several devices and hosts"
-ADVANCED = "kernel levers and other advanced settings"
-GROUPS = (TRAINING, DATA, OUTPUTS, DEVICES, ADVANCED)
+ADVANCED = "kernel choices, profiling and other advanced settings"
+GROUPS = (TRAINING, DATA, OUTPUTS, RECIPE_PARTS, DEVICES, ADVANCED)
+SHORT_HELP_GROUPS = (TRAINING, DATA, OUTPUTS)
 
 
-def _field(group: str, default, help_text: str, resume: bool = False, **extra):
-    """A field with its flag's group and help text; `resume=True` for the fields that fix the
+def _field(group: str, default, help_text: str, resume: bool = False, bounds: Optional[Bounds] = None, **extra):
+    """A field with its flag's group, help text and bounds; `resume=True` for the fields that fix the
     shapes, the data order or what a step does, which a resumed run must share with its checkpoint."""
-    return dataclasses.field(default=default, metadata={"group": group, "help": help_text, "resume": resume, **extra})
+    return dataclasses.field(default=default, metadata={"group": group, "help": help_text, "resume": resume,
+                                                        "bounds": bounds, **extra})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     recipe: str = _field(
-        TRAINING, "reference", "a named set of defaults for the flags below, which override it: reference (the book's) or "
+        TRAINING, "reference", "a named set of defaults for the flags, which override it: reference (the book's) or "
         "strong (see RECIPES in nin_jax/config.py)", choices=tuple(RECIPES),
     )
-    num_epochs: int = _field(TRAINING, 10, "passes over the training set")
-    batch_size: int = _field(TRAINING, 128, "global batch size, split evenly over all devices; at most 65,536", resume=True)
+    num_epochs: int = _field(TRAINING, 10, "passes over the training set", bounds=POSITIVE)
+    batch_size: int = _field(TRAINING, 128, "global batch size, split evenly over all devices; at most 65,536",
+                             resume=True, bounds=Bounds(1, MAX_BATCH_SIZE))
     learning_rate: float = _field(
         TRAINING, 0.1, "SGD learning rate; with --lr_schedule cosine or onecycle, the peak", resume=True,
+        bounds=Bounds(0, math.inf, low_open=True, high_open=True),
     )
-    lr_schedule: str = _field(
-        TRAINING, "constant", "constant; cosine: linear warm-up from 0 over --warmup_epochs, then cosine decay to 0; or onecycle: "
-        "cosine rise from peak/25 over --warmup_epochs, then cosine decay to peak/250,000 (optax's one-cycle)",
-        choices=LR_SCHEDULES, resume=True,
-    )
-    warmup_epochs: float = _field(
-        TRAINING, 0.0, "with --lr_schedule cosine or onecycle: epochs of rising learning rate", resume=True,
-    )
-    momentum: float = _field(TRAINING, 0.0, "SGD momentum (0 = plain SGD, the book's)", resume=True)
-    nesterov: bool = _field(TRAINING, False, "Nesterov momentum; needs --momentum", resume=True)
-    weight_decay: float = _field(
-        TRAINING, 0.0, "L2 weight decay on the kernels, added to the gradient (0 = off)", resume=True,
-    )
-    label_smoothing: float = _field(
-        TRAINING, 0.0, "training targets put this much probability evenly on all classes (0 = off)", resume=True,
-    )
-    dropout_rate: float = _field(TRAINING, 0.5, "dropout before the last NiN block", resume=True)
-    batch_norm: bool = _field(
-        TRAINING, False, "batch normalisation after every convolution: a NiN variant, not the book's", resume=True,
-    )
-    weight_init: str = _field(
-        TRAINING, "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier (the book's, which can stall)",
-        choices=WEIGHT_INITS, resume=True,
-    )
-    resize: int = _field(TRAINING, 224, "images are resized (bilinear) to resize x resize; 67 to 1,024", resume=True)
+    resize: int = _field(TRAINING, 224, "images are resized (bilinear) to resize x resize; 67 to 1,024", resume=True,
+                         bounds=Bounds(MIN_INPUT_SIZE, MAX_RESIZE, why=" (NiN's pools need at least 67)"))
     dtype: str = _field(
         TRAINING, "float32", "compute dtype; parameters, optimizer and loss stay float32", choices=DTYPES, resume=True,
     )
-    seed: int = _field(TRAINING, 0, "seed of the initial parameters, the data order and dropout", resume=True)
+    seed: int = _field(TRAINING, 0, "seed of the initial parameters, the data order and dropout", resume=True,
+                       bounds=Bounds(0, 2**32 - 1))
 
     data_dir: Optional[str] = _field(
         DATA, None, "tensorflow-datasets data directory; none: tfds' own, ~/tensorflow_datasets",
@@ -142,25 +159,50 @@ class Config:
         DATA, None, "read the data from this .npz, written by `python -m nin_jax.export_arrays` from tfds, instead of "
         "from tfds: for machines without TensorFlow",
     )
-    train_examples: int = _field(DATA, 0, "train on the first N training examples only (0 = all 60,000)", resume=True)
-    eval_examples: int = _field(DATA, 0, "evaluate on the first N test examples only (0 = all 10,000)")
+    train_examples: int = _field(DATA, 0, "train on the first N training examples only (0 = all 60,000)", resume=True,
+                                 bounds=Bounds(0, zero="all"))
+    eval_examples: int = _field(DATA, 0, "evaluate on the first N test examples only (0 = all 10,000)",
+                                bounds=Bounds(0, zero="all"))
 
     workdir: Optional[str] = _field(OUTPUTS, None, "where metrics, plots and checkpoints go; none: write nothing")
     log_every_steps: int = _field(
         OUTPUTS, 0, "every N training steps, log a line with the running loss, accuracy and images/s over the "
-        "epoch so far, checkpoints included (0 = off)",
+        "epoch so far, checkpoints included (0 = off)", bounds=Bounds(0, zero="off"),
     )
     checkpoint_every_steps: int = _field(
         OUTPUTS, 0, "also checkpoint every N steps within an epoch (0 = at the end of each epoch only); needs --workdir",
+        bounds=Bounds(0, zero="epoch ends only"),
     )
-    keep_checkpoints: int = _field(OUTPUTS, 3, "how many of the latest checkpoints to keep in <workdir>/checkpoints")
-    profile_steps: int = _field(
-        OUTPUTS, 0, "trace N training steps after the first with jax.profiler into <workdir>/profile, for TensorBoard's "
-        "profile plugin or Perfetto (0 = off); needs --workdir",
+    keep_checkpoints: int = _field(OUTPUTS, 3, "how many of the latest checkpoints to keep in <workdir>/checkpoints",
+                                   bounds=POSITIVE)
+
+    dropout_rate: float = _field(RECIPE_PARTS, 0.5, "dropout before the last NiN block", resume=True, bounds=FRACTION)
+    weight_init: str = _field(
+        RECIPE_PARTS, "kaiming", "initial weights: kaiming (He fan-out, every class score starting alive) or xavier "
+        "(the book's, which can stall)", choices=WEIGHT_INITS, resume=True,
     )
-    compile_cache: Optional[str] = _field(
-        OUTPUTS, None, "folder of the persistent compilation cache, which spares later runs the compiling; none: "
-        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/nin_jax/jax; off: no cache",
+    batch_norm: bool = _field(
+        RECIPE_PARTS, False, "batch normalisation after every convolution: a NiN variant, not the book's", resume=True,
+    )
+    momentum: float = _field(RECIPE_PARTS, 0.0, "SGD momentum (0 = plain SGD, the book's)", resume=True,
+                             bounds=FRACTION)
+    nesterov: bool = _field(RECIPE_PARTS, False, "Nesterov momentum; needs --momentum", resume=True)
+    lr_schedule: str = _field(
+        RECIPE_PARTS, "constant", "constant; cosine: linear warm-up from 0 over --warmup_epochs, then cosine decay to "
+        "0; or onecycle: cosine rise from peak/25 over --warmup_epochs, then cosine decay to peak/250,000 (optax's "
+        "one-cycle)", choices=LR_SCHEDULES, resume=True,
+    )
+    warmup_epochs: float = _field(
+        RECIPE_PARTS, 0.0, "with --lr_schedule cosine or onecycle: epochs of rising learning rate, at most "
+        "--num_epochs", resume=True,
+    )
+    weight_decay: float = _field(
+        RECIPE_PARTS, 0.0, "L2 weight decay on the kernels, added to the gradient (0 = off)", resume=True,
+        bounds=Bounds(0, math.inf, high_open=True, zero="off"),
+    )
+    label_smoothing: float = _field(
+        RECIPE_PARTS, 0.0, "training targets put this much probability evenly on all classes (0 = off)", resume=True,
+        bounds=FRACTION,
     )
 
     parallel: str = _field(
@@ -174,16 +216,18 @@ class Config:
     coordinator_address: Optional[str] = _field(
         DEVICES, None, "host:port of process 0, to start jax.distributed by hand with --num_processes and --process_id",
     )
-    num_processes: int = _field(DEVICES, 1, "with --coordinator_address: how many processes take part, at most 100,000")
+    num_processes: int = _field(DEVICES, 1, "with --coordinator_address: how many processes take part, at most 100,000",
+                                bounds=Bounds(1, MAX_PROCESSES))
     process_id: int = _field(DEVICES, 0, "with --coordinator_address: this process's rank, 0 .. num_processes-1")
     peer_timeout_seconds: int = _field(
         DEVICES, 60, "with several processes: a process not heard from for this long, at the start too, is taken for "
         "dead, and the others stop with one line; at most 86,400 (a day)",
+        bounds=Bounds(1, MAX_PEER_TIMEOUT_SECONDS, why=" (a day)"),
     )
 
     cpu_kernels: str = _field(
-        ADVANCED, "tuned", "on a CPU: tuned (XLA's own convolutions and dots, YNNPACK's reductions: measured fastest for NiN, "
-        "see nin_jax/kernels.py) or default (XLA's choice); no effect on GPU, TPU or with --parallel pmap",
+        ADVANCED, "tuned", "on a CPU: tuned (XLA's own convolutions and dots, YNNPACK's reductions: measured fastest for "
+        "NiN, see nin_jax/ops/choices.py) or default (XLA's choice); no effect on GPU, TPU or with --parallel pmap",
         choices=CPU_KERNELS,
     )
     deterministic: bool = _field(
@@ -192,21 +236,29 @@ class Config:
         "CPUs and TPUs repeat without it",
     )
     max_pool: str = _field(
-        ADVANCED, "auto", "how the max-pools are computed: slices (strided slices with their own gradient, measured faster "
-        "on a CPU), indexed (the slices, keeping each window's maximum position for the gradient) or reduce_window "
-        "(flax's nn.max_pool); auto: slices on a CPU, indexed on a GPU, reduce_window on a TPU. "
-        "The same function either way (see nin_jax/kernels.py)", choices=MAX_POOL_CHOICES,
+        ADVANCED, "auto", "how the max-pools are computed: slices (strided slices with their own gradient, measured "
+        "faster on a CPU), indexed (the slices, keeping each window's maximum position for the gradient) or "
+        "reduce_window (flax's nn.max_pool); auto: slices on a CPU, indexed on a GPU, reduce_window on a TPU. "
+        "The same function either way (see nin_jax/ops/choices.py)", choices=choices.CHOICES["max_pool"],
     )
     conv1x1: str = _field(
-        ADVANCED, "auto", "how the 1x1 convolutions are computed: dot (over channels, measured faster on a CPU) or conv; "
-        "auto: dot on a CPU, conv elsewhere. The same function and parameters either way (see nin_jax/kernels.py)",
-        choices=CONV1X1_CHOICES,
+        ADVANCED, "auto", "how the 1x1 convolutions are computed: dot (over channels, measured faster on a CPU) or "
+        "conv; auto: dot on a CPU, conv elsewhere. The same function and parameters either way (see "
+        "nin_jax/ops/choices.py)", choices=choices.CHOICES["conv1x1"],
     )
     pool_order: str = _field(
-        ADVANCED, "auto", "where the last ReLU of blocks 1 to 3 runs: relu_then_pool (the book's order, measured faster on "
-        "a CPU) or pool_then_relu (after the max-pool, on a quarter of the elements: fewer bytes on a GPU); auto: "
-        "relu_then_pool on a CPU and a TPU, pool_then_relu on a GPU. The same function either way (they commute)",
-        choices=POOL_ORDER_CHOICES,
+        ADVANCED, "auto", "where the last ReLU of blocks 1 to 3 runs: relu_then_pool (the book's order, measured "
+        "faster on a CPU) or pool_then_relu (after the max-pool, on a quarter of the elements: fewer bytes on a GPU); "
+        "auto: relu_then_pool on a CPU and a TPU, pool_then_relu on a GPU. The same function either way (they "
+        "commute)", choices=choices.CHOICES["pool_order"],
+    )
+    compile_cache: Optional[str] = _field(
+        ADVANCED, None, "folder of the persistent compilation cache, which spares later runs the compiling; none: "
+        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/nin_jax/jax; off: no cache",
+    )
+    profile_steps: int = _field(
+        ADVANCED, 0, "trace N training steps after the first with jax.profiler into <workdir>/profile, for "
+        "TensorBoard's profile plugin or Perfetto (0 = off); needs --workdir", bounds=Bounds(0, zero="off"),
     )
 
     @classmethod
@@ -215,62 +267,47 @@ class Config:
         _check_choice("recipe", name)
         return cls(**{**RECIPES[name], "recipe": name, **overrides})
 
+    @property
+    def kernels(self) -> choices.Kernels:
+        """Which kernels compute the model's layers (`--max_pool`, `--conv1x1`, `--pool_order`)."""
+        return choices.Kernels(self.max_pool, self.conv1x1, self.pool_order)
+
     def validate(self) -> "Config":
-        """Raises ConfigError for values that cannot work; returns self."""
+        """Raises ConfigError for values that cannot work, each against the bounds or choices of its
+        field, then those that depend on each other; returns self."""
         _check_types(self)
-        for name in _CHOICE_FIELDS:
-            _check_choice(name, getattr(self, name))
-        for name in ("num_epochs", "batch_size", "resize", "keep_checkpoints", "peer_timeout_seconds"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size > MAX_BATCH_SIZE:
-            raise ConfigError(f"--batch_size must be from 1 to {MAX_BATCH_SIZE:,}, got {self.batch_size}")
-        if self.peer_timeout_seconds > MAX_PEER_TIMEOUT_SECONDS:
-            raise ConfigError(f"--peer_timeout_seconds must be from 1 to {MAX_PEER_TIMEOUT_SECONDS:,} (a day), "
-                              f"got {self.peer_timeout_seconds}")
-        if not 1 <= self.num_processes <= MAX_PROCESSES:
-            raise ConfigError(f"--num_processes must be from 1 to {MAX_PROCESSES:,}, got {self.num_processes}")
+        for field in dataclasses.fields(Config):
+            value, bounds = getattr(self, field.name), field.metadata["bounds"]
+            if "choices" in field.metadata:
+                _check_choice(field.name, value)
+            if bounds and not bounds.holds(value):
+                raise ConfigError(f"--{field.name} must be {bounds.words()}, got {value}")
+        for name in PATH_FIELDS:
+            check_path(name, getattr(self, name))
         if self.coordinator_address is not None:
             check_address("coordinator_address", self.coordinator_address)
-        if not 0 <= self.seed < 2**32:  # NumPy draws the data order from it
-            raise ConfigError(f"--seed must be from 0 to 2**32 - 1, got {self.seed}")
-        for name in ("workdir", "data_dir", "manual_dir", "data_arrays", "compile_cache"):
-            check_path(name, getattr(self, name))
-        if not 0 < self.learning_rate < math.inf:
-            raise ConfigError(f"--learning_rate must be positive and finite, got {self.learning_rate}")
-        from nin_jax.models import MIN_INPUT_SIZE
-
-        if self.resize < MIN_INPUT_SIZE:
-            raise ConfigError(f"--resize must be at least {MIN_INPUT_SIZE} (NiN's pools need it), got {self.resize}")
-        if self.resize > MAX_RESIZE:
-            raise ConfigError(f"--resize must be from {MIN_INPUT_SIZE} (NiN's pools need it) to {MAX_RESIZE:,}, "
-                              f"got {self.resize}")
-        for name in ("train_examples", "eval_examples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be 0 (all) or positive, got {getattr(self, name)}")
-        if self.log_every_steps < 0:
-            raise ConfigError(f"--log_every_steps must be 0 (off) or positive, got {self.log_every_steps}")
-        if self.profile_steps < 0:
-            raise ConfigError(f"--profile_steps must be 0 (off) or positive, got {self.profile_steps}")
-        if self.checkpoint_every_steps < 0:
-            raise ConfigError(
-                f"--checkpoint_every_steps must be 0 (epoch ends only) or positive, got {self.checkpoint_every_steps}"
-            )
-        if not 0 <= self.dropout_rate < 1:
-            raise ConfigError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
         if self.coordinator_address and not 0 <= self.process_id < self.num_processes:
             raise ConfigError(f"--process_id must be in [0, {self.num_processes}), got {self.process_id}")
         if not 0 <= self.warmup_epochs <= self.num_epochs:
             raise ConfigError(f"--warmup_epochs must be in [0, --num_epochs={self.num_epochs}], got {self.warmup_epochs}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.nesterov and not self.momentum:
             raise ConfigError("--nesterov needs a --momentum above 0")
-        if not 0 <= self.weight_decay < math.inf:
-            raise ConfigError(f"--weight_decay must be 0 (off) or positive, got {self.weight_decay}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         return self
+
+    def preflight(self, workdir: Optional[str]) -> "Config":
+        """`validate`, and the flags that need a workdir, for a run that writes into `workdir`: every
+        check of the config before a run starts (the devices' and the workdir's follow in the trainer)."""
+        self.validate()
+        for name, what in (("checkpoint_every_steps", "its checkpoints"), ("profile_steps", "the trace")):
+            if getattr(self, name) and not workdir:
+                raise ConfigError(f"--{name} needs a --workdir to write {what} into")
+        if self.deterministic and not choices.is_deterministic():
+            raise ConfigError(f"--deterministic needs {choices.DETERMINISTIC_XLA_FLAG} in XLA_FLAGS before JAX starts: "
+                              f"call nin_jax.ops.choices.make_deterministic() first, as train.py does")
+        return self
+
+
+PATH_FIELDS = ("workdir", "data_dir", "manual_dir", "data_arrays", "compile_cache")
 
 
 def check_address(flag: str, address: str) -> None:
@@ -304,7 +341,6 @@ def check_path(flag: str, path: Optional[str], required: bool = False) -> None:
                           f"UTF-8 locale (LC_ALL=C.UTF-8) or with PYTHONUTF8=1, or use an ASCII path") from None
 
 
-_CHOICE_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if "choices" in field.metadata)
 # Options that earlier versions had and this one has not, with their off values: a run that had
 # them off is a run of this version (its config.json and checkpoints still name them).
 REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0, "test_time_flips": False}
@@ -353,19 +389,40 @@ def _flag_type(field: dataclasses.Field):
     return typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
 
 
+class _FullHelp(argparse.Action):
+    """--helpfull: --help with the flags that --help leaves out."""
+
+    def __init__(self, option_strings, dest, hidden: dict, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.hidden = hidden
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action, text in self.hidden.items():
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> dict:
     """One flag per Config field, with the field's default and help text, in the field's group: the
     flags of `train.py`, which `python -m nin_jax.plan` shares so that it plans the run that
-    `train.py` would make. Returns the groups by title, for the caller's own flags."""
+    `train.py` would make. --help shows the groups a reader of the book needs, --helpfull all of
+    them. Returns the groups by title, for the caller's own flags."""
     groups = {title: parser.add_argument_group(title) for title in GROUPS}
+    hidden = {}
     for field in dataclasses.fields(Config):
         flag_type = _flag_type(field)
         group = groups[field.metadata["group"]]
         kwargs = dict(default=field.default, help=field.metadata["help"])
         if flag_type is bool:
-            group.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
+            action = group.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            group.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"), **kwargs)
+            action = group.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"),
+                                        **kwargs)
+        if field.metadata["group"] not in SHORT_HELP_GROUPS:
+            hidden[action], action.help = action.help, argparse.SUPPRESS
+    parser.add_argument("--helpfull", action=_FullHelp, hidden=hidden,
+                        help="show the help of every flag, and exit: also " + "; ".join(GROUPS[len(SHORT_HELP_GROUPS):]))
     return groups
 
 

@@ -15,8 +15,6 @@ from typing import Iterator
 
 import numpy as np
 
-from nin_jax.distributed import ProcessSlice
-
 DATASET = "fashion_mnist"
 CLASS_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 NUM_CLASSES = len(CLASS_NAMES)
@@ -31,6 +29,19 @@ SOURCE_FILES = (
 )
 
 Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSlice:
+    """Which part of every global batch this process loads: with several processes (hosts) each
+    reads only its own contiguous slice, and together they read the whole batch."""
+
+    index: int = 0
+    count: int = 1
+
+    def of(self, values: np.ndarray) -> np.ndarray:
+        size = len(values) // self.count
+        return values[self.index * size : (self.index + 1) * size]
 
 
 @dataclasses.dataclass(frozen=True)

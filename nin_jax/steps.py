@@ -1,43 +1,42 @@
-"""The train state and the two step functions, written once for every parallel strategy.
+"""The train state, the optimizer and the two steps: `train_step` and `eval_step`, pure functions
+that `jax.jit` compiles for one device or a device mesh, and `jax.pmap` for each device.
 
-`train_step` and `eval_step` take an optional `axis_name`. Under `jax.jit` (one device) it is
-None; under `jax.pmap(..., axis_name='batch')` the per-device sums are added across devices with
-`lax.psum` before dividing by the number of real examples, which averages gradients and metrics
-over the device axis exactly, even when a padded last batch leaves devices with unequal counts.
+Every step sums its metrics over the batch's real (unmasked) examples; under `jax.pmap(...,
+axis_name='batch')` those sums and the gradients are added across the devices with `lax.psum`
+before the division by the number of real examples, so a padded last batch that leaves devices
+with unequal counts is still averaged exactly. Under `jax.jit` (one device or a mesh) `axis_name` is
+None and the batch is one array whose sums are already global.
 """
 
 import functools
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
 
-from nin_jax import input_pipeline, stopping
+from nin_jax import input_pipeline
 from nin_jax.config import Config
 from nin_jax.models import MIN_INPUT_SIZE, NiN
 
 Metrics = dict[str, jax.Array]
+METRIC_NAMES = ("loss_sum", "correct", "count")
 
 
-# ---------------------------------------------------------------------------------------------
-# The optimizer. The optimizer: the book's plain SGD, or SGD with the parts of a stronger recipe switched on.
-#
-# Every part is off in the reference recipe (`Config()`), which leaves `optax.sgd(0.1)`:
+def create_model(config: Config) -> NiN:
+    return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, weight_init=config.weight_init,
+               batch_norm=config.batch_norm, dtype=jnp.dtype(config.dtype), kernels=config.kernels)
+
+
+# The optimizer: the book's plain SGD, or SGD with the parts of a stronger recipe switched on. Every
+# part is off in the reference recipe (`Config()`), which leaves `optax.sgd(0.1)`:
 #   * momentum, optionally Nesterov's;
 #   * a learning-rate schedule: linear warm-up from 0, then cosine decay to 0 at the last step; or
 #     optax's one-cycle, which rises over the warm-up from a 25th of the peak, then decays;
 #   * L2 weight decay on the convolution kernels, added to the gradient like PyTorch's SGD
 #     `weight_decay` (biases and batch-norm scales are not decayed).
-
-def default_steps_per_epoch(config: Config) -> int:
-    """Steps per epoch over the published training set, or its first `train_examples`."""
-    examples = min(config.train_examples or input_pipeline.TRAIN_SIZE, input_pipeline.TRAIN_SIZE)
-    return input_pipeline.num_batches(examples, config.batch_size)
-
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     """The learning rate at each step: constant, or a rise then a decay over the whole run."""
@@ -68,9 +67,6 @@ def create_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTran
     return optax.chain(optax.masked(optax.add_decayed_weights(config.weight_decay), _is_kernel), sgd)
 
 
-# ---------------------------------------------------------------------------------------------
-# The train state.
-
 class TrainState(train_state.TrainState):
     """Flax's TrainState plus the key that dropout masks are derived from and the batch-norm
     running statistics (an empty dict for the book's NiN, which has none).
@@ -87,6 +83,23 @@ class TrainState(train_state.TrainState):
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+def create_train_state(config: Config, steps_per_epoch: Optional[int] = None) -> TrainState:
+    """Initial parameters, optimizer state and random key, all drawn from `config.seed`.
+    `steps_per_epoch` sets the length of a learning-rate schedule (default: the published split's).
+
+    NiN's variables do not depend on the image size (no layer's shape does), so the model is
+    initialised at the smallest size it takes, whatever `config.resize`: one compiled initializer,
+    and one entry of the compilation cache, serves every size."""
+    model = create_model(config)
+    params_key, dropout_key = jax.random.split(jax.random.key(config.seed))
+    variables = jax.jit(model.init)(params_key, jnp.zeros((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 1), jnp.float32))
+    steps_per_epoch = steps_per_epoch or input_pipeline.num_batches(
+        min(config.train_examples or input_pipeline.TRAIN_SIZE, input_pipeline.TRAIN_SIZE), config.batch_size)
+    return TrainState.create(apply_fn=model.apply, tx=create_optimizer(config, steps_per_epoch),
+                             dropout_key=jax.random.key_data(dropout_key), params=variables["params"],
+                             batch_stats=variables.get("batch_stats", {}))
+
+
 def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
     """uint8 [B, 28, 28, 1] -> `dtype` [B, resize, resize, 1] in [0, 1], resized bilinearly like the
     book's `transforms.Resize`. Runs inside the jitted step, on the accelerator, in `dtype`: in bf16
@@ -98,30 +111,7 @@ def preprocess(images: jax.Array, resize: int, dtype=jnp.float32) -> jax.Array:
     return images.astype(dtype)
 
 
-def create_model(config: Config) -> NiN:
-    return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, dtype=jnp.dtype(config.dtype),
-               weight_init=config.weight_init, batch_norm=config.batch_norm, max_pool=config.max_pool,
-               conv1x1=config.conv1x1, pool_order=config.pool_order)
-
-
-def create_train_state(config: Config, model: Optional[nn.Module] = None,
-                       steps_per_epoch: Optional[int] = None) -> TrainState:
-    """Initial parameters, optimizer state and random key, all drawn from `config.seed`.
-    `steps_per_epoch` sets the length of a learning-rate schedule (default: the published split's).
-
-    NiN's variables do not depend on the image size (no layer's shape does), so the model is
-    initialised at the smallest size it takes, whatever `config.resize`: one compiled initializer,
-    and one entry of the compilation cache, serves every size."""
-    model = model or create_model(config)
-    params_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    images = jnp.zeros((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 1), jnp.float32)
-    variables = jax.jit(model.init)(params_key, images)
-    tx = create_optimizer(config, steps_per_epoch or default_steps_per_epoch(config))
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    return TrainState.create(apply_fn=model.apply, tx=tx, dropout_key=jax.random.key_data(dropout_key), **variables)
-
-
-def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> Metrics:
+def summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, label_smoothing: float = 0.0) -> Metrics:
     """Sums over the batch's real examples. With label smoothing the loss is against the smoothed
     targets, the loss that training minimises; accuracy is always against the labels."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
@@ -133,54 +123,17 @@ def _summed_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array, label
     }
 
 
-METRIC_NAMES = ("loss_sum", "correct", "count")
-
-
 def zero_metrics() -> Metrics:
-    """Where a running sum of step metrics starts; float32 like the steps' own sums."""
+    """Where a running sum of step metrics starts, like the book's `Accumulator(3)`; float32 like the steps' sums."""
     return {name: np.zeros((), np.float32) for name in METRIC_NAMES}
 
 
-def zero_carry(metrics: Optional[Metrics] = None) -> dict[str, Any]:
-    """What the training loop carries on the devices from step to step: the epoch's metric sums
-    so far (`metrics`, default zero) and what `nin_jax.stopping` watches."""
-    return {"metrics": zero_metrics() if metrics is None else metrics, "watch": stopping.zero_watch()}
-
-
-def with_carry(train_step):
-    """`train_step` that also adds its metrics into the loop's carry and updates its watch, in the
-    same compiled call: the loop then needs no dispatch of its own per step, and never waits.
-
-    The batch carries one more entry, `stop`: 1 on each of a process's devices where that process
-    was asked to stop, else 0. It is summed over all devices with the step's other sums, so every
-    process reads the same votes after the same step (`nin_jax.stopping`).
-    """
-
-    def carried_train_step(state: TrainState, carry: dict[str, Any], batch: input_pipeline.Batch,
-                           axis_name: Optional[str] = None) -> tuple[TrainState, dict[str, Any]]:
-        batch = dict(batch)
-        votes = _sum_over_devices(jnp.sum(batch.pop("stop")), axis_name)
-        new_state, metrics = train_step(state, batch)
-        return new_state, {"metrics": _add(carry["metrics"], metrics),
-                           "watch": stopping.watch_step(carry["watch"], votes, state.step, metrics["loss_sum"])}
-
-    return carried_train_step
-
-
-def with_totals(eval_step):
-    """`eval_step` that adds its metrics into running `totals` in the same compiled call."""
-
-    def totalled_eval_step(state: TrainState, totals: Metrics, batch: input_pipeline.Batch) -> Metrics:
-        return _add(totals, eval_step(state, batch))
-
-    return totalled_eval_step
-
-
-def _add(totals: Metrics, metrics: Metrics) -> Metrics:
+def add_metrics(totals: Metrics, metrics: Metrics) -> Metrics:
     return {name: totals[name] + metrics[name] for name in METRIC_NAMES}
 
 
-def _sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:
+def sum_over_devices(tree: Any, axis_name: Optional[str]) -> Any:
+    """`tree` summed over the devices of a pmap's `axis_name`; as it is under jit (None)."""
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
@@ -201,11 +154,11 @@ def train_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, d
         logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
                                          mask=batch["mask"], axis_name=axis_name, rngs={"dropout": dropout_key},
                                          mutable=["batch_stats"])
-        metrics = _summed_metrics(logits, batch["label"], batch["mask"], label_smoothing)
+        metrics = summed_metrics(logits, batch["label"], batch["mask"], label_smoothing)
         return metrics["loss_sum"], (metrics, updates.get("batch_stats", state.batch_stats))
 
     grads, (metrics, batch_stats) = jax.grad(summed_loss, has_aux=True)(state.params)
-    grads, metrics = _sum_over_devices((grads, metrics), axis_name)
+    grads, metrics = sum_over_devices((grads, metrics), axis_name)
     grads = jax.tree_util.tree_map(lambda g: g / metrics["count"], grads)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
@@ -214,13 +167,11 @@ def eval_step(state: TrainState, batch: input_pipeline.Batch, *, resize: int, dt
               axis_name: Optional[str] = None) -> Metrics:
     """Summed loss, correct predictions and real-example count of one padded batch."""
     logits = state.apply_fn(state.variables(), preprocess(batch["image"], resize, dtype), train=False)
-    return _sum_over_devices(_summed_metrics(logits, batch["label"], batch["mask"]), axis_name)
+    return sum_over_devices(summed_metrics(logits, batch["label"], batch["mask"]), axis_name)
 
 
 def step_functions(config: Config, axis_name: Optional[str] = None):
-    """`train_step` and `eval_step` bound to the config's resize, dtype and training options, with
-    the loop's running sums added in (`with_carry`, `with_totals`)."""
-    kwargs = dict(resize=config.resize, dtype=jnp.dtype(config.dtype), axis_name=axis_name)
-    train_step_of_config = functools.partial(train_step, **kwargs, label_smoothing=config.label_smoothing)
-    return (functools.partial(with_carry(train_step_of_config), axis_name=axis_name),
-            with_totals(functools.partial(eval_step, **kwargs)))
+    """`train_step` and `eval_step` bound to the config's resize, dtype and training options."""
+    bound = dict(resize=config.resize, dtype=jnp.dtype(config.dtype), axis_name=axis_name)
+    return (functools.partial(train_step, **bound, label_smoothing=config.label_smoothing),
+            functools.partial(eval_step, **bound))

@@ -6,6 +6,7 @@ Tests marked `accelerator` (tests/test_accelerator.py) run only where JAX finds 
 run their checks in processes without the CPU pin."""
 
 import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -30,10 +31,10 @@ SHARED_FASHION_MNIST = os.path.join(REPO_ROOT, "..", "shared", "data", "fashion_
 @contextlib.contextmanager
 def mock_fashion_mnist(num_examples: int):
     """tfds' random stand-in for Fashion-MNIST: `num_examples` random images per split, read from
-    tfds even where a copy of a real build lies in the data dir (`nin_jax.data_arrays`)."""
+    tfds even where a copy of a real build lies in the data dir (`nin_jax.data.data_arrays`)."""
     import tensorflow_datasets as tfds
 
-    from nin_jax import data_arrays
+    from nin_jax.data import data_arrays
 
     with tfds.testing.mock_data(num_examples=num_examples), mock.patch.object(
         tfds.core.DatasetBuilder, "is_prepared", return_value=True
@@ -47,7 +48,8 @@ def fake_fashion_mnist(num_examples: int):
     faster than `mock_fashion_mnist` for tests of the training loop, which do not need tfds."""
     import numpy as np
 
-    from nin_jax import dataset, input_pipeline
+    from nin_jax.data import dataset
+    from nin_jax import input_pipeline
 
     rng = np.random.default_rng(0)
     datasets = {
@@ -59,6 +61,16 @@ def fake_fashion_mnist(num_examples: int):
     }
     with mock.patch.object(dataset, "load_fashion_mnist", return_value=datasets):
         yield
+
+
+def make_strategy(kind, config, devices=None):
+    """The strategy of `runtime.parallel` that `kind` names (jit, pmap, sharding, or auto: the
+    trainer's choice), for the loop steps of `config`, as the trainer makes it."""
+    from nin_jax import trainer
+    from nin_jax.runtime import parallel
+
+    config = config if kind == "auto" else dataclasses.replace(config, parallel=kind)
+    return parallel.create_strategy(config, trainer.loop_steps(config), devices)
 
 
 def one_train_step(strategy, state, batch):

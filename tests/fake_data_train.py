@@ -15,7 +15,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this tree's nin_jax and train.py
 
-from nin_jax import commands  # noqa: E402
+from nin_jax.runtime import commands  # noqa: E402
 
 commands.begin()  # as the commands do, before their imports
 
@@ -58,7 +58,7 @@ if __name__ == "__main__":
         slow_down_steps(int(after_step), float(seconds))
     with fake_fashion_mnist(int(sys.argv[1])):
         if sys.argv[2:3] == ["predict"]:
-            from nin_jax import predict
+            from nin_jax.tools import predict
 
             commands.run(lambda: predict.main(sys.argv[3:]))
         commands.run(lambda: train.main(sys.argv[2:]))

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from nin_jax import data_arrays, input_pipeline
+from nin_jax.data import data_arrays
+from nin_jax import input_pipeline
 
 from accelerator import accelerator_platform, run_code, run_python, unpinned_env
 
@@ -23,13 +24,15 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, "benchmarks")
 from common import random_batch
-from nin_jax import parallel, steps
+from nin_jax import steps
 from nin_jax.config import Config
+from nin_jax import trainer
+from nin_jax.runtime import parallel
 
 results = {}
 for dtype in ("float32", "bfloat16"):
     config = Config(resize=67, batch_size=16, parallel="jit", dtype=dtype, weight_init="xavier")  # every layer learns
-    strategy = parallel.JitStrategy(config)
+    strategy = parallel.create_strategy(config, trainer.loop_steps(config))
     initial = jax.device_get(steps.create_train_state(config))
     state, carry = strategy.train_step(strategy.put_state(initial), strategy.zero_carry(), random_batch(config.batch_size))
     metrics = carry["metrics"]

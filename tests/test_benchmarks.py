@@ -10,7 +10,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from nin_jax import data_arrays, input_pipeline
+from nin_jax.data import data_arrays
+from nin_jax import input_pipeline
 
 from conftest import REPO_ROOT
 

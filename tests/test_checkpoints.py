@@ -11,7 +11,7 @@ import pytest
 from flax import serialization
 
 from nin_jax import steps
-from nin_jax.checkpoints import Checkpoints, Snapshot, WorkdirError
+from nin_jax.run.checkpoints import Checkpoints, Snapshot, WorkdirError
 from nin_jax.config import Config
 
 CONFIG = Config(resize=67, batch_size=8, keep_checkpoints=2)

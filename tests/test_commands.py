@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from nin_jax import export, export_arrays, plan, predict
+from nin_jax.tools import export, export_arrays, predict
+from nin_jax.tools.plan import command as plan, targets
 
 from conftest import REPO_ROOT
 
@@ -52,7 +53,8 @@ CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 def arrays(tmp_path_factory):
     import numpy as np
 
-    from nin_jax import data_arrays, input_pipeline
+    from nin_jax.data import data_arrays
+    from nin_jax import input_pipeline
 
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("data") / "fashion_mnist.npz"
@@ -105,7 +107,7 @@ def _plugins_without_their_devices() -> bool:
 
 # The plan compiles for a GPU with jax's CUDA plugin ('.[plan]'); an environment without it (CI's
 # newest-JAX one) leaves those cases to the environments that have it.
-NEEDS_CUDA_PLUGIN = pytest.mark.skipif(not any(map(plan._importable, plan.CUDA_PLUGINS)),
+NEEDS_CUDA_PLUGIN = pytest.mark.skipif(not any(map(targets._importable, targets.CUDA_PLUGINS)),
                                        reason="the plan for a GPU needs jax's CUDA plugin ('.[plan]')")
 
 
@@ -184,7 +186,7 @@ def test_the_other_commands_survive_a_full_stdout_in_one_line(trained, tmp_path,
 # so that a signal reaches the command in the middle of its work on every machine.
 RESTORED_THEN_WAITING = """
 import runpy, sys, time
-from nin_jax.checkpoints import Checkpoints
+from nin_jax.run.checkpoints import Checkpoints
 
 restore = Checkpoints.restore_latest
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from nin_jax import compile_cache
+from nin_jax.runtime import compile_cache
 from nin_jax.config import ConfigError
 
 from conftest import REPO_ROOT
@@ -65,7 +65,7 @@ COMPILE = """
 import sys
 import jax
 import jax.numpy as jnp
-from nin_jax import compile_cache
+from nin_jax.runtime import compile_cache
 if compile_cache.enable(sys.argv[1]):  # XLA's GPU autotuning and kernels kept beside the programs
     assert jax.config.jax_persistent_cache_enable_xla_caches == "all"
 print(float(jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.full((32, 32), 0.01))))

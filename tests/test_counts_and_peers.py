@@ -31,7 +31,7 @@ def run(args, timeout=60, **kwargs):
 @pytest.mark.parametrize("flag, value, message", [
     ("--devices", "1000000000", "--devices must be from 1 to 16 (the GPUs of one host), got 1000000000"),
     ("--batch_size", "1000000000", "--batch_size must be from 1 to 65,536, got 1000000000"),
-    ("--resize", "100000", "--resize must be from 67 (NiN's pools need it) to 1,024, got 100000"),
+    ("--resize", "100000", "--resize must be from 67 to 1,024 (NiN's pools need at least 67), got 100000"),
 ])
 def test_a_count_that_would_fill_the_memory_is_refused_before_anything_is_allocated(flag, value, message):
     """`--target h100 --devices 1000000000` grew to 20 GB and was killed by the kernel, in silence."""

@@ -9,7 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from nin_jax import dataset, export, input_pipeline, predict
+from nin_jax.data import dataset
+from nin_jax.tools import export, predict
+from nin_jax import input_pipeline
 
 from conftest import REPO_ROOT, fake_fashion_mnist
 

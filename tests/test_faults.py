@@ -16,10 +16,12 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import locks, peers, trainer
-from nin_jax.checkpoints import WorkdirError
+from nin_jax.runtime import locks, peers
+from nin_jax import trainer
+from nin_jax.run import training_run
+from nin_jax.run.checkpoints import WorkdirError
 from nin_jax.config import Config
-from nin_jax.errors import OutOfMemory
+from nin_jax.runtime.errors import OutOfMemory
 
 from conftest import REPO_ROOT, SHARED_FASHION_MNIST
 from test_multiprocess import HELPER, free_loopback_port
@@ -33,7 +35,7 @@ JOB_FLAGS = ["--resize=67", "--batch_size=8", "--num_epochs=1", "--eval_examples
              "--parallel=pmap", "--checkpoint_every_steps=5", "--log_every_steps=1", "--num_processes=2",
              f"--peer_timeout_seconds={PEER_TIMEOUT_S}"]
 JOB_EXAMPLES = 800
-LOCK_HOLDER = ("import sys, time; from nin_jax import locks\n"
+LOCK_HOLDER = ("import sys, time; from nin_jax.runtime import locks\n"
                "with locks.exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
 
 
@@ -348,10 +350,10 @@ def test_a_host_memory_error_names_the_sizes_and_other_runtime_errors_pass_throu
     config = Config(batch_size=6, resize=67, dtype="bfloat16")
     with pytest.raises(OutOfMemory, match=r"^out of memory on the host at --batch_size 6, --resize 67, --dtype "
                                           r"bfloat16 \(MemoryError\): use a smaller --batch_size, such as 2$"):
-        with trainer.out_of_memory_explained(config, num_devices=2, workdir=None):
+        with training_run.out_of_memory_explained(config, num_devices=2, workdir=None):
             raise MemoryError()
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
-        with trainer.out_of_memory_explained(config, num_devices=1, workdir=None):
+        with training_run.out_of_memory_explained(config, num_devices=1, workdir=None):
             raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
 

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
-from nin_jax import dataset, files, run_outputs
-from nin_jax.errors import DataError
+from nin_jax.data import dataset
+from nin_jax.runtime import files
+from nin_jax.run import outputs
+from nin_jax.runtime.errors import DataError
 
 from conftest import REPO_ROOT
 from test_benchmarks import random_arrays
@@ -64,7 +66,7 @@ def test_the_tensorboard_events_are_never_written_through_a_link_planted_at_thei
     now = int(time.time())
     for second in range(now, now + 5):  # the name the file would get in the next seconds, before it was unguessable
         (workdir / f"events.out.tfevents.{second:010d}.{socket.gethostname()}.{os.getpid()}").symlink_to(precious)
-    events = run_outputs.ScalarEvents(str(workdir))
+    events = outputs.ScalarEvents(str(workdir))
     events.write({"train/loss": 1.0}, step=1)
     events.close()
     assert precious.read_text() == PRECIOUS
@@ -78,7 +80,7 @@ ROUTE_LOG = """
 import os, socket, sys, tempfile
 guessable = f"nin_jax_runtime_{socket.gethostname()}_{os.getpid()}.log"
 os.symlink(sys.argv[1], os.path.join(tempfile.gettempdir(), guessable))
-from nin_jax import peers
+from nin_jax.runtime import peers
 log = peers.route_runtime_log(2)
 folder = os.stat(os.path.dirname(log))
 print(log, oct(folder.st_mode & 0o777), folder.st_uid == os.geteuid())

@@ -130,7 +130,8 @@ def tree_digest(folder) -> str:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished small run, trained from data arrays, which export and predict read."""
-    from nin_jax import data_arrays, input_pipeline
+    from nin_jax.data import data_arrays
+    from nin_jax import input_pipeline
 
     folder = tmp_path_factory.mktemp("trained")
     rng = np.random.default_rng(0)

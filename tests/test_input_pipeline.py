@@ -9,8 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import data_arrays, dataset, distributed, errors, input_pipeline, parallel, steps, trainer
+from nin_jax.data import data_arrays, dataset
+from nin_jax.runtime import distributed, errors, parallel
+from nin_jax import input_pipeline, steps, trainer
 from nin_jax.config import Config
+
+from conftest import make_strategy
 
 
 def numbered_split(num_examples: int) -> input_pipeline.Split:
@@ -88,7 +92,7 @@ def test_preprocess_in_bfloat16_resizes_in_bfloat16_to_within_its_rounding_of_fl
 def test_evaluation_counts_every_example_exactly_once(num_examples, batch_size, num_devices):
     config = Config(resize=67, batch_size=batch_size)
     strategy = (
-        parallel.JitStrategy(config) if num_devices == 1 else parallel.PmapStrategy(config, jax.local_devices()[:num_devices])
+        make_strategy("jit", config) if num_devices == 1 else make_strategy("pmap", config, jax.local_devices()[:num_devices])
     )
     state = strategy.put_state(steps.create_train_state(config))
     result = trainer.evaluate(strategy, state, numbered_split(num_examples), batch_size)
@@ -152,7 +156,7 @@ def test_a_damaged_data_file_is_named_before_tfds_builds_anything(tmp_path):
 
 def test_exported_arrays_train_like_tfds_data_without_tensorflow(mock_data, tmp_path):
     """export_arrays writes what tfds gives; --data_arrays reads it back and trains on it."""
-    from nin_jax import export_arrays
+    from nin_jax.tools import export_arrays
 
     path = str(tmp_path / "fashion_mnist.npz")
     with mock_data(24):
@@ -218,7 +222,7 @@ def test_integer_labels_of_any_width_are_read_as_int32(tmp_path):
 
 
 def test_export_arrays_writes_exactly_the_named_file_whole_or_leaves_the_old_one(tmp_path, monkeypatch):
-    from nin_jax import export_arrays
+    from nin_jax.tools import export_arrays
 
     datasets = {
         split: input_pipeline.Split(np.zeros((n, 28, 28, 1), np.uint8), np.arange(n, dtype=np.int32) % 10)
@@ -246,7 +250,7 @@ def test_export_arrays_writes_exactly_the_named_file_whole_or_leaves_the_old_one
     ("file/X.npz", "cannot write file/X.npz: Not a directory"),
 ])
 def test_export_arrays_refuses_what_it_cannot_write_in_one_line(tmp_path, monkeypatch, capsys, out, message):
-    from nin_jax import export_arrays
+    from nin_jax.tools import export_arrays
 
     (tmp_path / "file").write_text("")
     monkeypatch.chdir(tmp_path)

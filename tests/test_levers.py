@@ -1,4 +1,4 @@
-"""The kernel levers (nin_jax/kernels.py, --cpu_kernels) change how NiN is computed, never what:
+"""The kernel levers (nin_jax/choices.py, --cpu_kernels) change how NiN is computed, never what:
 every combination gives the same parameters, loss and gradients, and `auto` picks per backend."""
 
 import dataclasses
@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from nin_jax import kernels, steps
+from nin_jax.ops import choices
+from nin_jax import steps
 from nin_jax.config import Config
 
 from test_steps import random_batch
@@ -18,7 +19,7 @@ from test_steps import random_batch
 # Xavier's class layer is not zero, so every layer gets a gradient to compare.
 CONFIG = Config(resize=67, batch_size=4, weight_init="xavier", dropout_rate=0.0)
 # Every pool and 1x1 form with the CPU's tuned kernels, the ReLU after the pool with the CPU's and
-# the GPU's forms, then XLA's plain ops with its default kernels.
+# the GPU's forms, then XLA's plain ops with its default choices.
 COMBINATIONS = [*itertools.product(("slices", "indexed", "reduce_window"), ("dot", "conv"), ("tuned",),
                                    ("relu_then_pool",)),
                 ("slices", "dot", "tuned", "pool_then_relu"), ("indexed", "conv", "tuned", "pool_then_relu"),
@@ -33,7 +34,7 @@ def loss_and_grads(config: Config, params, batch):
         logits = model.apply({"params": params}, images)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
 
-    grad_fn = jax.jit(jax.value_and_grad(loss), compiler_options=kernels.compiler_options(config.cpu_kernels))
+    grad_fn = jax.jit(jax.value_and_grad(loss), compiler_options=choices.compiler_options(config.cpu_kernels))
     return jax.device_get(grad_fn(params))
 
 
@@ -68,8 +69,8 @@ def primitive_counts(config: Config) -> dict[str, int]:
     ("tpu", "reduce_window", "conv", "relu_then_pool"),
 ])
 def test_auto_applies_the_levers_where_they_were_measured_and_plain_ops_elsewhere(backend, pool, conv1x1, order):
-    with mock.patch.object(kernels.jax, "default_backend", return_value=backend):
-        assert tuple(kernels.resolve(lever, "auto") for lever in ("max_pool", "conv1x1", "pool_order")) == (
+    with mock.patch.object(choices.jax, "default_backend", return_value=backend):
+        assert tuple(choices.resolve(lever, "auto") for lever in ("max_pool", "conv1x1", "pool_order")) == (
             pool, conv1x1, order)
         auto = primitive_counts(CONFIG)
     assert auto == primitive_counts(dataclasses.replace(CONFIG, max_pool=pool, conv1x1=conv1x1, pool_order=order))
@@ -79,5 +80,5 @@ def test_auto_applies_the_levers_where_they_were_measured_and_plain_ops_elsewher
 
 
 def test_explicit_choices_override_auto_on_any_backend():
-    with mock.patch.object(kernels.jax, "default_backend", return_value="gpu"):
-        assert kernels.resolve("max_pool", "slices") == "slices" and kernels.resolve("conv1x1", "dot") == "dot"
+    with mock.patch.object(choices.jax, "default_backend", return_value="gpu"):
+        assert choices.resolve("max_pool", "slices") == "slices" and choices.resolve("conv1x1", "dot") == "dot"

@@ -15,10 +15,12 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from nin_jax import peers, run_outputs, steps, trainer
-from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
+from nin_jax.runtime import peers
+from nin_jax.run import outputs, progress
+from nin_jax import steps, trainer
+from nin_jax.run.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
-from nin_jax.stopping import STOPPED_BY_ANOTHER_PROCESS
+from nin_jax.run.stopping import STOPPED_BY_ANOTHER_PROCESS
 
 from conftest import REPO_ROOT
 
@@ -76,7 +78,7 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path, p
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), two_process_state.params,
         one_process_state.params,
     )
-    (record,) = run_outputs.read_metrics(str(workdir))
+    (record,) = outputs.read_metrics(str(workdir))
     assert record["devices"] == "4 cpu devices in 2 processes" and record["parallel"] == parallel
     assert record["train_examples"] == NUM_EXAMPLES and record["test_examples"] == 13
     np.testing.assert_allclose(record["test_accuracy"], one_process_records[0]["test_accuracy"])
@@ -84,7 +86,7 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path, p
 
 
 STOP_SETTINGS = dict(resize=67, batch_size=8, num_epochs=2, eval_examples=8, dropout_rate=0.0, checkpoint_every_steps=0)
-STOP_EXAMPLES = 256  # 32 steps per epoch: more than run_outputs.LAG_STEPS, so the stop lands within epoch 1
+STOP_EXAMPLES = 256  # 32 steps per epoch: more than progress.LAG_STEPS, so the stop lands within epoch 1
 STOP_STEPS_PER_EPOCH = 32
 
 
@@ -123,15 +125,15 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
         wait_for_line(logs["stopped"] / "process0.log", "compiled the train and eval steps", running)
         running[1].send_signal(signal.SIGTERM)
         codes = [process.wait(timeout=TIMEOUT_S) for process in running]
-    outputs = [(logs["stopped"] / f"process{rank}.log").read_text() for rank in range(2)]
-    assert codes == [STOPPED_BY_ANOTHER_PROCESS, 128 + signal.SIGTERM], outputs
-    steps_logged = [re.search(r"stopped .*after step (\d+)", output) for output in outputs]
-    assert all(steps_logged), outputs
+    logged = [(logs["stopped"] / f"process{rank}.log").read_text() for rank in range(2)]
+    assert codes == [STOPPED_BY_ANOTHER_PROCESS, 128 + signal.SIGTERM], logged
+    steps_logged = [re.search(r"stopped .*after step (\d+)", output) for output in logged]
+    assert all(steps_logged), logged
     step = int(steps_logged[0][1])
-    assert int(steps_logged[1][1]) == step and step % STOP_STEPS_PER_EPOCH, outputs
-    assert "stopped by SIGTERM after step" in outputs[1] and "another process of this run was asked to stop" in outputs[0]
-    assert "stopping with the other processes after the same step, at most 10 steps from now (SIGTERM)" in outputs[1]
-    assert "Traceback" not in "".join(outputs)
+    assert int(steps_logged[1][1]) == step and step % STOP_STEPS_PER_EPOCH, logged
+    assert "stopped by SIGTERM after step" in logged[1] and "another process of this run was asked to stop" in logged[0]
+    assert "stopping with the other processes after the same step, at most 10 steps from now (SIGTERM)" in logged[1]
+    assert "Traceback" not in "".join(logged)
     assert saved_steps(stopped) == [step]  # one checkpoint, saved by both together
 
     # One job at a time: on a busy machine, two starting together can miss gloo's connect timeout.
@@ -151,7 +153,7 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
                            serialization.to_state_dict(states[1]))
     timings = {"examples_per_sec", "train_seconds", "compile_seconds"}
     records = [[{key: value for key, value in record.items() if key not in timings} for record in
-                run_outputs.read_metrics(str(workdir))] for workdir in (stopped, uninterrupted)]
+                outputs.read_metrics(str(workdir))] for workdir in (stopped, uninterrupted)]
     assert records[0] == records[1] and len(records[0]) == 2
 
 

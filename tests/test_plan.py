@@ -17,7 +17,8 @@ from unittest import mock
 
 import pytest
 
-from nin_jax import kernels, plan
+from nin_jax.ops import choices
+from nin_jax.tools.plan import command, planning, programs, targets
 from nin_jax.config import Config
 
 from conftest import REPO_ROOT
@@ -83,13 +84,13 @@ def test_both_steps_compile_for_an_h100_and_fit_at_batch_128(recipe, dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_every_spatial_convolution_and_its_gradients_are_cudnn_calls_on_the_gpu(recipe, dtype):
     """Forward, weight gradient and (past the stem, whose input is the image) input gradient of
-    each k x k layer, and no convolution left for XLA's own GPU kernels."""
+    each k x k layer, and no convolution left for XLA's own GPU choices."""
     result = h100("--recipe", recipe, "--dtype", dtype)
     calls = spatial_cudnn_calls(result)
-    for layer, targets in calls.items():
-        forward = [target for target in targets if target.startswith("convForward") or "Bias" in target]
-        assert len(forward) == 1 and targets.count("convBackwardFilter") == 1, (layer, targets)
-        assert targets.count("convBackwardInput") == (0 if layer == "block1/conv/" else 1), (layer, targets)
+    for layer, kinds in calls.items():
+        forward = [kind for kind in kinds if kind.startswith("convForward") or "Bias" in kind]
+        assert len(forward) == 1 and kinds.count("convBackwardFilter") == 1, (layer, kinds)
+        assert kinds.count("convBackwardInput") == (0 if layer == "block1/conv/" else 1), (layer, kinds)
     assert result["opcodes"].get("convolution", 0) == 0
 
 
@@ -116,7 +117,7 @@ def test_levers_compile_on_the_gpu_and_auto_is_the_measured_choice():
     plain_ops = h100("--dtype", "bfloat16", "--max_pool", "reduce_window")
     lever_ops = h100("--dtype", "bfloat16", "--max_pool", "slices", "--conv1x1", "dot")
     check_compiled_and_fits(lever_ops)
-    assert (kernels.resolve("max_pool", "auto", "gpu"), kernels.resolve("conv1x1", "auto", "gpu")) == (
+    assert (choices.resolve("max_pool", "auto", "gpu"), choices.resolve("conv1x1", "auto", "gpu")) == (
         "indexed", "conv")
     # nn.max_pool: a reduce-window, whose gradient XLA's GPU compiler writes as a scatter
     assert plain_ops["opcodes"].get("reduce-window", 0) >= 3 and plain_ops["opcodes"].get("scatter", 0) >= 3
@@ -190,7 +191,7 @@ def test_levers_and_pmap_compile_for_a_single_host_tpu_slice():
                           *TPU_RESIZE)
     check_compiled_and_fits(pmapped)
     assert pmapped["parallel"] == "pmap" and pmapped["hosts"] == 1
-    assert (kernels.resolve("max_pool", "auto", "tpu"), kernels.resolve("conv1x1", "auto", "tpu")) == (
+    assert (choices.resolve("max_pool", "auto", "tpu"), choices.resolve("conv1x1", "auto", "tpu")) == (
         "reduce_window", "conv")
 
 
@@ -199,12 +200,12 @@ def test_every_target_is_listed_with_its_published_figures():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     for name in ("h100", "h200", "a100", "l4", "tpu-v4-4", "tpu-v5e-16", "tpu-v5p-16", "tpu-v6e-256"):
-        assert name in plan.TARGETS and f"\n{name} " in result.stdout
-    gpus = [target for target in plan.TARGETS.values() if target.platform == "gpu"]
+        assert name in targets.TARGETS and f"\n{name} " in result.stdout
+    gpus = [target for target in targets.TARGETS.values() if target.platform == "gpu"]
     for target in gpus:
-        text = plan.gpu_target_config(target)
+        text = targets.gpu_target_config(target)
         assert text.startswith("# NVIDIA") and "device_memory_size" in text  # the figures, and where they come from
-    hosts_of = {target.topology for target in plan.TARGETS.values() if target.platform == "tpu"}
+    hosts_of = {target.topology for target in targets.TARGETS.values() if target.platform == "tpu"}
     assert {"v5e:2x2", "v5e:4x4", "v6e:16x16"} <= hosts_of
 
 
@@ -213,7 +214,7 @@ def test_every_target_is_listed_with_its_published_figures():
     ([], "--target is required; --list names the targets"),
     (["--target", "h100", "--json", "/no/such/folder/plan.json"], None),
     (["--target", "tpu-v5e-4", "--devices", "2"], "--devices is for listed GPU targets"),
-    (["--target", "h100", "--batch_size", "0"], "--batch_size must be positive, got 0"),
+    (["--target", "h100", "--batch_size", "0"], "--batch_size must be from 1 to 65,536, got 0"),
 ])
 def test_wrong_flags_end_with_one_line(flags, message):
     result = subprocess.run([sys.executable, "-m", "nin_jax.plan", *flags], cwd=REPO_ROOT, capture_output=True,
@@ -234,8 +235,8 @@ def test_wrong_flags_end_with_one_line(flags, message):
 def test_a_missing_compiler_is_named_with_its_install(target, missing, message):
     real_find_spec = importlib.util.find_spec
     with mock.patch.object(importlib.util, "find_spec", lambda name: None if name == missing else real_find_spec(name)):
-        with pytest.raises(plan.PlanError, match=re.escape(message)):
-            plan.target_devices(plan.TARGETS[target])
+        with pytest.raises(targets.PlanError, match=re.escape(message)):
+            targets.target_devices(targets.TARGETS[target])
 
 
 def test_a_batch_that_does_not_split_over_the_slice_is_refused_in_one_line():
@@ -267,7 +268,7 @@ ENTRY %main (a: bf16[2,8,8,3], w: bf16[3,3,3,4], g: f32[8,4]) -> f32[8,4] {
   ROOT %f = f32[8,4]{1,0} fusion(%copy), kind=kCustom, calls=%fused_computation, backend_config={"kind":"__triton_gemm"}
 }
 """
-    facts = plan.program_facts(text)
+    facts = programs.program_facts(text)
     assert facts["kernels"] == {"cudnn": 1, "gemm_fusions": 1, "cublas": 0, "other_fusions": 0, "copies": 1,
                                 "transposes": 0, "collectives": 1, "other": 0, "total": 4}
     assert facts["collectives"] == {"all-reduce": {"count": 1, "bytes": 128}}
@@ -276,7 +277,7 @@ ENTRY %main (a: bf16[2,8,8,3], w: bf16[3,3,3,4], g: f32[8,4]) -> f32[8,4] {
     assert facts["cudnn_calls"] == [{"target": "__cudnn$convForward", "window": "3x3", "activation": "",
                                      "operands": ["bf16[2,8,8,3]", "bf16[3,3,3,4]"],
                                      "op_name": "jit(step)/block1/conv/conv_general_dilated"}]
-    assert plan.f32_compute(text) == ["d (no op_name)"]
+    assert programs.f32_compute(text) == ["d (no op_name)"]
     assert facts["entry_parameters"] == {"a": "bf16[2,8,8,3]{3,2,1,0}", "w": "bf16[3,3,3,4]{3,2,1,0}",
                                          "g": "f32[8,4]{1,0}"}
 
@@ -302,7 +303,7 @@ class _Stage:
     (NotImplementedError("no cost analysis on this backend"), None),
 ])
 def test_xla_flops_reads_every_shape_of_cost_analysis(analysis, flops):
-    assert plan.xla_flops(_Stage(analysis)) == flops
+    assert planning.xla_flops(_Stage(analysis)) == flops
 
 
 def test_the_flops_come_from_the_compiled_step_where_the_lowered_one_has_none():
@@ -310,10 +311,10 @@ def test_the_flops_come_from_the_compiled_step_where_the_lowered_one_has_none():
 
     config = Config(resize=67, batch_size=8)
     with mock.patch.object(stages.Lowered, "cost_analysis", return_value=None):
-        flops = plan.train_flops(config)
+        flops = planning.train_flops(config)
         assert flops and 8 * 1e8 < flops < 8 * 1e9
         with mock.patch.object(stages.Compiled, "cost_analysis", return_value=[None]):
-            assert plan.train_flops(config) is None
+            assert planning.train_flops(config) is None
 
 
 def test_a_plan_of_the_attached_cpu_without_flops_prints_everything_else(capsys):
@@ -323,7 +324,7 @@ def test_a_plan_of_the_attached_cpu_without_flops_prints_everything_else(capsys)
 
     with mock.patch.object(stages.Lowered, "cost_analysis", return_value=None), \
             mock.patch.object(stages.Compiled, "cost_analysis", return_value=None):
-        status = plan.main(["--target", "local", "--resize", "67", "--batch_size", "8", "--no-largest_batch"])
+        status = command.main(["--target", "local", "--resize", "67", "--batch_size", "8", "--no-largest_batch"])
     rows = dict(line.split(None, 1) for line in capsys.readouterr().out.strip().splitlines())
     assert status == 0
     assert rows["FLOPs"] == "not reported by this JAX"
@@ -333,7 +334,7 @@ def test_a_plan_of_the_attached_cpu_without_flops_prints_everything_else(capsys)
 
 
 def test_a_roofline_without_flops_is_the_memory_bound_alone():
-    bound = plan.roofline(plan.TARGETS["h200"], 1, Config(batch_size=128, dtype="bfloat16"), None, 4.8e9)
+    bound = planning.roofline(targets.TARGETS["h200"], 1, Config(batch_size=128, dtype="bfloat16"), None, 4.8e9)
     assert bound["compute_seconds"] is None and bound["bound"] == "memory"
     assert bound["step_seconds"] == pytest.approx(1e-3) and bound["images_per_sec"] == pytest.approx(128_000)
-    assert "compute unknown (FLOPs not reported)" in plan._format_roofline(bound, "H200")
+    assert "compute unknown (FLOPs not reported)" in command._format_roofline(bound, "H200")

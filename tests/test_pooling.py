@@ -1,4 +1,4 @@
-"""`kernels.max_pool` and `kernels.max_pool_indexed` are `nn.max_pool`: the same outputs, and
+"""`pooling.max_pool_slices` and `pooling.max_pool_indexed` are `nn.max_pool`: the same outputs, and
 gradients routed to the same elements."""
 
 import flax.linen as nn
@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nin_jax import kernels
+from nin_jax.ops import pooling
 
 
 def reference(x, window, stride):
     return nn.max_pool(x, (window, window), (stride, stride), "VALID")
 
 
-POOLS = [kernels.max_pool, kernels.max_pool_indexed]
+POOLS = [pooling.max_pool_slices, pooling.max_pool_indexed]
 
 
 def check_against_reference(pool, x, window, stride):
@@ -65,6 +65,6 @@ def test_bfloat16_and_jit(pool):
 def test_the_indexed_gradient_reads_one_byte_per_output_and_not_the_input():
     """What the indexed pool keeps for its gradient: the positions, uint8, of the output's shape."""
     x = jax.random.normal(jax.random.key(0), (2, 13, 13, 4))
-    _, residuals = jax.vjp(lambda x: kernels.max_pool_indexed(x, 3, 2), x)
+    _, residuals = jax.vjp(lambda x: pooling.max_pool_indexed(x, 3, 2), x)
     leaves = [leaf for leaf in jax.tree_util.tree_leaves(residuals) if hasattr(leaf, "dtype")]
     assert [(leaf.dtype, leaf.shape) for leaf in leaves if leaf.size > 1] == [(jnp.uint8, (2, 6, 6, 4))]

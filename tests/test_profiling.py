@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from nin_jax import profile_report, profiling, trainer
+from nin_jax.run import profile_report, profiling
+from nin_jax import trainer
 from nin_jax.config import Config
 
 from conftest import REPO_ROOT

@@ -6,7 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from nin_jax import data_arrays, dataset, errors, input_pipeline, trainer
+from nin_jax.data import data_arrays, dataset
+from nin_jax.runtime import errors
+from nin_jax import input_pipeline, trainer
 from nin_jax.config import Config
 
 from conftest import SHARED_FASHION_MNIST

@@ -11,13 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from nin_jax import input_pipeline, models, parallel, steps
+from nin_jax import input_pipeline, models, steps
+from nin_jax.ops import batch_norm
+from nin_jax.runtime import parallel
 from nin_jax.config import Config, ConfigError, parse_flags
 from nin_jax.config import RECIPES
 
 import train
 
-from conftest import float64, one_eval_step, one_train_step
+from conftest import float64, one_eval_step, one_train_step, make_strategy
 from test_steps import random_batch
 
 STEPS_PER_EPOCH = 10
@@ -83,11 +85,11 @@ def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
     logits = jax.random.normal(jax.random.key(0), (4, 10))
     labels = jnp.array([0, 3, 9, 3])
     mask = jnp.array([1.0, 1.0, 1.0, 0.0])
-    plain = steps._summed_metrics(logits, labels, mask)
+    plain = steps.summed_metrics(logits, labels, mask)
     np.testing.assert_allclose(
         plain["loss_sum"], optax.softmax_cross_entropy_with_integer_labels(logits[:3], labels[:3]).sum(), rtol=1e-6
     )
-    smoothed = steps._summed_metrics(logits, labels, mask, label_smoothing=0.1)
+    smoothed = steps.summed_metrics(logits, labels, mask, label_smoothing=0.1)
     targets = 0.9 * jax.nn.one_hot(labels, 10) + 0.01
     expected = -(targets * jax.nn.log_softmax(logits)).sum(-1)[:3].sum()
     np.testing.assert_allclose(smoothed["loss_sum"], expected, rtol=1e-6)
@@ -98,7 +100,7 @@ def test_the_strong_recipe_step_learns_on_one_batch_under_jit_and_pmap():
     """Momentum, schedule, decay and smoothing together lower the loss of a batch."""
     config = strong(num_epochs=1, warmup_epochs=0.1, dropout_rate=0.0)
     batch = random_batch(config.batch_size, 16)
-    for strategy in (parallel.JitStrategy(config), parallel.PmapStrategy(config)):
+    for strategy in (make_strategy("jit", config), make_strategy("pmap", config)):
         state = strategy.put_state(steps.create_train_state(config, steps_per_epoch=STEPS_PER_EPOCH))
         losses = []
         for _ in range(6):
@@ -112,7 +114,7 @@ def test_batch_norm_variant_updates_running_statistics_the_same_on_every_device(
     batch = random_batch(config.batch_size, 16)
     initial = steps.create_train_state(config)
     assert jax.tree_util.tree_leaves(initial.batch_stats)
-    strategy = parallel.PmapStrategy(config)
+    strategy = make_strategy("pmap", config)
     state, metrics = one_train_step(strategy, strategy.put_state(initial), batch)
     for leaf in jax.tree_util.tree_leaves(state.batch_stats):  # replicas agree after the pmean
         np.testing.assert_allclose(leaf, np.broadcast_to(leaf[0], leaf.shape), rtol=1e-6)
@@ -141,22 +143,22 @@ def test_batch_statistics_are_those_of_the_real_examples_on_one_device_and_acros
     x = np.random.default_rng(0).normal(3.0, 2.0, (16, 5, 5, 8)).astype(np.float32)
     mask = (np.arange(16) < 3).astype(np.float32)  # 3 real examples: shards 2 to 4 are all padding
     expected = x[:3].mean((0, 1, 2)), x[:3].var((0, 1, 2))
-    np.testing.assert_allclose(jax.jit(models.batch_statistics)(x, mask), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(batch_norm.batch_statistics)(x, mask), expected, rtol=1e-5, atol=1e-5)
     shard = lambda a: a.reshape((4, -1) + a.shape[1:])  # noqa: E731
-    per_device = jax.pmap(lambda x, m: models.batch_statistics(x, m, "batch"), axis_name="batch")(shard(x), shard(mask))
+    per_device = jax.pmap(lambda x, m: batch_norm.batch_statistics(x, m, "batch"), axis_name="batch")(shard(x), shard(mask))
     for device in range(4):  # every device holds the statistics of the 3 real examples
         np.testing.assert_allclose([per_device[0][device], per_device[1][device]], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy_class", [parallel.JitStrategy, parallel.PmapStrategy, parallel.ShardingStrategy])
-def test_a_batch_norm_step_on_a_padded_batch_is_the_step_on_its_real_examples(strategy_class):
+@pytest.mark.parametrize("kind", ["jit", "pmap", "sharding"])
+def test_a_batch_norm_step_on_a_padded_batch_is_the_step_on_its_real_examples(kind):
     """3 real examples of 16: under pmap and sharding, 3 of the 4 devices hold padding only."""
     config = Config(resize=67, batch_size=16, batch_norm=True, dropout_rate=0.0)
     batch = padded_batch(3)
     unpadded = dataclasses.replace(config, batch_size=3)
     expected, expected_metrics = one_train_step(
-        parallel.JitStrategy(unpadded), steps.create_train_state(unpadded), {name: values[:3] for name, values in batch.items()})
-    strategy = strategy_class(config)
+        make_strategy("jit", unpadded), steps.create_train_state(unpadded), {name: values[:3] for name, values in batch.items()})
+    strategy = make_strategy(kind, config)
     state, metrics = one_train_step(strategy, strategy.put_state(steps.create_train_state(config)), batch)
     state = strategy.get_state(state)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)  # noqa: E731
@@ -171,7 +173,7 @@ def test_the_compiled_batch_norm_gradient_is_the_op_by_op_gradient():
     program's gradient must still be the model's. The model in float64 (its batch statistics stay
     float32), where a gradient routed to the wrong element stands out from rounding: all in float32,
     batch norm over 16 examples magnified the two programs' rounding past this tolerance on jax
-    0.12's CPU kernels."""
+    0.12's CPU choices."""
     config = Config(resize=67, batch_norm=True, dropout_rate=0.0)
     with float64():
         model = dataclasses.replace(steps.create_model(config), dtype=jnp.float64)

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from nin_jax import input_pipeline, run_outputs, steps, trainer
-from nin_jax.checkpoints import CHECKPOINT_DIR, Checkpoints
+from nin_jax import input_pipeline, steps, trainer
+from nin_jax.run import outputs
+from nin_jax.run.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.config import Config
-from nin_jax.stopping import Interrupted
+from nin_jax.run.stopping import Interrupted
 
 import train
 
@@ -121,7 +122,7 @@ def test_resuming_mid_epoch_ends_like_the_uninterrupted_run_and_a_finished_run_s
     state, records, lines = resume(tmp_path, "jit", fake_data, **changes)
     assert lines[0] == f"resuming from the checkpoint of step 8 in {tmp_path / CHECKPOINT_DIR}: epoch 2, batch 4 of 5 is next"
     assert_same_state(state, full_state)
-    assert deterministic(run_outputs.read_metrics(str(tmp_path))) == deterministic(records) == deterministic(full_records)
+    assert deterministic(outputs.read_metrics(str(tmp_path))) == deterministic(records) == deterministic(full_records)
 
     state, records, lines = resume(tmp_path, "jit", fake_data, **changes)
     how_to_go_on = ("its --lr_schedule onecycle spans exactly these epochs, so it cannot go on: train a longer run in a "
@@ -144,7 +145,7 @@ def test_a_pmap_run_killed_mid_epoch_resumes_to_the_same_parameters_and_metrics(
     state, records, lines = resume(workdir, "pmap", fake_data)
     assert lines[0].startswith(f"resuming from the checkpoint of step {killed_at} ")
     assert_same_state(state, reference_state)
-    assert deterministic(run_outputs.read_metrics(str(workdir))) == deterministic(records) == deterministic(reference_records)
+    assert deterministic(outputs.read_metrics(str(workdir))) == deterministic(records) == deterministic(reference_records)
 
 
 def test_a_first_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
@@ -214,7 +215,7 @@ def test_a_sigterm_or_sighup_before_training_starts_ends_the_run_in_one_line(fak
         raise AssertionError("the signal should have ended the run")
 
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
-    with fake_data(NUM_EXAMPLES), mock.patch("nin_jax.dataset.load_datasets", load_with_a_signal), \
+    with fake_data(NUM_EXAMPLES), mock.patch("nin_jax.data.dataset.load_datasets", load_with_a_signal), \
             pytest.raises(SystemExit) as exit_status:
         train.main([*flags(parallel="jit"), f"--workdir={tmp_path}"])
     assert exit_status.value.code == 128 + signum
@@ -274,19 +275,19 @@ def test_deterministic_sets_xlas_flag_before_jax_starts_and_leaves_a_cpu_run_as_
                                  f"--workdir={workdir}", *extra], capture_output=True, text=True, timeout=TIMEOUT_S,
                                 env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
         assert result.returncode == 0, result.stderr
-        runs[name] = (latest_checkpoint(workdir, num_epochs=1), deterministic(run_outputs.read_metrics(str(workdir))))
+        runs[name] = (latest_checkpoint(workdir, num_epochs=1), deterministic(outputs.read_metrics(str(workdir))))
     assert_same_state(runs["plain"][0], runs["deterministic"][0])
     assert runs["plain"][1] == runs["deterministic"][1]
 
 
 def test_deterministic_without_the_flag_in_xla_flags_is_refused(monkeypatch, tmp_path):
-    from nin_jax import kernels
-    from nin_jax.errors import ConfigError
+    from nin_jax.ops import choices
+    from nin_jax.config import ConfigError
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     with pytest.raises(ConfigError, match=r"^--deterministic needs --xla_gpu_deterministic_ops=true in XLA_FLAGS"):
         trainer.train_and_evaluate(config(deterministic=True), str(tmp_path))
-    kernels.make_deterministic()
-    kernels.make_deterministic()
+    choices.make_deterministic()
+    choices.make_deterministic()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_gpu_deterministic_ops=true"
     assert os.listdir(tmp_path) == []  # refused before anything was written

@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from nin_jax import input_pipeline, parallel, steps
+from nin_jax import input_pipeline, steps
+from nin_jax.runtime import parallel
 from nin_jax.config import Config, ConfigError
 
-from conftest import one_eval_step, one_train_step
+from conftest import one_eval_step, one_train_step, make_strategy
 
 CONFIG = Config(resize=67, batch_size=16, dropout_rate=0.0)
 
@@ -36,8 +37,8 @@ def one_step(strategy, batch):
 def test_pmap_step_equals_jit_step(num_devices, num_real):
     """One pmap step over a global batch gives the jit step's parameters, padded batches included."""
     batch = random_batch(CONFIG.batch_size, num_real)
-    jit_state, jit_metrics = one_step(parallel.JitStrategy(CONFIG), batch)
-    pmap_state, pmap_metrics = one_step(parallel.PmapStrategy(CONFIG, jax.local_devices()[:num_devices]), batch)
+    jit_state, jit_metrics = one_step(make_strategy("jit", CONFIG), batch)
+    pmap_state, pmap_metrics = one_step(make_strategy("pmap", CONFIG, jax.local_devices()[:num_devices]), batch)
     assert int(pmap_state.step) == int(jit_state.step) == 1
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pmap_state.params, jit_state.params
@@ -52,7 +53,7 @@ def test_sharding_step_equals_pmap_step_over_a_few_steps():
     """`--parallel sharding` (jit over a mesh) and `--parallel pmap` agree step after step."""
     batches = [random_batch(CONFIG.batch_size, num_real, seed) for seed, num_real in enumerate((16, 16, 9))]
     results = []
-    for strategy in (parallel.PmapStrategy(CONFIG), parallel.ShardingStrategy(CONFIG)):
+    for strategy in (make_strategy("pmap", CONFIG), make_strategy("sharding", CONFIG)):
         assert strategy.num_devices == 4
         state = strategy.put_state(steps.create_train_state(CONFIG))
         for batch in batches:
@@ -75,7 +76,7 @@ def test_train_step_is_sgd_on_the_mean_loss_of_real_examples():
 
     expected_loss, grads = jax.jit(jax.value_and_grad(mean_loss))(state.params)
     expected = jax.tree_util.tree_map(lambda p, g: p - CONFIG.learning_rate * g, state.params, grads)
-    new_state, metrics = one_train_step(parallel.JitStrategy(CONFIG), state, batch)  # donates `state`
+    new_state, metrics = one_train_step(make_strategy("jit", CONFIG), state, batch)  # donates `state`
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params, expected)
     np.testing.assert_allclose(metrics["loss_sum"] / metrics["count"], expected_loss, rtol=1e-5)
 
@@ -84,7 +85,7 @@ def test_dropout_masks_follow_the_step():
     """Dropout keys come from (seed, step), not from hidden state: two runs of the same step agree."""
     config = dataclasses.replace(CONFIG, dropout_rate=0.5)
     batch = random_batch(config.batch_size, 16)
-    strategy = parallel.JitStrategy(config)
+    strategy = make_strategy("jit", config)
     first = one_train_step(strategy, steps.create_train_state(config), batch)[0]
     again = one_train_step(strategy, steps.create_train_state(config), batch)[0]
     jax.tree_util.tree_map(np.testing.assert_array_equal, first.params, again.params)
@@ -92,28 +93,28 @@ def test_dropout_masks_follow_the_step():
 
 def test_eval_step_counts_only_real_examples():
     batch = random_batch(CONFIG.batch_size, num_real=5)
-    metrics = one_eval_step(parallel.JitStrategy(CONFIG), steps.create_train_state(CONFIG), batch)
+    metrics = one_eval_step(make_strategy("jit", CONFIG), steps.create_train_state(CONFIG), batch)
     assert metrics["count"] == 5
     assert 0 <= metrics["correct"] <= 5
 
 
 def test_pmap_refuses_a_batch_that_does_not_split_over_the_devices():
     with pytest.raises(ConfigError, match="does not split evenly over 4 devices"):
-        parallel.PmapStrategy(dataclasses.replace(CONFIG, batch_size=18), jax.local_devices()[:4])
+        make_strategy("pmap", dataclasses.replace(CONFIG, batch_size=18), jax.local_devices()[:4])
 
 
 def test_auto_picks_sharding_when_there_are_several_devices_and_jit_for_one():
     assert jax.local_device_count() == 4
-    assert parallel.create_strategy(CONFIG).name == "sharding"
-    assert parallel.create_strategy(dataclasses.replace(CONFIG, parallel="pmap")).name == "pmap"
-    assert parallel.create_strategy(dataclasses.replace(CONFIG, parallel="jit")).name == "jit"
+    assert make_strategy("auto", CONFIG).name == "sharding"
+    assert make_strategy("auto", dataclasses.replace(CONFIG, parallel="pmap")).name == "pmap"
+    assert make_strategy("auto", dataclasses.replace(CONFIG, parallel="jit")).name == "jit"
     with mock.patch.object(jax, "device_count", return_value=1):
-        assert parallel.create_strategy(CONFIG).name == "jit"
+        assert make_strategy("auto", CONFIG).name == "jit"
 
 
 def test_pmap_state_goes_to_every_device_and_comes_back_unchanged():
     state = steps.create_train_state(CONFIG)
-    strategy = parallel.PmapStrategy(CONFIG)
+    strategy = make_strategy("pmap", CONFIG)
     placed = strategy.put_state(state)
     kernel = placed.params["block1"]["conv"]["kernel"]
     assert kernel.shape == (4,) + state.params["block1"]["conv"]["kernel"].shape
@@ -130,9 +131,9 @@ def test_jit_and_sharding_draw_the_same_dropout_masks():
     initial = jax.device_get(steps.create_train_state(config))  # host copies: each step donates its input
     other_key = initial.replace(dropout_key=steps.create_train_state(dataclasses.replace(config, seed=1)).dropout_key)
     results = {}
-    for name, strategy, state in (("jit", parallel.JitStrategy(config), initial),
-                                  ("sharding", parallel.ShardingStrategy(config), initial),
-                                  ("other key", parallel.JitStrategy(config), other_key)):
+    for name, strategy, state in (("jit", make_strategy("jit", config), initial),
+                                  ("sharding", make_strategy("sharding", config), initial),
+                                  ("other key", make_strategy("jit", config), other_key)):
         new_state, _ = one_train_step(strategy, strategy.put_state(state), batch)
         results[name] = jax.tree_util.tree_leaves(strategy.get_state(new_state).params)
     for jit_leaf, sharded_leaf in zip(results["jit"], results["sharding"]):
@@ -153,7 +154,7 @@ def test_bfloat16_step_computes_in_bf16_and_keeps_parameters_optimizer_and_loss_
 
     results = []
     for config in (CONFIG, bf16):
-        strategy = parallel.JitStrategy(config)
+        strategy = make_strategy("jit", config)
         new_state, metrics = one_train_step(strategy, strategy.put_state(steps.create_train_state(config)), batch)
         results.append((strategy.get_state(new_state), jax.device_get(metrics)))
     (fp32_state, fp32_metrics), (bf16_state, bf16_metrics) = results

@@ -10,7 +10,8 @@ import pytest
 
 import train
 from nin_jax import config as config_module
-from nin_jax import run_outputs, trainer
+from nin_jax.run import outputs
+from nin_jax import trainer
 from nin_jax.config import Config
 
 from conftest import REPO_ROOT
@@ -30,7 +31,7 @@ def test_train_and_evaluate_on_mock_data(mock_data, tmp_path, parallel):
         assert record["train_examples"] == 20 and record["test_examples"] == 13
         assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
     assert records[0]["devices"] == ("4 cpu devices" if parallel == "pmap" else "1 cpu device")
-    logged = run_outputs.read_metrics(str(tmp_path))
+    logged = outputs.read_metrics(str(tmp_path))
     assert logged == records and REQUIRED_FIELDS <= set(logged[0])
     assert lines[-1].startswith("epoch 2/2: loss ") and "images/s on" in lines[-1]
 
@@ -45,12 +46,12 @@ def run_cli(*args, **env):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--batch_size", "0"], "--batch_size must be positive"),
+        (["--batch_size", "0"], "--batch_size must be from 1 to 65,536, got 0"),
         (["--num_epochs", "-1"], "--num_epochs must be positive"),
         (["--learning_rate", "0"], "--learning_rate must be positive"),
         (["--learning_rate", "inf"], "--learning_rate must be positive and finite, got inf"),
         (["--checkpoint_every_steps", "-1"], "--checkpoint_every_steps must be 0 (epoch ends only) or positive"),
-        (["--resize", "66"], "--resize must be at least 67"),
+        (["--resize", "66"], "--resize must be from 67 to 1,024 (NiN's pools need at least 67), got 66"),
         (["--resize", "big"], "invalid int value"),
         (["--parallel", "tpu"], "invalid choice"),
         (["--no_such_flag"], "unrecognized arguments"),
@@ -74,13 +75,19 @@ def test_cli_missing_data_is_one_clear_line_and_nothing_else(tmp_path):
     assert "t10k-labels-idx1-ubyte.gz" in result.stderr
 
 
-def test_cli_help_documents_every_flag_and_its_default():
-    result = run_cli("--help")
-    assert result.returncode == 0
-    for flag, default in [("--num_epochs", "10"), ("--batch_size", "128"), ("--learning_rate", "0.1"),
-                          ("--resize", "224"), ("--seed", "0"), ("--parallel", "auto"), ("--manual_dir", "None")]:
-        assert flag in result.stdout
-    assert result.stdout.count("(default:") >= len(Config.__dataclass_fields__)
+def test_help_shows_what_a_reader_of_the_book_needs_and_helpfull_every_flag():
+    """--help: the recipe, data and workdir flags, at most 25; --helpfull: every flag, with its default."""
+    short, full = run_cli("--help"), run_cli("--helpfull")
+    assert short.returncode == full.returncode == 0
+    shown = [line.split()[0] for line in short.stdout.splitlines() if line.startswith("  -")]
+    assert len(shown) <= 25, shown
+    for flag in ("--num_epochs", "--batch_size", "--learning_rate", "--resize", "--manual_dir", "--workdir", "--helpfull"):
+        assert f"  {flag}" in short.stdout
+    for field in dataclasses.fields(Config):
+        shown_here = field.metadata["group"] in config_module.SHORT_HELP_GROUPS
+        assert (f"  --{field.name}" in short.stdout) == shown_here, field.name
+        assert f"  --{field.name}" in full.stdout, field.name
+    assert full.stdout.count("(default:") >= len(Config.__dataclass_fields__)
 
 
 def test_cli_batch_that_does_not_split_over_the_devices_is_one_line():
@@ -120,9 +127,9 @@ def test_docs_document_every_flag():
         f"## {group}\n" + "\n".join(rows) for group, rows in expected.items() if missing[group])
 
 
-def test_help_shows_the_flags_in_groups_each_with_its_default(capsys):
+def test_helpfull_shows_the_flags_in_groups_each_with_its_default(capsys):
     with pytest.raises(SystemExit):
-        train.main(["--help"])
+        train.main(["--helpfull"])
     shown = capsys.readouterr().out
     positions = [shown.index(f"\n{group}:\n") for group in config_module.GROUPS]
     assert positions == sorted(positions)

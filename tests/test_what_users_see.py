@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import cpu_estimate, plots, predict, run_outputs, trainer
+from nin_jax.run import cpu_estimate, outputs, plots, progress
+from nin_jax.tools import predict
+from nin_jax import trainer
 from nin_jax.config import Config
-from nin_jax.errors import WorkdirError
+from nin_jax.runtime.errors import WorkdirError
 
 from conftest import REPO_ROOT, mock_fashion_mnist
 from test_train import run_cli
@@ -89,7 +91,7 @@ def test_cpu_estimate_comes_from_the_first_steps_and_before_the_first_epoch_ends
 
 
 def test_curves_png_is_written(trained_run):
-    with Image.open(os.path.join(trained_run["workdir"], run_outputs.CURVES_FILE)) as image:
+    with Image.open(os.path.join(trained_run["workdir"], outputs.CURVES_FILE)) as image:
         assert image.format == "PNG" and image.width > 200 and image.height > 150
 
 
@@ -122,7 +124,7 @@ def test_a_bar_left_by_an_exception_leaves_its_line_to_the_message_that_follows(
 
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
-    with pytest.raises(KeyboardInterrupt), run_outputs.StepProgress("epoch 1/10", 1000, 10) as bar:
+    with pytest.raises(KeyboardInterrupt), progress.StepProgress("epoch 1/10", 1000, 10) as bar:
         bar.update({"count": np.float32(10), "loss_sum": np.float32(23.0), "correct": np.float32(1)})
         raise KeyboardInterrupt
     assert "epoch 1/10" in terminal.getvalue()  # the bar was drawn
@@ -142,12 +144,12 @@ def logged_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def expected_scalars(records) -> dict[str, list[tuple[int, float]]]:
-    return {tag: [(r["epoch"], r[key]) for r in records] for tag, key in run_outputs.SCALARS.items()}
+    return {tag: [(r["epoch"], r[key]) for r in records] for tag, key in outputs.SCALARS.items()}
 
 
 def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
     logged = logged_scalars(trained_run["workdir"])
-    assert set(logged) == set(run_outputs.SCALARS)
+    assert set(logged) == set(outputs.SCALARS)
     for tag, expected in expected_scalars(trained_run["records"]).items():
         np.testing.assert_allclose(logged[tag], expected, rtol=1e-6)
 
@@ -155,11 +157,11 @@ def test_tensorboard_events_hold_every_scalar_of_every_epoch(trained_run):
 def test_events_are_written_without_tensorflow(trained_run, tmp_path):
     """As on an accelerator machine that reads --data_arrays and has no TensorFlow."""
     with mock.patch.dict(sys.modules, {"tensorflow": None}):  # None: `import tensorflow` fails, as when absent
-        outputs = run_outputs.EpochOutputs(str(tmp_path), CONFIG)
-        outputs.write(trained_run["records"][:1])
-        outputs.write(trained_run["records"])
-        outputs.close()
-    assert run_outputs.CURVES_FILE in os.listdir(tmp_path)
+        epoch_outputs = outputs.EpochOutputs(str(tmp_path), CONFIG)
+        epoch_outputs.write(trained_run["records"][:1])
+        epoch_outputs.write(trained_run["records"])
+        epoch_outputs.close()
+    assert outputs.CURVES_FILE in os.listdir(tmp_path)
     logged = logged_scalars(str(tmp_path))
     assert logged.keys() == expected_scalars(trained_run["records"]).keys()
     for tag, expected in expected_scalars(trained_run["records"]).items():
@@ -168,7 +170,7 @@ def test_events_are_written_without_tensorflow(trained_run, tmp_path):
 
 def test_writing_events_leaves_tensorflow_unimported(tmp_path):
     """Importing TensorFlow takes seconds of every start; the events need none of it."""
-    script = (f"import sys; from nin_jax import run_outputs; events = run_outputs.ScalarEvents({str(tmp_path)!r}); "
+    script = (f"import sys; from nin_jax.run import outputs; events = outputs.ScalarEvents({str(tmp_path)!r}); "
               "events.write({'train/loss': 1.5}, 1); events.close(); print(sorted(sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
@@ -178,10 +180,10 @@ def test_writing_events_leaves_tensorflow_unimported(tmp_path):
 
 def test_without_the_tensorboard_package_the_curves_are_drawn_and_the_events_left_out(trained_run, tmp_path):
     with mock.patch.dict(sys.modules, {"tensorboard.summary.writer.record_writer": None}):
-        outputs = run_outputs.EpochOutputs(str(tmp_path), CONFIG)
-        outputs.write(trained_run["records"])
-        outputs.close()
-    assert os.listdir(tmp_path) == [run_outputs.CURVES_FILE]
+        epoch_outputs = outputs.EpochOutputs(str(tmp_path), CONFIG)
+        epoch_outputs.write(trained_run["records"])
+        epoch_outputs.close()
+    assert os.listdir(tmp_path) == [outputs.CURVES_FILE]
 
 
 def test_the_first_epochs_run_without_a_drawing_beside_them_and_the_last_is_drawn(trained_run, tmp_path):
@@ -190,37 +192,37 @@ def test_the_first_epochs_run_without_a_drawing_beside_them_and_the_last_is_draw
     imported before training, and closing draws every epoch."""
     script = f"""
 import sys, time
-from nin_jax import run_outputs
+from nin_jax.run import outputs
 from nin_jax.config import Config
-outputs = run_outputs.EpochOutputs({str(tmp_path)!r}, Config())
+outputs = outputs.EpochOutputs({str(tmp_path)!r}, Config())
 outputs._jobs.wait()
 imported = 'matplotlib' in sys.modules
 outputs.write({trained_run["records"][:1]!r})
 outputs._jobs.wait()
-drawn_after_first_epoch = {run_outputs.CURVES_FILE!r} in __import__('os').listdir({str(tmp_path)!r})
+drawn_after_first_epoch = {outputs.CURVES_FILE!r} in __import__('os').listdir({str(tmp_path)!r})
 outputs.close()
 print(imported, drawn_after_first_epoch)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "False"]
-    assert run_outputs.CURVES_FILE in os.listdir(tmp_path)
+    assert outputs.CURVES_FILE in os.listdir(tmp_path)
 
 
 def test_config_json_reads_back_as_the_run_config(trained_run):
-    assert run_outputs.read_config(trained_run["workdir"]) == CONFIG
+    assert outputs.read_config(trained_run["workdir"]) == CONFIG
 
 
 def test_config_json_of_an_earlier_version_reads_back_and_a_foreign_one_is_refused_in_one_line(trained_run,
                                                                                              tmp_path):
     """An earlier version's run recorded options since removed, which predict must not trip over."""
-    with open(os.path.join(trained_run["workdir"], run_outputs.CONFIG_FILE)) as f:
+    with open(os.path.join(trained_run["workdir"], outputs.CONFIG_FILE)) as f:
         fields = json.load(f)
-    (tmp_path / run_outputs.CONFIG_FILE).write_text(json.dumps({**fields, "augment": False, "test_time_flips": False}))
-    assert run_outputs.read_config(str(tmp_path)) == CONFIG
-    (tmp_path / run_outputs.CONFIG_FILE).write_text(json.dumps({**fields, "colour": "red"}))
+    (tmp_path / outputs.CONFIG_FILE).write_text(json.dumps({**fields, "augment": False, "test_time_flips": False}))
+    assert outputs.read_config(str(tmp_path)) == CONFIG
+    (tmp_path / outputs.CONFIG_FILE).write_text(json.dumps({**fields, "colour": "red"}))
     with pytest.raises(WorkdirError, match=r"^cannot read the run's flags from .*config.json \(TypeError: .*colour"):
-        run_outputs.read_config(str(tmp_path))
+        outputs.read_config(str(tmp_path))
 
 
 def test_predict_counts_every_test_example_once_with_the_trained_parameters(trained_run):
@@ -253,16 +255,16 @@ def test_predict_refuses_a_grid_it_cannot_draw_before_reading_anything(tmp_path,
 
 
 def test_a_torn_last_line_of_metrics_jsonl_is_left_out_with_a_warning_and_the_rest_kept(tmp_path):
-    scalars = {key: 0.5 for key in run_outputs.SCALARS.values()}
+    scalars = {key: 0.5 for key in outputs.SCALARS.values()}
     whole = [json.dumps({"epoch": epoch, **scalars}) + "\n" for epoch in (1, 2)]
-    (tmp_path / run_outputs.METRICS_FILE).write_text("".join(whole) + '{"epoch": 3, "test_acc')
+    (tmp_path / outputs.METRICS_FILE).write_text("".join(whole) + '{"epoch": 3, "test_acc')
     warnings = []
-    assert run_outputs.keep_epochs(str(tmp_path), 3, warnings.append) == [json.loads(line) for line in whole]
-    assert warnings == [f"warning: {tmp_path / run_outputs.METRICS_FILE} line 3 is not a whole epoch record; left out"]
-    assert (tmp_path / run_outputs.METRICS_FILE).read_text() == "".join(whole)
-    run_outputs.append_metrics(str(tmp_path), {"epoch": 3, **scalars})
-    assert run_outputs.read_metrics(str(tmp_path))[-1] == {"epoch": 3, **scalars}
-    assert sorted(os.listdir(tmp_path)) == [run_outputs.METRICS_FILE]  # no temporary left
+    assert outputs.keep_epochs(str(tmp_path), 3, warnings.append) == [json.loads(line) for line in whole]
+    assert warnings == [f"warning: {tmp_path / outputs.METRICS_FILE} line 3 is not a whole epoch record; left out"]
+    assert (tmp_path / outputs.METRICS_FILE).read_text() == "".join(whole)
+    outputs.append_metrics(str(tmp_path), {"epoch": 3, **scalars})
+    assert outputs.read_metrics(str(tmp_path))[-1] == {"epoch": 3, **scalars}
+    assert sorted(os.listdir(tmp_path)) == [outputs.METRICS_FILE]  # no temporary left
 
 
 def test_report_lists_per_class_accuracy_and_the_confusion_matrix():

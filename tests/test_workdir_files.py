@@ -118,7 +118,7 @@ def finished_run(tmp_path_factory):
 
 
 def test_predict_checks_its_picture_can_be_written_before_it_predicts(finished_run, monkeypatch, capsys):
-    from nin_jax import predict
+    from nin_jax.tools import predict
 
     from conftest import fake_fashion_mnist
 
@@ -159,13 +159,13 @@ def test_crafted_lines_of_metrics_jsonl_are_left_out_with_a_warning_and_the_run_
 
 
 def test_a_metrics_jsonl_of_absurd_size_is_refused_in_one_line(tmp_path):
-    from nin_jax import run_outputs
-    from nin_jax.errors import WorkdirError
+    from nin_jax.run import outputs
+    from nin_jax.runtime.errors import WorkdirError
 
     with open(tmp_path / "metrics.jsonl", "wb") as f:
         f.truncate(ABSURD_SIZE)  # sparse: no disk is filled
     with pytest.raises(WorkdirError, match=r"metrics.jsonl is 268,435,456 bytes"):
-        run_outputs.keep_epochs(str(tmp_path), 1)
+        outputs.keep_epochs(str(tmp_path), 1)
 
 
 @pytest.mark.parametrize("crafted", [
@@ -177,8 +177,8 @@ def test_a_crafted_config_json_is_refused_in_one_line(finished_run, tmp_path, cr
     import json
     import shutil
 
-    from nin_jax import predict
-    from nin_jax.errors import WorkdirError
+    from nin_jax.tools import predict
+    from nin_jax.runtime.errors import WorkdirError
 
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)
@@ -232,9 +232,9 @@ def test_crafted_checkpoint_metadata_is_called_damaged_in_one_line(finished_run,
     import shutil
 
     from nin_jax import steps
-    from nin_jax.checkpoints import Checkpoints
-    from nin_jax.errors import WorkdirError
-    from nin_jax.run_outputs import read_config
+    from nin_jax.run.checkpoints import Checkpoints
+    from nin_jax.runtime.errors import WorkdirError
+    from nin_jax.run.outputs import read_config
 
     workdir = tmp_path / "run"
     shutil.copytree(finished_run, workdir)

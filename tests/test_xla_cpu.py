@@ -6,37 +6,39 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import kernels, parallel, steps
+from nin_jax.ops import choices
+from nin_jax.runtime import parallel
+from nin_jax import steps
 from nin_jax.config import Config
 
-from conftest import one_train_step
+from conftest import one_train_step, make_strategy
 from test_steps import random_batch
 
 # jaxlib 0.10's XLA has the option; older ones do not, and `--cpu_kernels tuned` then compiles with
 # XLA's defaults (the next-but-one test).
-needs_the_option = pytest.mark.skipif(kernels.compiler_options("tuned") is None,
+needs_the_option = pytest.mark.skipif(choices.compiler_options("tuned") is None,
                                       reason="this jaxlib's XLA has no YNNPACK reduce fusions to ask for")
 
 
 @needs_the_option
 def test_tuned_asks_for_the_option_and_default_for_nothing():
     assert jax.default_backend() == "cpu"
-    assert kernels.compiler_options("tuned") == kernels.TUNED_OPTIONS
-    assert kernels.compiler_options("default") is None
+    assert choices.compiler_options("tuned") == choices.TUNED_OPTIONS
+    assert choices.compiler_options("default") is None
 
 
 def test_an_xla_without_the_option_compiles_with_its_defaults(monkeypatch):
-    monkeypatch.setattr(kernels, "TUNED_OPTIONS", {"xla_cpu_no_such_option": "x"})
-    kernels._xla_knows_tuned_options.cache_clear()
+    monkeypatch.setattr(choices, "TUNED_OPTIONS", {"xla_cpu_no_such_option": "x"})
+    choices._xla_knows_tuned_options.cache_clear()
     try:
-        assert kernels.compiler_options("tuned") is None
+        assert choices.compiler_options("tuned") is None
         config = Config(resize=67, batch_size=4, parallel="jit")
-        strategy = parallel.JitStrategy(config)
+        strategy = make_strategy("jit", config)
         state = strategy.put_state(steps.create_train_state(config))
         _, metrics = one_train_step(strategy, state, random_batch(4, 4))
         assert np.isfinite(metrics["loss_sum"])
     finally:
-        kernels._xla_knows_tuned_options.cache_clear()
+        choices._xla_knows_tuned_options.cache_clear()
 
 
 def library_fused_ops(hlo_text: str) -> set[str]:
@@ -56,7 +58,7 @@ def compiled_steps():
     result = {}
     for cpu_kernels in ("tuned", "default"):
         config = Config(resize=67, batch_size=8, parallel="jit", cpu_kernels=cpu_kernels)
-        strategy = parallel.JitStrategy(config)
+        strategy = make_strategy("jit", config)
         state = strategy.put_state(steps.create_train_state(config))
         strategy.compile(state, batch)
         text = strategy._train.as_text()

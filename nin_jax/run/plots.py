@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from nin_jax import files
+from nin_jax.runtime import files
 
 # (record key, legend label, line style), the book's Animator legend.
 CURVES = (("train_loss", "train loss", "-"), ("train_accuracy", "train acc", "--"), ("test_accuracy", "test acc", "-."))

@@ -5,29 +5,15 @@ collectives inside the steps span the devices of all processes. Only process 0 t
 and writes files. How the processes end when one of them dies is in `nin_jax.peers`.
 """
 
-import dataclasses
 import itertools
 import socket
 
 import jax
-import numpy as np
 
-from nin_jax import peers
+from nin_jax.input_pipeline import ProcessSlice
+from nin_jax.runtime import peers
 from nin_jax.config import Config
-from nin_jax.errors import ConfigError
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessSlice:
-    """Which part of every global batch this process loads: with several processes (hosts) each
-    reads only its own contiguous slice, and together they read the whole batch."""
-
-    index: int = 0
-    count: int = 1
-
-    def of(self, values: np.ndarray) -> np.ndarray:
-        size = len(values) // self.count
-        return values[self.index * size : (self.index + 1) * size]
+from nin_jax.config import ConfigError
 
 
 def runtime_heartbeat_timeout(peer_timeout_s: int) -> int:

@@ -29,15 +29,13 @@ from typing import Iterator
 import jax
 from jax._src import distributed as jax_distributed  # the runtime's client: its key-value store
 
+from nin_jax.runtime import commands
+from nin_jax.runtime.errors import first_line
+
 KEY_PREFIX = "nin_jax/"
 EXIT_CODE = 1
 _ALIVE = f"{KEY_PREFIX}alive/"
 _STOPPED = "stopped"  # a heartbeat value that says "this process has ended on purpose"
-
-
-def program_name() -> str:
-    """The name argparse gives the running command, for lines printed outside its parser."""
-    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
 def resume_advice(num_processes: int) -> str:
@@ -53,7 +51,7 @@ def exit_for_lost_peer(what_happened: str) -> None:
     """Ends this process at once with one line: the cleanup on a normal exit would wait for the dead peer."""
     if not _exiting.acquire(blocking=False):  # another thread is already saying it
         time.sleep(3600)
-    sys.stderr.write(f"{program_name()}: error: {what_happened}; {resume_advice(jax.process_count())}\n")
+    sys.stderr.write(f"{commands.program_name()}: error: {what_happened}; {resume_advice(jax.process_count())}\n")
     sys.stderr.flush()
     sys.stdout.flush()
     if _said_fd is not None:
@@ -70,7 +68,7 @@ def arrival_deadline(timeout_s: float, what_happened: str) -> Iterator[None]:
 
     def watch() -> None:
         if not arrived.wait(timeout_s):
-            sys.stderr.write(f"{program_name()}: error: {what_happened}\n")
+            sys.stderr.write(f"{commands.program_name()}: error: {what_happened}\n")
             sys.stderr.flush()
             os._exit(EXIT_CODE)
 
@@ -126,7 +124,7 @@ class PeerWatch:
                 if self._stop.is_set():
                     return
                 exit_for_lost_peer(f"lost contact with process 0, the coordinator of this job "
-                                   f"({_first_line(error)}): it has likely died")
+                                   f"({first_line(error)}): it has likely died")
             now = time.monotonic()
             for index in list(peers):
                 value = values.get(f"{_ALIVE}{index}")
@@ -148,13 +146,10 @@ def peer_failures_exit() -> Iterator[None]:
     except jax.errors.JaxRuntimeError as error:
         if jax.process_count() == 1:
             raise
-        exit_for_lost_peer(f"an operation across the processes failed ({_first_line(error)}): "
+        exit_for_lost_peer(f"an operation across the processes failed ({first_line(error)}): "
                            f"another process of this job has likely died")
 
 
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 # The reporter: a separate, small Python process, since the one whose end it reports is gone by
@@ -194,7 +189,7 @@ def route_runtime_log(num_processes: int) -> str:
     sys.stderr = os.fdopen(terminal, "w", buffering=1)
     read_end, _said_fd = os.pipe()
     subprocess.Popen(
-        [sys.executable, "-c", _REPORTER, str(read_end), path, program_name(), resume_advice(num_processes)],
+        [sys.executable, "-c", _REPORTER, str(read_end), path, commands.program_name(), resume_advice(num_processes)],
         pass_fds=(read_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
         start_new_session=True,  # a Ctrl-C to the job's process group is not for it
     )

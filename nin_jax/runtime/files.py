@@ -14,7 +14,7 @@ import secrets
 import tempfile
 from typing import IO, Iterator, Optional
 
-from nin_jax.errors import OutputError
+from nin_jax.runtime.errors import OutputError
 
 
 def _reason(error: OSError) -> str:

@@ -14,16 +14,11 @@ from typing import Any, Callable, Optional
 
 import jax
 
-from nin_jax import files, profile_report
-from nin_jax.errors import ConfigError, OutputError
+from nin_jax.runtime import files
+from nin_jax.run import profile_report
+from nin_jax.runtime.errors import OutputError
 
 PROFILE_DIR = "profile"
-
-
-def check_profile_steps(num_steps: int, workdir: Optional[str]) -> None:
-    """Refuses --profile_steps without a workdir to write the trace into."""
-    if num_steps and not workdir:
-        raise ConfigError("--profile_steps needs a --workdir to write the trace into")
 
 
 class StepTrace:

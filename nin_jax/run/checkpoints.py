@@ -31,9 +31,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from nin_jax import background, input_pipeline, steps
+from nin_jax.runtime import background
+from nin_jax import input_pipeline, steps
 from nin_jax.config import REMOVED_OPTIONS, RESUME_FIELDS, Config
-from nin_jax.errors import WorkdirError
+from nin_jax.runtime.errors import WorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
 METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's, in each step's folder

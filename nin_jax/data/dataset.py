@@ -14,8 +14,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from nin_jax import data_arrays, locks
-from nin_jax.errors import DataError
+from nin_jax.data import data_arrays
+from nin_jax.runtime import commands, locks
+from nin_jax.runtime.errors import DataError
 from nin_jax.input_pipeline import DATASET, SOURCE_FILES, SPLITS, Split
 
 REACH_TIMEOUT_S = 10.0  # for each server of the four files, before --download gives up on the network
@@ -91,7 +92,7 @@ def _build_lock(data_dir: str) -> Iterator[None]:
             os.makedirs(data_dir, exist_ok=True)
             stack.enter_context(locks.exclusive(os.path.join(data_dir, f"{DATASET}.lock"), wait))
         except locks.Unsupported as error:
-            locks.warn(f"cannot lock --data_dir {data_dir} ({error.strerror}); two builds there at once would collide")
+            commands.warn(f"cannot lock --data_dir {data_dir} ({error.strerror}); two builds there at once would collide")
         except OSError as error:
             raise DataError(f"cannot write to --data_dir {data_dir} to build Fashion-MNIST there: "
                             f"{error.strerror or error}") from error

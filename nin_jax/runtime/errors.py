@@ -1,11 +1,7 @@
-"""The errors whose message is all the user needs: `train.py` prints each as one line, without a
-traceback. They live here, below every module that raises them, so that any module can."""
+"""The errors whose message is all the user needs: a command prints each as one line, without a
+traceback (with `nin_jax.config.ConfigError`, the config's own)."""
 
 import logging
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; its message is meant for the user."""
 
 
 class DataError(RuntimeError):
@@ -28,3 +24,9 @@ def quiet_library_logs() -> None:
     """Keeps absl's log lines (orbax and tfds write their failures there too) off the terminal: the
     entry points say what failed in their own one line."""
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
+def first_line(error: BaseException) -> str:
+    """'ValueError: <its first line that is not blank>': what a one-line message quotes of an error."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

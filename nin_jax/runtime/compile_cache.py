@@ -22,8 +22,9 @@ from typing import Optional
 import jax
 from jax._src import compilation_cache as jax_compilation_cache  # the cache object that JAX reads and writes
 
-from nin_jax import files, locks
-from nin_jax.errors import ConfigError, OutputError
+from nin_jax.runtime import commands, files
+from nin_jax.runtime.errors import OutputError
+from nin_jax.config import ConfigError
 
 OFF = "off"
 # Compiles shorter than this are not worth a file. JAX's default, 1 s, would leave out NiN's steps
@@ -79,7 +80,7 @@ def open_folder(path: str, setting: Optional[str]) -> Optional[int]:
         tempfile.TemporaryFile(dir=path).close()
     except OSError as error:
         os.close(fd)
-        locks.warn(f"the compile cache {path} cannot be written ({error.strerror}); this run goes on without it")
+        commands.warn(f"the compile cache {path} cannot be written ({error.strerror}); this run goes on without it")
         return None
     return fd
 
@@ -122,7 +123,7 @@ class EntryFiles:
     def _say_once(self, trouble: str, message: str) -> None:
         if trouble not in self._said:
             self._said.add(trouble)
-            locks.warn(message)
+            commands.warn(message)
 
     def _drop(self, name: str, trouble: str, detail: str = "") -> None:
         with contextlib.suppress(OSError):  # if it stays, the next run drops it
@@ -164,5 +165,5 @@ class EntryFiles:
         except OutputError as error:
             self._writable = False
             reason = getattr(error.__cause__, "strerror", None) or error
-            locks.warn(f"cannot write to the compile cache {self._path} ({reason}); this run stores no more "
+            commands.warn(f"cannot write to the compile cache {self._path} ({reason}); this run stores no more "
                        f"compiled programs there")

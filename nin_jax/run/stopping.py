@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from nin_jax.commands import STOP_SIGNALS, Terminated
+from nin_jax.runtime.commands import STOP_SIGNALS, Terminated
 
 
 # The exit status of a process that stopped because another process was asked to: sysexits.h's

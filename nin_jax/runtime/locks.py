@@ -11,11 +11,10 @@ import errno
 import os
 import socket
 import stat
-import sys
 from typing import Callable, Iterator, Optional
 
-from nin_jax import distributed, peers
-from nin_jax.errors import WorkdirError
+from nin_jax.runtime import commands, distributed
+from nin_jax.runtime.errors import WorkdirError
 
 WORKDIR_LOCK = "run.lock"
 
@@ -101,7 +100,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
                 os.makedirs(workdir, exist_ok=True)
                 stack.enter_context(exclusive(os.path.join(workdir, WORKDIR_LOCK)))
             except Unsupported as error:
-                warn(f"cannot lock --workdir {workdir} ({error.strerror}); nothing keeps a second run out of it")
+                commands.warn(f"cannot lock --workdir {workdir} ({error.strerror}); nothing keeps a second run out of it")
             except Locked as locked:
                 refusal = (f"--workdir {workdir} is in use by another run ({locked.holder}); wait for it to end, "
                            f"or use another --workdir")
@@ -111,7 +110,3 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         if refusal:
             raise WorkdirError(refusal)
         yield
-
-
-def warn(message: str) -> None:
-    print(f"{peers.program_name()}: warning: {message}", file=sys.stderr, flush=True)

@@ -44,6 +44,11 @@ def program_name() -> str:
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
+def warn(message: str) -> None:
+    """A warning on stderr in one line, named by the command: `train.py: warning: ...`."""
+    print(f"{program_name()}: warning: {message}", file=sys.stderr, flush=True)
+
+
 def interrupted_line(prog: str, signum: int, note: str = "") -> str:
     """What a command stopped by `signum` says, e.g. `train.py: interrupted by SIGTERM`."""
     by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"

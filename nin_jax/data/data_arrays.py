@@ -20,8 +20,8 @@ from typing import Optional
 
 import numpy as np
 
-from nin_jax import files
-from nin_jax.errors import DataError, OutputError
+from nin_jax.runtime import files
+from nin_jax.runtime.errors import DataError, OutputError
 from nin_jax.input_pipeline import IMAGE_SHAPE, NUM_CLASSES, SPLITS, Split
 
 FILE_NAME = "nin_jax_arrays.npz"
