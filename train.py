@@ -19,7 +19,7 @@ import signal
 
 from nin_jax.config import TRAINING, ConfigError, FlagParser, add_config_flags, parse_flags
 from nin_jax.run.stopping import Diverged, Interrupted, signals_raise
-from nin_jax.runtime import commands, platforms
+from nin_jax.runtime import commands
 from nin_jax.runtime.errors import DataError, OutOfMemory, OutputError, WorkdirError, quiet_library_logs
 
 # Errors whose message is all the user needs: printed as one line, without a traceback.
@@ -53,7 +53,6 @@ def main(argv=None) -> int:
     quiet_library_logs()
     try:
         with signals_raise():  # from here on a SIGTERM or SIGHUP ends the run with a line, not in silence
-            platforms.skip_absent_accelerators(parser.prog)
             from nin_jax import trainer
             from nin_jax.ops import choices
             from nin_jax.runtime import compile_cache

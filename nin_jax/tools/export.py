@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import export as jax_export  # a submodule that older JAX does not import with `jax`
 
-from nin_jax.runtime import commands, errors, files, platforms
+from nin_jax.runtime import commands, errors, files
 from nin_jax import input_pipeline
 from nin_jax.tools import predict
 from nin_jax.config import Config, FlagParser
@@ -63,7 +63,6 @@ def main(argv=None) -> int:
     parser.check_paths(vars(args), "workdir", "out")
     errors.quiet_library_logs()
     with commands.stops_in_one_line(parser.prog, f"{args.out} is as it was"):
-        platforms.skip_absent_accelerators(parser.prog)
         try:
             files.check_writable(args.out)  # before the checkpoint is read
             exported = export_workdir(args.workdir, args.out)

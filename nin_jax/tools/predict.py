@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nin_jax.runtime import commands, errors, files, platforms
+from nin_jax.runtime import commands, errors, files
 from nin_jax.data import dataset
 from nin_jax import input_pipeline, steps
 from nin_jax.run import outputs as run_outputs, plots
@@ -119,7 +119,6 @@ def main(argv=None) -> int:
         parser.error(f"--num_images must be from 1 to {MAX_IMAGES}, got {args.num_images}")
     errors.quiet_library_logs()
     with commands.stops_in_one_line(parser.prog):
-        platforms.skip_absent_accelerators(parser.prog)
         try:
             files.check_writable(os.path.join(args.workdir, PREDICTIONS_FILE))  # before the test set is predicted
             matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)

@@ -131,13 +131,13 @@ def main(argv=None) -> int:
             if flags["json"]:
                 files.check_writable(flags["json"])  # before minutes of compiling
             if config.deterministic:
-                from nin_jax.ops import choices as kernels
+                from nin_jax.ops import choices
 
-                kernels.make_deterministic()  # the GPU steps compile with the deterministic kernels
+                choices.make_deterministic()  # the GPU steps compile with the deterministic kernels
             if flags["target"] != [LOCAL]:
                 prepare_jax()
             else:
-                found_nothing = platforms.skip_absent_accelerators(parser.prog, say=False)
+                found_nothing = platforms.keep_off_absent_accelerators()
                 if found_nothing:
                     raise PlanError(f"--target {LOCAL} plans for the GPU or TPU attached here, and {found_nothing} "
                                     f"here; plan for a listed target instead (--list), or for this CPU with "
