@@ -3,7 +3,11 @@ the pmap and sharding tests, and a compilation cache shared by the test run and 
 processes it starts; all must be set before JAX starts.
 
 Tests marked `accelerator` (tests/test_accelerator.py) run only where JAX finds a GPU or TPU; they
-run their checks in processes without the CPU pin."""
+run their checks in processes without the CPU pin.
+
+The helpers that several test modules use are here, each once: test modules import them with
+`from conftest import ...` (this folder is on the path in pytest's default import mode, the
+subfolders' tests included), never from one another."""
 
 import atexit
 import dataclasses
@@ -20,13 +24,38 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # each compile of NiN's steps
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import contextlib  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_FASHION_MNIST = os.path.join(REPO_ROOT, "..", "shared", "data", "fashion_mnist")
+NEEDS_SHARED_FASHION_MNIST = pytest.mark.skipif(not os.path.isdir(SHARED_FASHION_MNIST),
+                                                reason=f"the Fashion-MNIST files are not in {SHARED_FASHION_MNIST}")
+# `train.py` on `fake_fashion_mnist` data in a process of its own (its docstring says how).
+HELPER = os.path.join(REPO_ROOT, "tests", "fake_data_train.py")
+# The environment of the commands a test starts: pinned to the CPU, their lines unbuffered.
+CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
+
+def _cuda_plugin_installed() -> bool:
+    from nin_jax.tools.plan import targets
+
+    return any(map(targets._importable, targets.CUDA_PLUGINS))
+
+
+# The plan compiles for a GPU with jax's CUDA plugin ('.[plan]'); an environment without it (CI's
+# newest-JAX one) leaves those cases to the environments that have it.
+NEEDS_CUDA_PLUGIN = pytest.mark.skipif(not _cuda_plugin_installed(),
+                                       reason="the plan for a GPU needs jax's CUDA plugin ('.[plan]')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
 
 @contextlib.contextmanager
 def mock_fashion_mnist(num_examples: int):
@@ -63,6 +92,55 @@ def fake_fashion_mnist(num_examples: int):
         yield
 
 
+def random_batch(batch_size: int, num_real: int, seed: int = 0):
+    """An eval batch of `batch_size` with `num_real` random examples, the rest padding."""
+    import numpy as np
+
+    from nin_jax import input_pipeline
+
+    rng = np.random.default_rng(seed)
+    split = input_pipeline.Split(
+        rng.integers(0, 256, (num_real, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, num_real, dtype=np.int32)
+    )
+    return next(input_pipeline.eval_batches(split, batch_size))
+
+
+def numbered_split(num_examples: int):
+    """Image i is filled with the value i % 251 + 1 and labelled i % 10, so batches can be traced back."""
+    import numpy as np
+
+    from nin_jax import input_pipeline
+
+    ids = np.arange(num_examples)
+    images = np.broadcast_to((ids % 251 + 1).astype(np.uint8)[:, None, None, None], (num_examples, 28, 28, 1))
+    return input_pipeline.Split(np.array(images), (ids % 10).astype(np.int32))
+
+
+def random_arrays(path, train_examples: int, test_examples: int) -> None:
+    """Random splits of these sizes in an .npz that --data_arrays reads."""
+    import numpy as np
+
+    from nin_jax.data import data_arrays
+    from nin_jax import input_pipeline
+
+    rng = np.random.default_rng(0)
+    split = lambda n: input_pipeline.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),  # noqa: E731
+                                           rng.integers(0, 10, n, dtype=np.int32))
+    data_arrays.save({"train": split(train_examples), "test": split(test_examples)}, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps, as the training loop runs them.
+
+def _step_config():
+    from nin_jax.config import Config
+
+    return Config(resize=67, batch_size=16, dropout_rate=0.0)
+
+
+STEP_CONFIG = _step_config()  # the steps' tests: a batch of 16, no dropout unless a test turns it on
+
+
 def make_strategy(kind, config, devices=None):
     """The strategy of `runtime.parallel` that `kind` names (jit, pmap, sharding, or auto: the
     trainer's choice), for the loop steps of `config`, as the trainer makes it."""
@@ -96,6 +174,354 @@ def float64():
     return enable_x64(True)
 
 
+# ---------------------------------------------------------------------------------------------
+# Commands in processes of their own.
+
+# A small job of `fake_data_train.py` or train.py: 2 steps of 8, evaluated on 8 examples.
+SMALL_JOB = ["--resize=67", "--batch_size=8", "--num_epochs=1", "--train_examples=16", "--eval_examples=8",
+             "--compile_cache=off"]
+SMALL_JIT_JOB = [*SMALL_JOB, "--parallel=jit"]
+SMALL_JOB_EXAMPLES = 64  # per split of the fake data or data arrays that a small job reads
+ABSURD_SIZE = 2**28  # of a crafted file, made sparse: no disk is filled
+SAVE_BOUND_S = 60  # a run whose save failed must have ended by then
+
+
+def run_cli(*args, **env):
+    """train.py ARGS, with `env` added to this process's environment."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **env},
+    )
+
+
+def run_script(*args, env=None, timeout=600):
+    """The command ARGS in the repository, on one CPU device."""
+    return subprocess.run(list(args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})})
+
+
+def run_on_cpu(args, timeout=60, **kwargs):
+    """`python ARGS` in the repository, pinned to the CPU."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=CPU_ENV,
+                          cwd=REPO_ROOT, **kwargs)
+
+
+def module_run(module, *args, env=None, timeout=120, **kwargs):
+    """`python -m MODULE ARGS` pinned to the CPU, with `env` added; its output as bytes."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, timeout=timeout,
+                          env={**CPU_ENV, **(env or {})}, cwd=REPO_ROOT, **kwargs)
+
+
+def fake_run(*args, examples=SMALL_JOB_EXAMPLES, text=False, env=None, cwd=None, timeout=120):
+    """tests/fake_data_train.py EXAMPLES ARGS: train.py on `examples` fake examples per split, or
+    with `predict` first, the predict command; pinned to the CPU, with `env` added. Its output as
+    bytes (a C locale writes escapes), or as text."""
+    return subprocess.run([sys.executable, HELPER, str(examples), *args], capture_output=True, text=text,
+                          timeout=timeout, env={**CPU_ENV, **(env or {})}, cwd=cwd)
+
+
+def one_line(result) -> str:
+    """The single line a refused command wrote on stderr (bytes: a C locale writes escapes)."""
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    assert len(lines) == 1, result.stderr.decode(errors="replace")
+    return lines[0]
+
+
+def saved_steps(workdir) -> list[int]:
+    """The steps of the checkpoints in `workdir`, oldest first; none where it has no checkpoints yet."""
+    from nin_jax.run.checkpoints import CHECKPOINT_DIR
+
+    folder = os.path.join(workdir, CHECKPOINT_DIR)
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit()) if os.path.isdir(folder) else []
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder, size: str):
+    """A filesystem of `size` in memory, mounted at the new `folder` (as root only), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run on fake data that tests stop, kill and resume, in this process or in one of its own.
+
+NUM_EXAMPLES = 40  # per split of the fake data: 5 steps of 8
+# The batch size, learning rate and dropout of tests/test_trainer.py: the compiled steps come from the cache.
+RESUME_SETTINGS = dict(resize=67, batch_size=8, num_epochs=2, eval_examples=13, checkpoint_every_steps=1)
+STEPS_PER_EPOCH = 5  # 40 examples in batches of 8
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+TIMING_FIELDS = {"examples_per_sec", "train_seconds", "compile_seconds"}
+TIMEOUT_S = 120
+
+
+def resume_config(**changes):
+    """The Config of RESUME_SETTINGS with `changes`."""
+    from nin_jax.config import Config
+
+    return Config(**{**RESUME_SETTINGS, **changes})
+
+
+def resume_flags(**changes) -> list[str]:
+    return [f"--{name}={value}" for name, value in {**RESUME_SETTINGS, **changes}.items()]
+
+
+def assert_same_state(a, b) -> None:
+    import jax
+    import numpy as np
+    from flax import serialization
+
+    jax.tree_util.tree_map(np.testing.assert_array_equal, serialization.to_state_dict(a), serialization.to_state_dict(b))
+
+
+def deterministic(records: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key not in TIMING_FIELDS} for record in records]
+
+
+@contextlib.contextmanager
+def training_process(workdir, log_path, env=(), **changes):
+    """`fake_data_train.py` in a process of its own, with stdout and stderr in `log_path` and `env`
+    added to its environment; killed on leaving the block if it is still running."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, HELPER, str(NUM_EXAMPLES), *resume_flags(**changes), f"--workdir={workdir}"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(env)},
+        )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+
+def wait_until(condition, process, log_path, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        with open(log_path) as log:
+            assert process.poll() is None, f"training ended before the test could stop it:\n{log.read()}"
+        assert time.monotonic() < deadline, f"training did not get there in {timeout_s} s:\n{log_path.read_text()}"
+        time.sleep(0.02)
+
+
+def uninterrupted_run(workdir, parallel: str, **changes):
+    """The reference: a run of RESUME_SETTINGS in this process, never stopped."""
+    from nin_jax import trainer
+
+    with fake_fashion_mnist(NUM_EXAMPLES):
+        return trainer.train_and_evaluate(resume_config(parallel=parallel, **changes), str(workdir),
+                                          log=lambda line: None)
+
+
+def resume(workdir, parallel: str, fake_data, **changes):
+    """The same run again, in this process: the state, the records and the lines it logs."""
+    from nin_jax import trainer
+
+    lines = []
+    with fake_data(NUM_EXAMPLES):
+        state, records = trainer.train_and_evaluate(resume_config(parallel=parallel, **changes), str(workdir),
+                                                    log=lines.append)
+    return state, records, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs of several processes on localhost.
+
+JOB_TIMEOUT_S = 240  # each job; the machine may be busy
+PEER_TIMEOUT_S = 6
+# Two processes of two fake CPU devices each.
+JOB_ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+# 100 steps of 8 examples, checkpointed every 5: long enough to kill a process in the middle.
+JOB_FLAGS = ["--resize=67", "--batch_size=8", "--num_epochs=1", "--eval_examples=13", "--dropout_rate=0",
+             "--parallel=pmap", "--checkpoint_every_steps=5", "--log_every_steps=1", "--num_processes=2",
+             f"--peer_timeout_seconds={PEER_TIMEOUT_S}"]
+JOB_EXAMPLES = 800
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def processes(commands, env, log_dir):
+    """Starts every command; on leaving, kills whichever still runs."""
+    running = []
+    try:
+        for rank, command in enumerate(commands):
+            with open(os.path.join(log_dir, f"process{rank}.log"), "w") as log:
+                running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+        yield running
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+class Job:
+    """The processes of one localhost job, each with its stdout and stderr in files; `close` kills
+    whichever still runs."""
+
+    def __init__(self, workdir, log_dir, name: str, extra_flags=()):
+        flags = [*JOB_FLAGS, f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_loopback_port()}",
+                 *extra_flags]
+        self.paths = [(log_dir / f"{name}{rank}.out", log_dir / f"{name}{rank}.err") for rank in range(2)]
+        self.processes = []
+        for rank, (out, err) in enumerate(self.paths):
+            with open(out, "w") as out_file, open(err, "w") as err_file:
+                command = [sys.executable, HELPER, str(JOB_EXAMPLES), *flags, f"--process_id={rank}"]
+                self.processes.append(subprocess.Popen(command, stdout=out_file, stderr=err_file, env=JOB_ENV))
+
+    def stdout(self, rank: int) -> str:
+        return self.paths[rank][0].read_text()
+
+    def stderr(self, rank: int) -> str:
+        return self.paths[rank][1].read_text()
+
+    def wait_for(self, condition, what: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {[self.stdout(r) for r in range(2)]}"
+            assert all(process.poll() is None for process in self.processes), [self.stderr(r) for r in range(2)]
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures.
+
+@pytest.fixture
+def mock_data():
+    return mock_fashion_mnist
+
+
+@pytest.fixture
+def fake_data():
+    return fake_fashion_mnist
+
+
+MOCK_EXAMPLES = 20  # per split of `trained_run`'s data: 3 steps of 8 per epoch, the last one padded
+
+
+def _trained_run_config():
+    from nin_jax.config import Config
+
+    return Config(resize=67, batch_size=8, num_epochs=2, parallel="jit", log_every_steps=2)
+
+
+TRAINED_RUN_CONFIG = _trained_run_config()
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One short run, with the CPU estimate switched on at its small resize; it leaves checkpoints."""
+    from nin_jax import trainer
+    from nin_jax.run import cpu_estimate
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    lines = []
+    with mock_fashion_mnist(MOCK_EXAMPLES), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_estimate, "ESTIMATE_FROM_RESIZE", TRAINED_RUN_CONFIG.resize)
+        state, records = trainer.train_and_evaluate(TRAINED_RUN_CONFIG, workdir, log=lines.append)
+    return {"workdir": workdir, "state": state, "records": records, "lines": lines}
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The workdir of a finished SMALL_JIT_JOB of `fake_data_train.py`: its checkpoint is of step 2."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    result = fake_run(*SMALL_JIT_JOB, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr.decode()
+    return workdir
+
+
+# A small run on data arrays, which train.py reads without the suite's fake data (and its CPU pin),
+# with the suite's compile cache (above): each compile once.
+TWO_EPOCH_JOB = ["--resize=67", "--batch_size=8", "--num_epochs=2", "--train_examples=16", "--eval_examples=8",
+                 "--parallel=jit"]
+
+
+@pytest.fixture(scope="session")
+def arrays(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "fashion_mnist.npz"
+    random_arrays(path, SMALL_JOB_EXAMPLES, SMALL_JOB_EXAMPLES)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(arrays, tmp_path_factory):
+    """The workdir of a finished TWO_EPOCH_JOB of train.py on `arrays`, which export and predict read."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    result = subprocess.run([sys.executable, "train.py", *TWO_EPOCH_JOB, f"--data_arrays={arrays}",
+                             f"--workdir={workdir}"], capture_output=True, text=True, timeout=300, env=CPU_ENV,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def command_line(command: str, workdir, tmp_path, arrays=None) -> list[str]:
+    """The command's arguments after `python`: a small job of each."""
+    return {"train": ["train.py", *TWO_EPOCH_JOB, f"--data_arrays={arrays}", f"--workdir={tmp_path / 'run'}"],
+            "export": ["-m", "nin_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'nin.jax_exported'}"],
+            "predict": ["-m", "nin_jax.predict", f"--workdir={workdir}"],
+            "plan": ["-m", "nin_jax.plan", "--target=h100"],  # compiles for tens of seconds
+            "plan_local": ["-m", "nin_jax.plan", "--target=local"]}[command]
+
+
+def prog(command: str) -> str:
+    return "train.py" if command == "train" else f"python -m nin_jax.{command.split('_')[0]}"
+
+
+@pytest.fixture
+def read_only_run(tmp_path):
+    """A finished run's workdir on a filesystem then mounted read-only, as a shared results disk."""
+    with mounted_tmpfs(tmp_path / "disk", "40M") as disk:
+        result = fake_run("--resize=67", "--batch_size=32", "--num_epochs=1", "--eval_examples=32", "--parallel=jit",
+                          "--compile_cache=off", f"--workdir={disk / 'run'}", examples=256, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        yield disk / "run"
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """tfds builds the dataset from the four files in ../shared once per test session (about 15 s);
+    the tests that use it are marked NEEDS_SHARED_FASHION_MNIST."""
+    from nin_jax.data import dataset
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    datasets = dataset.load_fashion_mnist(data_dir=data_dir, manual_dir=SHARED_FASHION_MNIST)
+    assert len(datasets["train"]) == 60_000 and len(datasets["test"]) == 10_000
+    return data_dir
+
+
+PRECIOUS = "a file of someone else's, outside the workdir\n"
+
+
+@pytest.fixture
+def precious(tmp_path):
+    """A file that a planted link points at: it must come out as it went in."""
+    path = tmp_path / "elsewhere" / "precious.txt"
+    path.parent.mkdir()
+    path.write_text(PRECIOUS)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks.
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "accelerator: runs only where JAX finds a GPU or TPU (tests/test_accelerator.py)")
 
@@ -111,13 +537,3 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="no accelerator: JAX finds only a CPU on this machine")
         for item in accelerator_items:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def mock_data():
-    return mock_fashion_mnist
-
-
-@pytest.fixture
-def fake_data():
-    return fake_fashion_mnist

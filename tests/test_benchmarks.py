@@ -3,22 +3,13 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
 import numpy as np
 import pytest
 
-from nin_jax.data import data_arrays
-from nin_jax import input_pipeline
-
-from conftest import REPO_ROOT
-
-
-def run_script(*args, env=None, timeout=600):
-    return subprocess.run(list(args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})})
+from conftest import REPO_ROOT, random_arrays, run_script
 
 
 def test_step_throughput_measures_every_batch_size_and_kernel_choice(tmp_path):
@@ -46,13 +37,6 @@ def test_step_throughput_times_the_plain_flax_nin_beside_nin_jax(tmp_path):
     assert result.returncode == 0, result.stderr
     (plain,) = json.loads(out.read_text())["results"]
     assert plain["model"] == "plain" and plain["train_images_per_sec"] > 0 and "eval_images_per_sec" not in plain
-
-
-def random_arrays(path, train_examples: int, test_examples: int) -> None:
-    rng = np.random.default_rng(0)
-    split = lambda n: input_pipeline.Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),  # noqa: E731
-                                           rng.integers(0, 10, n, dtype=np.int32))
-    data_arrays.save({"train": split(train_examples), "test": split(test_examples)}, str(path))
 
 
 def test_epoch_overhead_compares_the_real_loop_with_the_step_alone(tmp_path):

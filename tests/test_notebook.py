@@ -8,18 +8,16 @@ import os
 
 import nbclient
 import nbformat
-import pytest
 
 from nin_jax import models
 
-from conftest import REPO_ROOT, SHARED_FASHION_MNIST
+from conftest import NEEDS_SHARED_FASHION_MNIST, REPO_ROOT, SHARED_FASHION_MNIST
 
 NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "nin.ipynb")
 
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_FASHION_MNIST),
-                    reason=f"the Fashion-MNIST files are not in {SHARED_FASHION_MNIST}")
+@NEEDS_SHARED_FASHION_MNIST
 def test_notebook_runs_offline_at_a_small_budget(tmp_path, monkeypatch):
     monkeypatch.setenv("NIN_NOTEBOOK_BUDGET", "smoke")
     monkeypatch.setenv("NIN_MANUAL_DIR", os.path.abspath(SHARED_FASHION_MNIST))

@@ -1,46 +1,17 @@
-"""The training loop and the command line, end to end on tfds' mock data."""
+"""The command line, train.py: its flags, --help and --helpfull, docs/flags.md, --summary, and
+the refusals of the command as a whole, each in one line."""
 
 import dataclasses
 import os
-import subprocess
-import sys
+import re
 
-import numpy as np
 import pytest
 
 import train
 from nin_jax import config as config_module
-from nin_jax.run import outputs
-from nin_jax import trainer
 from nin_jax.config import Config
 
-from conftest import REPO_ROOT
-
-REQUIRED_FIELDS = {"epoch", "train_loss", "train_accuracy", "test_accuracy", "test_examples", "examples_per_sec", "devices"}
-
-
-@pytest.mark.parametrize("parallel", ["jit", "pmap"])
-def test_train_and_evaluate_on_mock_data(mock_data, tmp_path, parallel):
-    config = Config(resize=67, batch_size=8, num_epochs=2, eval_examples=13, parallel=parallel)
-    lines = []
-    with mock_data(num_examples=20):
-        state, records = trainer.train_and_evaluate(config, str(tmp_path), log=lines.append)
-    assert int(state.step) == 2 * 3  # 20 examples in batches of 8: 3 steps per epoch, the last one padded
-    assert [r["epoch"] for r in records] == [1, 2]
-    for record in records:
-        assert record["train_examples"] == 20 and record["test_examples"] == 13
-        assert np.isfinite(record["train_loss"]) and 0 <= record["test_accuracy"] <= 1
-    assert records[0]["devices"] == ("4 cpu devices" if parallel == "pmap" else "1 cpu device")
-    logged = outputs.read_metrics(str(tmp_path))
-    assert logged == records and REQUIRED_FIELDS <= set(logged[0])
-    assert lines[-1].startswith("epoch 2/2: loss ") and "images/s on" in lines[-1]
-
-
-def run_cli(*args, **env):
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "train.py"), *args],
-        capture_output=True, text=True, timeout=120, env={**os.environ, **env},
-    )
+from conftest import REPO_ROOT, run_cli
 
 
 @pytest.mark.parametrize(
@@ -136,3 +107,13 @@ def test_helpfull_shows_the_flags_in_groups_each_with_its_default(capsys):
     for field in dataclasses.fields(Config):
         help_of_flag = shown[shown.index(f"  --{field.name}"):].split("\n  --")[0]
         assert "(default: " in " ".join(help_of_flag.split()), field.name
+
+
+def test_summary_flag_prints_the_layers_and_exits_without_data():
+    result = run_cli("--summary", "--resize", "96", "--data_dir", "/nonexistent")
+    assert result.returncode == 0, result.stderr
+    assert "(NHWC)" in result.stdout
+    assert re.search(r"^block1 +\(1, 22, 22, 96\) +30,336$", result.stdout, re.MULTILINE)
+    assert re.search(r"^flatten +\(1, 10\) +0$", result.stdout, re.MULTILINE)
+    assert re.search(r"^total +1,992,166$", result.stdout, re.MULTILINE)
+    assert "compiled" not in result.stdout and "epoch" not in result.stdout

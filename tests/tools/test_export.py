@@ -2,7 +2,6 @@
 
 import importlib.metadata
 import os
-import re
 import subprocess
 import sys
 
@@ -13,11 +12,10 @@ from nin_jax.data import dataset
 from nin_jax.tools import export, predict
 from nin_jax import input_pipeline
 
-from conftest import REPO_ROOT, fake_fashion_mnist
+from conftest import CPU_ENV, HELPER, REPO_ROOT, fake_fashion_mnist
 
-NUM_EXAMPLES = 256
+EXPORT_EXAMPLES = 256
 NUM_IMAGES = 64
-CPU_ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 # What a user who installed only jax, numpy and flatbuffers runs (the module's docstring shows it), and the
 # packages it must not have needed.
 LOADER = """
@@ -39,7 +37,7 @@ print(",".join(classify.platforms), sorted(loaded))
 def trained_workdir(tmp_path_factory):
     """A short run with batch norm, whose moving statistics the exported file must carry too."""
     workdir = tmp_path_factory.mktemp("run")
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tests", "fake_data_train.py"), str(NUM_EXAMPLES),
+    result = subprocess.run([sys.executable, HELPER, str(EXPORT_EXAMPLES),
                              "--resize=67", "--batch_size=32", "--num_epochs=1", "--eval_examples=64", "--batch_norm",
                              "--parallel=jit", "--compile_cache=off", f"--workdir={workdir}"],
                             capture_output=True, text=True, timeout=300, env=CPU_ENV)
@@ -56,7 +54,7 @@ def test_the_exported_file_gives_predicts_logits_in_a_process_with_jax_alone(tra
                                     f"for cpu, cuda, tpu; classes 0 to 9: t-shirt, "), result.stdout
 
     config, variables = predict.restore_variables(str(trained_workdir))
-    with fake_fashion_mnist(NUM_EXAMPLES):
+    with fake_fashion_mnist(EXPORT_EXAMPLES):
         test = dataset.load_datasets(config)["test"].take(NUM_IMAGES)
     expected = predict.predict_logits(config, variables, test, config.batch_size)
     np.save(tmp_path / "images.npy", test.images)

@@ -1,5 +1,5 @@
 """--profile_steps: a jax.profiler trace of a few training steps in the workdir, and the table of
-where the step's time went (nin_jax/profile_report.py)."""
+where the step's time went (nin_jax/run/profile_report.py)."""
 
 import glob
 import gzip
@@ -14,9 +14,7 @@ from nin_jax.run import profile_report, profiling
 from nin_jax import trainer
 from nin_jax.config import Config
 
-from conftest import REPO_ROOT
-
-from test_train import run_cli
+from conftest import REPO_ROOT, run_cli
 
 
 @pytest.mark.parametrize("profile_steps, traced", [(2, 2), (5, 3)])  # 4 steps: the first is never traced

@@ -16,10 +16,7 @@ import pytest
 from nin_jax.runtime import compile_cache
 from nin_jax.config import ConfigError
 
-from conftest import REPO_ROOT
-from test_benchmarks import random_arrays, run_script
-from test_faults import mounted_tmpfs
-from test_train import run_cli
+from conftest import REPO_ROOT, mounted_tmpfs, random_arrays, run_cli, run_script
 
 NOBODY = 65534  # the uid and gid of "nobody": another user
 

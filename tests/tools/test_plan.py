@@ -21,7 +21,7 @@ from nin_jax.ops import choices
 from nin_jax.tools.plan import command, planning, programs, targets
 from nin_jax.config import Config
 
-from conftest import REPO_ROOT
+from conftest import CPU_ENV, NEEDS_CUDA_PLUGIN, REPO_ROOT
 
 NUM_PARAMS = 1_992_166
 SPATIAL_LAYERS = ("block1/conv/", "block2/conv/", "block3/conv/", "block4/conv/")
@@ -338,3 +338,25 @@ def test_a_roofline_without_flops_is_the_memory_bound_alone():
     assert bound["compute_seconds"] is None and bound["bound"] == "memory"
     assert bound["step_seconds"] == pytest.approx(1e-3) and bound["images_per_sec"] == pytest.approx(128_000)
     assert "compute unknown (FLOPs not reported)" in command._format_roofline(bound, "H200")
+
+
+@NEEDS_CUDA_PLUGIN
+def test_plan_leaves_the_persistent_compilation_cache_alone(tmp_path):
+    """Found by tests/test_train_flag_draws.py: with JAX_COMPILATION_CACHE_DIR set, a second plan read the
+    entry the first had written for the compile-only GPU, could not load it, and printed JAX's
+    UserWarning ('PjRtCompiler must be constructed with a Client')."""
+    env = {**CPU_ENV, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-m", "nin_jax.plan", "--target=h100", "--resize=67", "--batch_size=8",
+                                 "--no-largest_batch"], capture_output=True, text=True, timeout=300, env=env,
+                                cwd=REPO_ROOT)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_plan_names_itself_when_it_refuses_a_recipe(capsys):
+    """Found by tests/test_train_flag_draws.py: the recipe, read before the other flags, was refused as
+    `plan.py: error: ...`."""
+    with pytest.raises(SystemExit) as end:
+        command.main(["--target", "h100", "--recipe", ""])
+    assert end.value.code == 2
+    assert capsys.readouterr().err.startswith("python -m nin_jax.plan: error: argument --recipe: invalid choice: ''")

@@ -10,7 +10,7 @@ value drawn from the values of its type below (valid ones, edge ones and wrong o
 small job. The flags of several processes and hosts are left out: a draw that named a
 coordinator would wait for peers that never come.
 
-    NIN_JAX_FLAG_DRAWS=200 python -m pytest -n 2 tests/test_flag_draws.py   # CI draws fewer
+    NIN_JAX_FLAG_DRAWS=200 python -m pytest -n 2 tests/test_train_flag_draws.py   # CI draws fewer
 """
 
 import dataclasses
@@ -26,12 +26,10 @@ import pytest
 
 from nin_jax.config import DEVICES, Config
 
-from conftest import REPO_ROOT
+from conftest import HELPER, REPO_ROOT, SMALL_JOB
 
 DRAWS = int(os.environ.get("NIN_JAX_FLAG_DRAWS", "12"))
 FLAGS_PER_DRAW = (1, 4)
-SMALL_JOB = ["--resize", "67", "--batch_size", "8", "--num_epochs", "1", "--train_examples", "16",
-             "--eval_examples", "8", "--compile_cache", "off"]
 STATUSES = (0, 1, 2)  # docs/failure_behaviour.md
 INTS = ("-1", "0", "1", "2", "3", "x", "1.5")
 FLOATS = ("nan", "inf", "-1", "0", "0.001", "0.1", "0.5", "1", "2", "x")
@@ -104,7 +102,7 @@ def draw(seed: int, tmp: str) -> tuple[str, dict, list[str]]:
 def command_line(command: str, tmp: str, flags: list[str]) -> tuple[list[str], str]:
     """The process's arguments and the name its lines begin with."""
     if command == "train":
-        return [os.path.join(REPO_ROOT, "tests", "fake_data_train.py"), "64", *SMALL_JOB, f"--workdir={tmp}/run",
+        return [HELPER, "64", *SMALL_JOB, f"--workdir={tmp}/run",
                 *flags], "fake_data_train.py"
     base = {"export": [f"--workdir={tmp}/trained", f"--out={tmp}/nin.jax_exported"],
             "predict": [f"--workdir={tmp}/trained"],
@@ -125,24 +123,6 @@ def tree_digest(folder) -> str:
                 with open(path, "rb") as f:
                     digest.update(f.read())
     return digest.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A finished small run, trained from data arrays, which export and predict read."""
-    from nin_jax.data import data_arrays
-    from nin_jax import input_pipeline
-
-    folder = tmp_path_factory.mktemp("trained")
-    rng = np.random.default_rng(0)
-    data_arrays.save({split: input_pipeline.Split(rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8),
-                                                  rng.integers(0, 10, 64).astype(np.int32))
-                      for split in input_pipeline.SPLITS}, str(folder / "fashion_mnist.npz"))
-    result = subprocess.run([sys.executable, "train.py", *SMALL_JOB, f"--data_arrays={folder / 'fashion_mnist.npz'}",
-                             f"--workdir={folder / 'run'}"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO_ROOT)
-    assert result.returncode == 0, result.stderr
-    return folder / "run"
 
 
 def run_in(environment: dict, arguments: list[str], cwd) -> subprocess.CompletedProcess:
@@ -173,12 +153,12 @@ def run_in(environment: dict, arguments: list[str], cwd) -> subprocess.Completed
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(DRAWS))
-def test_a_random_draw_ends_in_status_0_or_one_line(tmp_path, seed, trained_run):
+def test_a_random_draw_ends_in_status_0_or_one_line(tmp_path, seed, trained):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "a_folder").mkdir()
     command, environment, flags = draw(seed, str(tmp_path))
     if command in ("export", "predict"):
-        shutil.copytree(trained_run, tmp_path / "trained")
+        shutil.copytree(trained, tmp_path / "trained")
     arguments, prog = command_line(command, str(tmp_path), flags)
     before = tree_digest(tmp_path)
     result = run_in(environment, arguments, cwd=tmp_path if command == "train" else REPO_ROOT)

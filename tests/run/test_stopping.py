@@ -1,0 +1,197 @@
+"""Stopping (nin_jax/run/stopping.py): Ctrl-C, SIGTERM and SIGHUP, once or twice, before training
+or during it, in one process or in one of a job's two; each stop says in one line what was saved
+and how to resume, and the rerun resumes exactly."""
+
+import os
+import re
+import signal
+import sys
+import time
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+from flax import serialization
+
+from nin_jax import input_pipeline, steps
+from nin_jax import trainer
+from nin_jax.config import Config
+from nin_jax.run import outputs
+from nin_jax.run.checkpoints import CHECKPOINT_DIR, Checkpoints
+from nin_jax.run.stopping import STOPPED_BY_ANOTHER_PROCESS, Interrupted
+
+import train
+
+from conftest import (HELPER, JOB_TIMEOUT_S, NUM_EXAMPLES, TIMEOUT_S, TOTAL_STEPS, free_loopback_port, processes,
+                      resume_config, resume_flags, saved_steps, training_process, wait_until)
+
+
+def test_a_first_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
+    workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with training_process(workdir, log_path, parallel="jit", checkpoint_every_steps=0) as process:
+        wait_until(lambda: "compiled the train and eval steps" in log_path.read_text(), process, log_path)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=TIMEOUT_S) == 130, log_path.read_text()
+    last_line = log_path.read_text().strip().splitlines()[-1]
+    match = re.fullmatch(
+        rf"fake_data_train.py: stopped by SIGINT after step (\d+): saved a checkpoint in "
+        rf"{re.escape(str(workdir / CHECKPOINT_DIR))}; run the same command to resume", last_line
+    )
+    assert match, log_path.read_text()
+    assert saved_steps(workdir)[-1] == int(match[1]) < TOTAL_STEPS
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_ctrl_c_answers_at_once_while_a_step_takes_10_s_and_a_second_one_stops_the_run_at_once(tmp_path):
+    """Steps after step 2 take 10 s on the device, as at 224 px on a CPU, while the loop waits inside
+    JAX for them: the first Ctrl-C still says within a second what will happen, and the second one
+    ends the process within two, saying which checkpoint is kept."""
+    workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with training_process(workdir, log_path, env={"SLOW_STEPS": "2:10"}, parallel="jit",
+                          checkpoint_every_steps=2) as process:
+        wait_until(lambda: 2 in saved_steps(workdir), process, log_path)  # then the loop waits for steps 3 and 4
+        process.send_signal(signal.SIGINT)
+        wait_until(lambda: "stopping after" in log_path.read_text(), process, log_path, timeout_s=1.0)
+        # Step 3 or 5: the loop waits inside the dispatch of step 3, or (where a dispatch returns at
+        # once) in the checkpoint of step 4, which waits for both slow steps.
+        assert re.fullmatch(r"fake_data_train.py: stopping after step [35] \(SIGINT\), then saving; press Ctrl-C "
+                            r"again to stop now without saving this step", log_path.read_text().splitlines()[-1])
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=2.0) == 130, log_path.read_text()
+    assert log_path.read_text().splitlines()[-1] == (
+        f"fake_data_train.py: stopped at once by a second SIGINT: the checkpoint of step 2 in "
+        f"{workdir / CHECKPOINT_DIR} is kept; run the same command to resume from it")
+    assert saved_steps(workdir) == [2]
+
+
+def test_sigterm_stops_like_a_first_ctrl_c_and_the_usual_handlers_come_back(fake_data, tmp_path):
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
+    train_batches = input_pipeline.train_batches
+
+    def batches_with_sigterm_before_the_second(*args, **kwargs):
+        for index, batch in enumerate(train_batches(*args, **kwargs)):
+            if index == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    with fake_data(NUM_EXAMPLES), pytest.raises(Interrupted) as stop, mock.patch.object(
+        input_pipeline, "train_batches", batches_with_sigterm_before_the_second
+    ):
+        trainer.train_and_evaluate(resume_config(parallel="jit", checkpoint_every_steps=0), str(tmp_path), log=lambda line: None)
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    assert str(stop.value) == (f"stopped by SIGTERM after step 2: saved a checkpoint in {tmp_path / CHECKPOINT_DIR}; "
+                               f"run the same command to resume")
+    assert saved_steps(tmp_path) == [2]
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_sigterm_or_sighup_before_training_starts_ends_the_run_in_one_line(fake_data, tmp_path, capsys, signum):
+    """A scheduler's SIGTERM, or a closed terminal's SIGHUP, while the data loads: nothing to save yet."""
+    def load_with_a_signal(config):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal should have ended the run")
+
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
+    with fake_data(NUM_EXAMPLES), mock.patch("nin_jax.data.dataset.load_datasets", load_with_a_signal), \
+            pytest.raises(SystemExit) as exit_status:
+        train.main([*resume_flags(parallel="jit"), f"--workdir={tmp_path}"])
+    assert exit_status.value.code == 128 + signum
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err == (f"{os.path.basename(sys.argv[0])}: interrupted by {name}; the same command "
+                                       f"resumes from the latest checkpoint, if any\n")
+    assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)] == handlers
+
+
+def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_the_checkpoints(fake_data, tmp_path,
+                                                                                              capsys):
+    """A scheduler that sends SIGTERM twice: the second does not wait for the save the first asked for."""
+    train_batches = input_pipeline.train_batches
+
+    def batches_with_two_sigterms_before_the_fourth(*args, **kwargs):
+        for index, batch in enumerate(train_batches(*args, **kwargs)):
+            if index == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    with fake_data(NUM_EXAMPLES), mock.patch.object(input_pipeline, "train_batches",
+                                                    batches_with_two_sigterms_before_the_fourth), \
+            pytest.raises(SystemExit) as exit_status:
+        train.main([*resume_flags(parallel="jit"), f"--workdir={tmp_path}"])
+    assert exit_status.value.code == 128 + signal.SIGTERM
+    prog = os.path.basename(sys.argv[0])
+    assert capsys.readouterr().err == (
+        f"{prog}: stopping after step 4 (SIGTERM), then saving; send SIGTERM again to stop now without saving this step\n"
+        f"{prog}: stopped at once by a second SIGTERM: the checkpoint of step 3 in {tmp_path / CHECKPOINT_DIR} is "
+        f"kept; run the same command to resume from it\n")
+    assert saved_steps(tmp_path) == [1, 2, 3]  # every step before the signals, each checkpointed whole
+
+
+STOP_SETTINGS = dict(resize=67, batch_size=8, num_epochs=2, eval_examples=8, dropout_rate=0.0, checkpoint_every_steps=0)
+STOP_EXAMPLES = 256  # 32 steps per epoch: more than progress.LAG_STEPS, so the stop lands within epoch 1
+STOP_STEPS_PER_EPOCH = 32
+
+
+def two_process_commands(workdir, parallel: str) -> list[list[str]]:
+    flags = [f"--{name}={value}" for name, value in STOP_SETTINGS.items()] + [
+        f"--parallel={parallel}", f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_loopback_port()}",
+        "--num_processes=2",
+    ]
+    return [[sys.executable, HELPER, str(STOP_EXAMPLES), *flags, f"--process_id={rank}"] for rank in range(2)]
+
+
+def wait_for_line(path, text: str, running) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while text not in path.read_text():
+        assert all(process.poll() is None for process in running), f"a process ended early:\n{path.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} in time:\n{path.read_text()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_resumes_exactly(tmp_path):
+    """With sharding, the default. The stop's agreement is the same code under pmap; a pmap job of
+    two processes resuming is tests/runtime/test_distributed.py's killed-process test, resuming exactly under
+    pmap tests/run/test_training_run.py's."""
+    parallel = "sharding"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+    stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
+    logs = {name: tmp_path / "logs" / name for name in ("stopped", "resumed", "uninterrupted")}
+    for folder in logs.values():
+        folder.mkdir(parents=True)
+    with processes(two_process_commands(stopped, parallel), env, logs["stopped"]) as running:
+        wait_for_line(logs["stopped"] / "process0.log", "compiled the train and eval steps", running)
+        running[1].send_signal(signal.SIGTERM)
+        codes = [process.wait(timeout=JOB_TIMEOUT_S) for process in running]
+    logged = [(logs["stopped"] / f"process{rank}.log").read_text() for rank in range(2)]
+    assert codes == [STOPPED_BY_ANOTHER_PROCESS, 128 + signal.SIGTERM], logged
+    steps_logged = [re.search(r"stopped .*after step (\d+)", output) for output in logged]
+    assert all(steps_logged), logged
+    step = int(steps_logged[0][1])
+    assert int(steps_logged[1][1]) == step and step % STOP_STEPS_PER_EPOCH, logged
+    assert "stopped by SIGTERM after step" in logged[1] and "another process of this run was asked to stop" in logged[0]
+    assert "stopping with the other processes after the same step, at most 10 steps from now (SIGTERM)" in logged[1]
+    assert "Traceback" not in "".join(logged)
+    assert saved_steps(stopped) == [step]  # one checkpoint, saved by both together
+
+    # One job at a time: on a busy machine, two starting together can miss gloo's connect timeout.
+    for name, workdir in (("resumed", stopped), ("uninterrupted", uninterrupted)):
+        with processes(two_process_commands(workdir, parallel), env, logs[name]) as running:
+            codes = [process.wait(timeout=JOB_TIMEOUT_S) for process in running]
+        assert codes == [0, 0], (logs[name] / "process0.log").read_text()
+    assert f"resuming from the checkpoint of step {step} " in (logs["resumed"] / "process0.log").read_text()
+
+    config = Config(**STOP_SETTINGS, parallel=parallel)
+    states = []
+    for workdir in (stopped, uninterrupted):
+        with Checkpoints(str(workdir), config) as checkpoints:
+            states.append(checkpoints.restore_latest(steps.create_train_state(config)).state)
+    assert int(states[0].step) == int(states[1].step) == 2 * STOP_STEPS_PER_EPOCH
+    jax.tree_util.tree_map(np.testing.assert_array_equal, serialization.to_state_dict(states[0]),
+                           serialization.to_state_dict(states[1]))
+    timings = {"examples_per_sec", "train_seconds", "compile_seconds"}
+    records = [[{key: value for key, value in record.items() if key not in timings} for record in
+                outputs.read_metrics(str(workdir))] for workdir in (stopped, uninterrupted)]
+    assert records[0] == records[1] and len(records[0]) == 2

@@ -1,0 +1,148 @@
+"""Every command at the edges of its process (nin_jax/runtime/commands.py): the paths it is given,
+a stdout or stderr that is closed or broken, and the signals that stop it. Each ends in one line
+and a documented status, as train.py does."""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from nin_jax.tools import export, export_arrays, predict
+from nin_jax.tools.plan import command as plan
+
+from conftest import CPU_ENV, NEEDS_CUDA_PLUGIN, REPO_ROOT, command_line, prog
+
+
+COMMANDS = {"predict": predict, "export": export, "export_arrays": export_arrays, "plan": plan}
+
+
+@pytest.mark.parametrize("command, argv, flag, required", [
+    ("predict", ["--workdir", ""], "workdir", True),
+    ("predict", ["--workdir", "W", "--data_dir", " "], "data_dir", False),
+    ("predict", ["--workdir", "W", "--manual_dir", ""], "manual_dir", False),
+    ("export", ["--workdir", "", "--out", "F"], "workdir", True),
+    ("export", ["--workdir", "W", "--out", " "], "out", True),
+    ("export_arrays", ["--out", ""], "out", True),
+    ("plan", ["--target", "h100", "--json", ""], "json", False),
+])
+def test_an_empty_path_is_refused_in_one_line_before_anything_is_read(command, argv, flag, required, capsys):
+    """What `--workdir "$W"` gives when W is unset: refused as train.py refuses it."""
+    with pytest.raises(SystemExit) as end:
+        COMMANDS[command].main(argv)
+    assert end.value.code == 2
+    advice = "give a path" if required else "give a path, or leave the flag out"
+    assert capsys.readouterr().err == (f"python -m nin_jax.{command}: error: --{flag} is empty (an unset shell "
+                                       f"variable?); {advice} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# A stdout or stderr that is closed or broken.
+
+
+def shell(command_line: list[str], redirection: str, stderr_file):
+    """Runs `python command_line redirection` in bash, stderr into `stderr_file` unless redirected."""
+    quoted = " ".join(shlex.quote(part) for part in [sys.executable, *command_line])
+    script = f"{quoted} 2>{shlex.quote(str(stderr_file))} {redirection}; exit ${{PIPESTATUS[0]}}"
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300, env=CPU_ENV,
+                          cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("redirection, reason", [
+    ("| head -1", "Broken pipe"),
+    ("> /dev/full", "No space left on device"),
+    (">&-", None),
+    ("2>&-", None),
+])
+def test_a_closed_or_broken_stdout_loses_no_epoch(arrays, tmp_path, redirection, reason):
+    """`| head -1` was a BrokenPipeError at the epoch line, exit 1, and the epoch lost; `> /dev/full`
+    an OSError traceback; `>&-` an AttributeError traceback at exit, status 1."""
+    stderr_file = tmp_path / "stderr"
+    stderr_file.write_text("")
+    result = shell(command_line("train", None, tmp_path, arrays), redirection, stderr_file)
+    assert result.returncode == 0, stderr_file.read_text()
+    workdir = tmp_path / "run"
+    assert sorted(int(name) for name in os.listdir(workdir / "checkpoints") if name.isdigit())[-1] == 4
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+    expected = f"train.py: warning: cannot write to stdout ({reason}); going on without it\n" if reason else ""
+    assert stderr_file.read_text() == expected
+
+
+@pytest.mark.parametrize("command", ["export", "plan_list"])
+def test_the_other_commands_survive_a_full_stdout_in_one_line(trained, tmp_path, command):
+    stderr_file = tmp_path / "stderr"
+    line = ["-m", "nin_jax.plan", "--list"] if command == "plan_list" else command_line(command, trained, tmp_path)
+    result = shell(line, "> /dev/full", stderr_file)
+    assert result.returncode == 0, stderr_file.read_text()
+    assert stderr_file.read_text() == (f"{prog(command)}: warning: cannot write to stdout (No space left on device); "
+                                       f"going on without it\n")
+    if command == "export":
+        assert (tmp_path / "nin.jax_exported").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop signals.
+
+
+# Runs `python -m MODULE ARGS` with the checkpoint's restore made to print a line and then wait,
+# so that a signal reaches the command in the middle of its work on every machine.
+RESTORED_THEN_WAITING = """
+import runpy, sys, time
+from nin_jax.run.checkpoints import Checkpoints
+
+restore = Checkpoints.restore_latest
+
+def restore_then_wait(self, *args):
+    snapshot = restore(self, *args)
+    print("restored", flush=True)
+    time.sleep(120)
+    return snapshot
+
+Checkpoints.restore_latest = restore_then_wait
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("command, signum, moment", [
+    ("train", signal.SIGTERM, 0.5),  # while it imports
+    ("export", signal.SIGINT, 0.5),
+    ("export", signal.SIGINT, "restored"),  # once the checkpoint is read
+    ("export", signal.SIGTERM, "restored"),
+    ("predict", signal.SIGINT, "restored"),
+    ("predict", signal.SIGHUP, "restored"),
+    pytest.param("plan", signal.SIGTERM, 3.0, marks=NEEDS_CUDA_PLUGIN),  # while it compiles for the GPU
+    pytest.param("plan", signal.SIGINT, 6.0, marks=NEEDS_CUDA_PLUGIN),
+])
+def test_a_stop_signal_ends_a_command_with_one_line_and_its_status(trained, tmp_path, command, signum, moment,
+                                                                    arrays):
+    """Ctrl-C in export or predict printed its line, then the process crashed (SIGSEGV) in 3 of 4
+    tries; SIGTERM to export, predict or plan exited 143 without a word."""
+    arguments = command_line(command, trained, tmp_path, arrays)
+    if moment == "restored":
+        arguments = ["-c", RESTORED_THEN_WAITING, *arguments[1:]]
+    process = subprocess.Popen([sys.executable, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=CPU_ENV, cwd=REPO_ROOT)
+    deadline = threading.Timer(120, process.kill)  # a command that never prints its marker is not waited for
+    deadline.start()
+    try:
+        if moment == "restored":
+            assert process.stdout.readline() == "restored\n"
+        else:
+            time.sleep(moment)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        deadline.cancel()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signum, stderr
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    assert re.fullmatch(rf"{re.escape(prog(command))}: interrupted{by}(; .*)?\n", stderr), stderr
+    assert sorted(os.listdir(tmp_path)) in ([], ["run"])  # the export neither written nor left as a temporary

@@ -1,0 +1,159 @@
+"""Locks (nin_jax/runtime/locks.py): a live run keeps its workdir to itself, the lock of a killed
+run blocks nothing, a link planted at a lock is refused, and two first builds of the dataset in
+one data dir build once."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nin_jax.data import dataset
+from nin_jax.run.checkpoints import WorkdirError
+from nin_jax.runtime import locks
+from nin_jax.runtime.errors import DataError
+
+from conftest import (NEEDS_SHARED_FASHION_MNIST, PRECIOUS, REPO_ROOT, SHARED_FASHION_MNIST, Job, random_arrays,
+                      run_cli)
+
+
+LOCK_HOLDER = ("import sys, time; from nin_jax.runtime import locks\n"
+               "with locks.exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
+
+
+@pytest.fixture
+def lock_holder():
+    """Starts a process that holds a lock on a file and stays alive; kills it at the end."""
+    started = []
+
+    def start(path) -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], stdout=subprocess.PIPE, text=True,
+                                  cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+        started.append(holder)
+        assert holder.stdout.readline() == "held\n"
+        return holder
+
+    yield start
+    for holder in started:
+        holder.kill()
+        holder.wait()
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else b"<dir>"
+            for path in sorted(folder.rglob("*"))}
+
+
+def test_a_second_run_on_a_live_workdir_stops_at_once_and_changes_nothing(lock_holder, tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')  # a resume would trim it to its checkpoint
+    holder = lock_holder(workdir / locks.WORKDIR_LOCK)
+    before = _snapshot(workdir)
+    result = run_cli("--workdir", str(workdir), "--resize", "67", "--manual_dir", str(tmp_path / "no_files"))
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"train.py: error: --workdir {workdir} is in use by another run (pid {holder.pid} on host "
+        f"{socket.gethostname()}); wait for it to end, or use another --workdir\n"
+    )
+    assert _snapshot(workdir) == before
+
+
+def test_the_lock_of_a_killed_run_does_not_block_the_next(lock_holder, tmp_path):
+    holder = lock_holder(tmp_path / locks.WORKDIR_LOCK)
+    with pytest.raises(WorkdirError):
+        with locks.workdir_lock(str(tmp_path)):
+            pass
+    holder.kill()
+    holder.wait()
+    with locks.workdir_lock(str(tmp_path)):
+        assert (tmp_path / locks.WORKDIR_LOCK).read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+
+
+@pytest.mark.slow
+def test_every_process_of_a_job_refuses_a_live_workdir(lock_holder, tmp_path):
+    """Process 0 holds the workdir for the job; the others learn that it is taken from process 0."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = lock_holder(workdir / locks.WORKDIR_LOCK)
+    job = Job(workdir, tmp_path, "refused")
+    try:
+        codes = [process.wait(timeout=120) for process in job.processes]
+    finally:
+        job.close()
+    line = (f"fake_data_train.py: error: --workdir {workdir} is in use by another run (pid {holder.pid} on host "
+            f"{socket.gethostname()}); wait for it to end, or use another --workdir\n")
+    assert codes == [1, 1] and [job.stderr(rank) for rank in range(2)] == [line, line]
+    assert sorted(os.listdir(workdir)) == [locks.WORKDIR_LOCK]
+
+
+@pytest.mark.slow
+@NEEDS_SHARED_FASHION_MNIST
+def test_two_first_builds_in_one_data_dir_build_once(tmp_path):
+    """Two exports find the dataset unbuilt: the second starts while the first builds, waits for it,
+    then reads what it built."""
+    data_dir = tmp_path / "tfds"
+    lock = data_dir / "fashion_mnist.lock"
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+
+    def export(name: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "nin_jax.export_arrays", "--data_dir", str(data_dir),
+                   "--manual_dir", SHARED_FASHION_MNIST, "--out", str(tmp_path / f"{name}.npz")]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    exports = [export("first")]
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text()):  # the first holds the lock: it is building
+            assert exports[0].poll() is None and time.monotonic() < deadline, exports[0].communicate()
+            time.sleep(0.05)
+        exports.append(export("second"))
+        outputs = [process.communicate(timeout=300) for process in exports]
+    finally:
+        for process in exports:
+            process.kill()
+            process.wait()
+    first, second = exports
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    waiting = (f"waiting for pid {first.pid} on host {socket.gethostname()}, which is building Fashion-MNIST "
+               f"in {data_dir}")
+    assert outputs[1][1].splitlines().count(waiting) == 1 and "waiting" not in outputs[0][1], outputs
+    assert all("Traceback" not in err for _, err in outputs), outputs  # tfds' own progress and warnings may show
+    assert "Downloading and preparing dataset" in outputs[0][0] and "preparing" not in outputs[1][0]  # tfds' words
+    wrote = "wrote {}: 60,000 training and 10,000 test examples"
+    assert [out.splitlines()[-1] for out, _ in outputs] == [wrote.format(tmp_path / f"{name}.npz")
+                                                            for name in ("first", "second")]
+    with np.load(tmp_path / "first.npz") as built, np.load(tmp_path / "second.npz") as read:
+        assert built.files == read.files and all(np.array_equal(built[name], read[name]) for name in built.files)
+
+
+def test_a_link_planted_at_the_workdir_lock_is_refused_and_its_target_kept(tmp_path, precious):
+    workdir, data = tmp_path / "run", tmp_path / "arrays.npz"
+    random_arrays(data, 16, 8)
+    workdir.mkdir()
+    (workdir / "run.lock").symlink_to(precious)
+    result = run_cli("--data_arrays", str(data), "--resize", "67", "--batch_size", "8", "--num_epochs", "2",
+                     "--compile_cache", "off", "--workdir", str(workdir))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"train.py: error: cannot write to --workdir {workdir}: {workdir / 'run.lock'} is a "
+                             f"link or not a plain file, which nin_jax never writes to; remove it\n")
+    assert precious.read_text() == PRECIOUS
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_a_link_at_the_data_folder_lock_is_refused_and_its_target_kept(tmp_path, precious, link):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    lock = data_dir / "fashion_mnist.lock"
+    if link == "hard":
+        os.link(precious, lock)
+    else:
+        lock.symlink_to(precious)
+    with pytest.raises(DataError, match=f"^cannot write to --data_dir {data_dir} to build Fashion-MNIST there: "
+                                        f"{lock} is a link or not a plain file"):
+        with dataset._build_lock(str(data_dir)):
+            pass
+    assert precious.read_text() == PRECIOUS
