@@ -28,7 +28,7 @@ USER_ERRORS = (DataError, WorkdirError, OutputError, OutOfMemory, Diverged)
 
 def build_parser() -> argparse.ArgumentParser:
     """One flag per Config field, with the field's default and help text, in the field's group."""
-    parser = FlagParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(description=__doc__.split("\n\n")[0])
     groups = add_config_flags(parser)
     groups[TRAINING].add_argument(
         "--summary", action="store_true", help="print each layer's output shape (NHWC) and parameter count at "

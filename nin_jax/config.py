@@ -368,7 +368,14 @@ def _check_choice(name: str, value: str) -> None:
 
 
 class FlagParser(argparse.ArgumentParser):
-    """An argparse parser whose wrong flags end with one line, not the usage block."""
+    """An argparse parser whose --help gives each flag's default, and whose wrong flags end with one
+    line, not the usage block. A required flag has no default to give: `required`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def required(self, flag: str, help_text: str, **kwargs) -> None:
+        self.add_argument(flag, required=True, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -403,14 +410,16 @@ class _FullHelp(argparse.Action):
         parser.exit()
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> dict:
+def add_config_flags(parser: argparse.ArgumentParser, names: Optional[typing.Collection[str]] = None) -> dict:
     """One flag per Config field, with the field's default and help text, in the field's group: the
-    flags of `train.py`, which `python -m nin_jax.plan` shares so that it plans the run that
-    `train.py` would make. --help shows the groups a reader of the book needs, --helpfull all of
-    them. Returns the groups by title, for the caller's own flags."""
+    flags of `train.py`, whose --help shows the groups a reader of the book needs and --helpfull all
+    of them. With `names`, the flags of those fields only, all shown by --help: `python -m
+    nin_jax.plan` takes those that shape the steps it compiles. Returns the groups by title."""
     groups = {title: parser.add_argument_group(title) for title in GROUPS}
     hidden = {}
     for field in dataclasses.fields(Config):
+        if names is not None and field.name not in names:
+            continue
         flag_type = _flag_type(field)
         group = groups[field.metadata["group"]]
         kwargs = dict(default=field.default, help=field.metadata["help"])
@@ -419,10 +428,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> dict:
         else:
             action = group.add_argument(f"--{field.name}", type=flag_type, choices=field.metadata.get("choices"),
                                         **kwargs)
-        if field.metadata["group"] not in SHORT_HELP_GROUPS:
+        if names is None and field.metadata["group"] not in SHORT_HELP_GROUPS:
             hidden[action], action.help = action.help, argparse.SUPPRESS
-    parser.add_argument("--helpfull", action=_FullHelp, hidden=hidden,
-                        help="show the help of every flag, and exit: also " + "; ".join(GROUPS[len(SHORT_HELP_GROUPS):]))
+    if hidden:
+        parser.add_argument("--helpfull", action=_FullHelp, hidden=hidden,
+                            help="show the help of every flag, and exit: also " + "; ".join(GROUPS[len(SHORT_HELP_GROUPS):]))
     return groups
 
 
@@ -433,7 +443,7 @@ def parse_flags(parser: argparse.ArgumentParser, argv=None) -> tuple[Config, dic
     first_pass.add_argument("--recipe", choices=tuple(RECIPES), default="reference")
     parser.set_defaults(**RECIPES[first_pass.parse_known_args(argv)[0].recipe])
     flags = vars(parser.parse_args(argv))
-    config = Config(**{field.name: flags.pop(field.name) for field in dataclasses.fields(Config)})
+    config = Config(**{field.name: flags.pop(field.name) for field in dataclasses.fields(Config) if field.name in flags})
     try:
         config.validate()
     except ConfigError as error:

@@ -60,7 +60,7 @@ class NiNBlock(nn.Module):
     kernel_size: int
     strides: int
     padding: int
-    init: Init = INITS["xavier"]
+    init: Init = INITS["kaiming"]  # the package's; INITS["xavier"] is the book's
     class_scores: bool = False  # the last block: its last convolution starts as init.class_kernel and class_bias
     layers: ops.Layers = ops.Layers()
 

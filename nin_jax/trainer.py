@@ -40,8 +40,8 @@ def train_and_evaluate(config: Config, workdir: Optional[str] = None,
         strategy = parallel.create_strategy(config, loop_steps(config))
         state = strategy.put_state(snapshot.state)
         first_batch = next(input_pipeline.eval_batches(train_split, config.batch_size, run.process))
-        with run.training(strategy, first_batch, len(train_split), len(test_split)):  # a stop signal saves first
-            run.compiled(strategy, strategy.compile(state, first_batch))  # both steps, before the first epoch
+        with run.training(strategy, len(train_split), len(test_split)):  # from here a stop signal saves first
+            run.compile(strategy, state, first_batch)  # both steps; on a CPU, says how long the run will take
             totals = strategy.put_carry(zero_carry(snapshot.epoch_totals))
             for epoch in range(run.first_epoch, config.num_epochs + 1):
                 with run.epoch(epoch) as start_batch:

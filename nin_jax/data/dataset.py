@@ -6,9 +6,11 @@ instead, without TensorFlow.
 
 import contextlib
 import hashlib
+import io
 import os
 import socket
 import sys
+import time
 import urllib.parse
 from typing import Iterator, Optional
 
@@ -64,11 +66,16 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
     if copy:
         return copy
     tfds = _import_tfds()
+    if not sys.stderr.isatty():  # in a log file, tfds' bars would be a hundred lines: phases are said below
+        tfds.disable_progress_bar()
     if not tfds.builder(DATASET, data_dir=data_dir).is_prepared():
         with _build_lock(data_dir):
             builder = tfds.builder(DATASET, data_dir=data_dir)
             if not builder.is_prepared():  # else another process has built it meanwhile
+                start = time.monotonic()
+                _say(f"building Fashion-MNIST in {dataset_dir} (once, about 140 MB; --data_dir puts it elsewhere)")
                 _build_from_files(tfds, builder, data_dir, manual_dir, download)
+                _say(f"built Fashion-MNIST in {time.monotonic() - start:.0f} s")
     builder = tfds.builder(DATASET, data_dir=data_dir)
     datasets = {split: _read_split(builder, split) for split in SPLITS}
     problem = data_arrays.what_is_wrong(datasets)
@@ -77,6 +84,11 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
                         f"move {dataset_dir} away and run again to build it anew")
     data_arrays.save_copy(dataset_dir, data_arrays.as_arrays(datasets))
     return datasets
+
+
+def _say(line: str) -> None:
+    """A line about the dataset on stderr, named by the command, above any progress bar."""
+    print(f"{commands.program_name()}: {line}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -164,11 +176,14 @@ def _check_source_files(builder, manual_dir: str) -> None:
 
 
 def _build(builder, download_config) -> None:
-    """Runs tfds' build; a downloaded file with the wrong checksum ends in a one-line DataError."""
+    """Runs tfds' build; a downloaded file with the wrong checksum ends in a one-line DataError.
+    tfds' own two lines on stdout ('Downloading and preparing dataset Unknown size ...') are left
+    out: the build's lines say where it goes and how long it took."""
     from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
     try:
-        builder.download_and_prepare(download_config=download_config)
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(download_config=download_config)
     except NonMatchingChecksumError as error:
         raise DataError(f"a downloaded Fashion-MNIST file is damaged: {' '.join(str(error).split())}") from error
 

@@ -3,8 +3,8 @@
 The trace starts after the run's first step, once the steps run at their usual pace, and stops
 when the N-th traced step has finished on the device; then the run prints where the step's time
 went (`nin_jax.profile_report`, which reads the step's optimised program saved beside the trace).
-View the trace with `tensorboard --logdir <workdir>/profile` (Profile tab; `pip install
-tensorboard-plugin-profile`), or open the perfetto_trace.json.gz under
+View the trace with `tensorboard --logdir <workdir>/profile` (Profile tab; `pip install -e
+'.[profile]'` adds the plugin), or open the perfetto_trace.json.gz under
 <workdir>/profile/plugins/profile/ at https://ui.perfetto.dev.
 """
 
@@ -52,7 +52,8 @@ class StepTrace:
         self._tracing = False
         traced = self._steps_seen - 1
         self._log(f"wrote a profile of {traced} training step{'s' if traced != 1 else ''} to {self.directory}; "
-                  f"view it with `tensorboard --logdir {self.directory}` or at https://ui.perfetto.dev")
+                  f"view it at https://ui.perfetto.dev (open its perfetto_trace.json.gz), or with `tensorboard --logdir "
+                  f"{self.directory}` once `pip install -e '.[profile]'` has added TensorBoard's profile plugin")
         try:
             program = self._program()
             if program:

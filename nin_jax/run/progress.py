@@ -3,9 +3,11 @@ lines (`--log_every_steps`).
 
 JAX dispatches steps asynchronously, so the host can queue a whole epoch before the device has
 finished its first step; a bar that counted dispatched steps would race to 100% and then wait.
-`StepProgress` counts a step once it is done, and waits only for the step `LAG_STEPS` before the
+`StepProgress` counts a step once it is done, and waits only for the step some steps before the
 one just dispatched: the devices always have the next steps queued, so the loop never stalls on
-the bar, and the host never runs further ahead than that. Running loss and accuracy are fetched
+the bar, and the host never runs further ahead than that: at most `LAG_STEPS` steps, and no more
+than about `IN_FLIGHT_SECONDS` of them, so that a stop request is acted on within seconds even
+where a step takes seconds (a CPU at 224 px). Running loss and accuracy are fetched
 to the host only every `log_every_steps` steps and, for the bar, at most every few seconds. The
 bar is drawn only when stderr is a terminal (tqdm's `disable=None`), so CI logs stay readable;
 the step lines of `log_every_steps` are written either way.
@@ -13,7 +15,7 @@ the step lines of `log_every_steps` are written either way.
 
 import collections
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import tqdm
@@ -23,6 +25,7 @@ from nin_jax.runtime import distributed
 
 POSTFIX_EVERY_SECONDS = 5.0
 LAG_STEPS = 8
+IN_FLIGHT_SECONDS = 2.0
 
 
 def running_metrics(totals: steps.Metrics) -> dict[str, float]:
@@ -54,13 +57,19 @@ class StepProgress:
         self._pending: collections.deque[steps.Metrics] = collections.deque()
         self._since = (self._examples_done, time.perf_counter())  # the step lines' images/s count from here
         self._last_postfix_time = time.perf_counter()
+        self._lag = 1  # steps left pending: one until a step's time is known
+        self._last_counted: Optional[float] = None
 
     def update(self, totals: steps.Metrics) -> None:
-        """Keeps this step's totals; once more than `LAG_STEPS` steps are pending, waits for the
-        oldest and counts it."""
+        """Keeps this step's totals; once more steps are pending than the device runs in about
+        `IN_FLIGHT_SECONDS` (at most `LAG_STEPS`), waits for the oldest and counts it."""
         self._pending.append(totals)
-        if len(self._pending) > LAG_STEPS:
+        while len(self._pending) > self._lag:
             self._count(self._pending.popleft())
+            now = time.perf_counter()
+            if self._last_counted is not None:  # the host waited for the device: one step's time
+                self._lag = max(1, min(LAG_STEPS, int(IN_FLIGHT_SECONDS / max(now - self._last_counted, 1e-6))))
+            self._last_counted = now
 
     def close(self) -> None:
         """Waits for and counts every pending step."""

@@ -40,8 +40,11 @@ from nin_jax.runtime.commands import STOP_SIGNALS, Terminated
 STOPPED_BY_ANOTHER_PROCESS = 75
 
 # How many steps back a process reads the summed votes with several processes: a step that the
-# devices have surely finished, so reading it never stalls the queue of dispatched steps.
-VOTE_LAG_STEPS = 8
+# devices have surely finished, so reading it never stalls the queue of dispatched steps. The same
+# on every process (it depends on the platform only); on a CPU, whose steps take up to seconds and
+# whose queue is short (`progress.IN_FLIGHT_SECONDS`), fewer, so that a stop comes within seconds.
+VOTE_LAG_STEPS = {"cpu": 2}
+ACCELERATOR_VOTE_LAG_STEPS = 8
 
 # How long a second signal waits for the loop to stop by itself before the process ends at once.
 SECOND_SIGNAL_GRACE_SECONDS = 1.0
@@ -190,6 +193,7 @@ class StopWatch:
         self._previous: dict[int, Any] = {}
         self._signal_thread: Optional[_SignalThread] = None
         self._in_flight: collections.deque = collections.deque()
+        self._vote_lag = VOTE_LAG_STEPS.get(jax.default_backend(), ACCELERATOR_VOTE_LAG_STEPS)
 
     def __enter__(self) -> "StopWatch":
         if threading.current_thread() is threading.main_thread():
@@ -241,7 +245,7 @@ class StopWatch:
 
     def _stopping_line(self, signum: int) -> str:
         after = (f"after step {self._stop_after}" if self._alone else
-                 f"with the other processes after the same step, at most {VOTE_LAG_STEPS + 2} steps from now")
+                 f"with the other processes after the same step, at most {self._vote_lag + 2} steps from now")
         then = "then saving" if self._kept else "then ending (no --workdir: nothing is saved)"
         again = ("press Ctrl-C again" if signum == signal.SIGINT else f"send {signal.Signals(signum).name} again")
         return (f"stopping {after} ({signal.Signals(signum).name}), {then}; {again} to stop now"
@@ -264,7 +268,7 @@ class StopWatch:
         if self._alone:
             return asked
         self._in_flight.append(carry["watch"]["stop_votes"])
-        if len(self._in_flight) <= VOTE_LAG_STEPS:
+        if len(self._in_flight) <= self._vote_lag:
             return False
         return float(self._fetch(self._in_flight.popleft())) > 0
 

@@ -3,8 +3,8 @@
 
     with TrainingRun(config, workdir, log) as run:   # checks, processes, the workdir's lock, checkpoints
         snapshot = run.resume(initial_state, steps_per_epoch)   # or run.finished
-        with run.training(strategy, first_batch, num_train, num_test):   # stop signals, outputs, profile
-            run.compiled(strategy, seconds)
+        with run.training(strategy, num_train, num_test):   # stop signals, outputs, profile
+            run.compile(strategy, state, first_batch)       # on a CPU, says how long the run will take
             for epoch in ...:
                 with run.epoch(epoch) as start_batch:    # the progress bar and the epoch's clock
                     for batch in ...: ...; run.after_step(state, carry)   # the one hook point (hooks.py)
@@ -99,15 +99,24 @@ class TrainingRun:
         return (f"the run in {self.workdir} is finished: its checkpoint has "
                 f"{f'all {done_epochs} epochs' if done_epochs > 1 else '1 epoch'} ({self.step} steps); {how_to_go_on}")
 
-    def compiled(self, strategy, seconds: float) -> None:
+    def compile(self, strategy, state: steps.TrainState, first_batch: input_pipeline.Batch) -> None:
+        """Compiles both steps before the first epoch; on a CPU, says first how long the run will take."""
+
+        def before_compiling(lowered) -> None:
+            if cpu_estimate.applies() and cpu_estimate.say_before_compiling(
+                    lowered, self.config, (self.num_train_examples, self._num_test_examples), self.workdir, self.log):
+                self._estimate = cpu_estimate.Estimate(strategy, first_batch, self.config, self.num_train_examples,
+                                                       self._num_test_examples, self.log)
+
+        seconds = strategy.compile(state, first_batch, before_compiling)
         self.devices, self.compile_seconds = parallel.describe_devices(strategy), seconds
         self.log(f"compiled the train and eval steps for {self.devices} ({strategy.name}) in {seconds:.1f}s")
 
     @contextlib.contextmanager
-    def training(self, strategy, first_batch: input_pipeline.Batch, num_train_examples: int,
-                 num_test_examples: int) -> Iterator["TrainingRun"]:
+    def training(self, strategy, num_train_examples: int, num_test_examples: int) -> Iterator["TrainingRun"]:
         """The epochs' context: from here on a first Ctrl-C or SIGTERM saves, then stops (`stopping`)."""
-        config, self._strategy, self.num_train_examples = self.config, strategy, num_train_examples
+        config, self._strategy = self.config, strategy
+        self.num_train_examples, self._num_test_examples, self._estimate = num_train_examples, num_test_examples, None
         resume = (f"saved a checkpoint in {self.checkpoints.directory}; run the same command to resume"
                   if self.checkpoints else "nothing was saved (no --workdir)")
         self.watch = StopWatch(jax.process_count(), self.steps_per_epoch, config.learning_rate, resume,
@@ -115,13 +124,11 @@ class TrainingRun:
                                last_step=config.num_epochs * self.steps_per_epoch, fetch=strategy.fetch)
         self._outputs = outputs.EpochOutputs(self.workdir, config)
         trace = StepTrace(self.workdir, config.profile_steps, self.log, strategy.train_program)
-        estimate = (cpu_estimate.Estimate(strategy, first_batch, config, num_train_examples, num_test_examples,
-                                          self.log) if cpu_estimate.applies(config) else None)
         self._hooks = hooks.StepHooks([
             lambda step, state, carry: self.checkpoints and self.checkpoints.check(),
             lambda step, state, carry: trace.after_step(state),
             lambda step, state, carry: self._bar.update(carry["metrics"]),
-            estimate and (lambda step, state, carry: estimate.after_step(state, carry)),
+            lambda step, state, carry: self._estimate and self._estimate.after_step(state, carry),
             hooks.SaveOrStop(self.watch, lambda state, carry: self._save(state, self._checked(carry)["metrics"],
                                                                           self._seconds()),
                              config.checkpoint_every_steps, self.steps_per_epoch),

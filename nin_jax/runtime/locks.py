@@ -3,7 +3,7 @@ file), so that a run killed with SIGKILL or a machine that lost power never bloc
 
 Two uses: one run per workdir (`workdir_lock`), and one build per tfds data directory (see
 `dataset.load_fashion_mnist`). The lock file holds the host and pid of its holder, so that
-whoever finds it taken can say by whom.
+whoever finds it taken can say by whom; a holder that ends removes it.
 """
 
 import contextlib
@@ -64,28 +64,58 @@ def _open_own_file(path: str) -> int:
 
 @contextlib.contextmanager
 def exclusive(path: str, wait: Optional[Callable[[str], None]] = None) -> Iterator[None]:
-    """Holds an exclusive lock on `path` (created when missing) for the block. When another process
-    holds it: raises `Locked`, or with `wait`, calls `wait(holder)` once and waits for the lock.
-    A lock that is taken changes nothing in the file; the holder writes its name into it."""
-    import fcntl  # POSIX only, like the multi-process runtime itself
-
-    fd = _open_own_file(path)
+    """Holds an exclusive lock on `path` (created when missing) for the block, and removes the file
+    as the block ends, still holding it. When another process holds it: raises `Locked`, or with
+    `wait`, calls `wait(holder)` once and waits for the lock. A lock that is taken changes nothing
+    in the file; the holder writes its name into it."""
+    fd = _lock(path, wait)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if wait is None:
-                raise Locked(path, _holder(fd)) from None
-            wait(_holder(fd))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:
-            if error.errno in _NO_LOCKS:
-                raise Unsupported(error.errno, f"{error.strerror}: its filesystem has no locks", path) from None
-            raise
         _write_holder(fd)
         yield
     finally:
+        with contextlib.suppress(OSError):  # another process may have removed it after a crash of ours
+            if _is_at(fd, path):
+                os.unlink(path)
         os.close(fd)  # and with it the lock
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Whether `path` is still the file open as `fd`: a holder that ended removed the one a waiting
+    process had opened, and a lock on a removed file locks out no one."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def _lock(path: str, wait: Optional[Callable[[str], None]]) -> int:
+    """`path` opened and locked, as a file that is still at `path` once the lock is held."""
+    import fcntl  # POSIX only, like the multi-process runtime itself
+
+    waited = False
+    while True:
+        fd = _open_own_file(path)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if wait is None:
+                    raise Locked(path, _holder(fd)) from None
+                if not waited:
+                    wait(_holder(fd))
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in _NO_LOCKS:
+                raise Unsupported(error.errno, f"{error.strerror}: its filesystem has no locks", path) from None
+            raise
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_at(fd, path):
+            return fd
+        os.close(fd)  # removed by the holder that ended: lock the file there now
 
 
 @contextlib.contextmanager

@@ -104,15 +104,18 @@ class ShardingStrategy:
             self._zero_carry = self.put_carry(self._steps.zero_carry)
         return self._zero_carry
 
-    def compile(self, state: Any, batch: dict[str, np.ndarray]) -> float:
-        """Compiles both steps ahead of time for this state and batch layout; returns seconds. For an
-        accelerator the two compile at the same time: XLA compiles without holding Python's lock, and
-        much of a GPU compile waits on the device's autotuning. On a CPU they take turns: XLA's CPU
-        compiler already uses its cores, and side by side was slower (docs/performance.md)."""
+    def compile(self, state: Any, batch: dict[str, np.ndarray],
+                before: Callable[[tuple[jax.stages.Lowered, jax.stages.Lowered]], Any] = lambda lowered: None) -> float:
+        """Compiles both steps ahead of time for this state and batch layout; returns seconds.
+        `before(lowered)` sees the lowered train and eval steps first. For an accelerator the two
+        compile at the same time: XLA compiles without holding Python's lock, and much of a GPU
+        compile waits on the device's autotuning. On a CPU they take turns: XLA's CPU compiler
+        already uses its cores, and side by side was slower (docs/performance.md)."""
         start = time.perf_counter()
         zero = self.zero_carry()
         lowered = (self._train.lower(state, zero, self._with_vote(self._lay_out(batch), False)),
                    self._eval.lower(state, self.zero_totals(), self._lay_out(batch)))
+        before(lowered)
         workers = 1 if jax.default_backend() == "cpu" else len(lowered)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             self._train, self._eval = pool.map(lambda step: step.compile(), lowered)
@@ -184,10 +187,10 @@ class PmapStrategy(ShardingStrategy):
                               devices=devices)
         self._init_votes(len(self.devices))
 
-    def compile(self, state, batch):
+    def compile(self, state, batch, before=lambda lowered: None):
         """With several processes, pmap's ahead-of-time executables want global arrays; so the
-        steps are compiled by running each once, the train step on a throwaway copy of `state`.
-        The seconds returned include those two runs."""
+        steps are compiled by running each once, the train step on a throwaway copy of `state`
+        (`before` is not called). The seconds returned include those two runs."""
         start = time.perf_counter()
         jax.block_until_ready(self.train_step(self.put_state(self.get_state(state)), self.zero_carry(), batch))
         jax.block_until_ready(self.eval_step(state, self.zero_totals(), batch))

@@ -57,8 +57,8 @@ def export_workdir(workdir: str, out: str) -> jax_export.Exported:
 
 def main(argv=None) -> int:
     parser = FlagParser(prog="python -m nin_jax.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="the workdir of a training run (train.py --workdir)")
-    parser.add_argument("--out", required=True, help="the file to write")
+    parser.required("--workdir", "the workdir of a training run (train.py --workdir)")
+    parser.required("--out", "the file to write")
     args = parser.parse_args(argv)
     parser.check_paths(vars(args), "workdir", "out")
     errors.quiet_library_logs()

@@ -11,7 +11,7 @@ from nin_jax.config import FlagParser
 
 def main(argv=None) -> int:
     parser = FlagParser(prog="python -m nin_jax.export_arrays", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="the .npz to write")
+    parser.required("--out", "the .npz to write")
     parser.add_argument("--data_dir", default=None, help="tensorflow-datasets data directory (default: tfds' own)")
     parser.add_argument("--manual_dir", default=None, help="folder holding the four Fashion-MNIST .gz files")
     args = parser.parse_args(argv)

@@ -7,7 +7,6 @@ writes <workdir>/predictions.png (test images titled true class over predicted c
 in red) and prints the accuracy of each class and the confusion matrix.
 """
 
-import argparse
 import dataclasses
 import os
 from typing import Any, Callable, Optional
@@ -31,6 +30,9 @@ Variables = Any
 def restore_variables(workdir: str) -> tuple[Config, Variables]:
     """The run's Config (<workdir>/config.json) and the model variables of its latest checkpoint
     that evaluation uses: the parameters, and the batch-norm statistics where the model has them."""
+    if not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir {workdir} does not exist; train a model there first with "
+                           f"`python train.py --workdir {workdir}`")
     if not os.path.isfile(os.path.join(workdir, run_outputs.CONFIG_FILE)):
         raise WorkdirError(f"{workdir} holds no trained model; train one first with `python train.py --workdir {workdir}`")
     config = run_outputs.read_config(workdir)
@@ -93,6 +95,7 @@ def predict_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir: Op
     """Writes <workdir>/predictions.png for the first `num_images` test images; returns the
     confusion matrix over the whole test set."""
     config, variables = restore_variables(workdir)
+    files.check_writable(os.path.join(workdir, PREDICTIONS_FILE))  # before the test set is predicted
     config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, manual_dir=manual_dir or config.manual_dir)
     test = dataset.load_datasets(config)["test"]
     predictions = predict_classes(config, variables, test, config.batch_size)
@@ -106,9 +109,8 @@ MAX_IMAGES = 100  # the book's grid shows 18; more than this makes a picture no 
 
 
 def main(argv=None) -> int:
-    parser = FlagParser(prog="python -m nin_jax.predict", description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--workdir", required=True, help="the workdir of a training run (train.py --workdir)")
+    parser = FlagParser(prog="python -m nin_jax.predict", description=__doc__.split("\n\n")[0])
+    parser.required("--workdir", "the workdir of a training run (train.py --workdir)")
     parser.add_argument("--data_dir", help="tensorflow-datasets data directory; none: the one the run used")
     parser.add_argument("--manual_dir", help="folder of the four Fashion-MNIST .gz files; none: the one the run used")
     parser.add_argument("--num_images", type=int, default=18,
@@ -120,7 +122,6 @@ def main(argv=None) -> int:
     errors.quiet_library_logs()
     with commands.stops_in_one_line(parser.prog):
         try:
-            files.check_writable(os.path.join(args.workdir, PREDICTIONS_FILE))  # before the test set is predicted
             matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
         except (WorkdirError, errors.DataError, errors.OutputError) as error:
             parser.exit(1, f"{parser.prog}: error: {error}\n")

@@ -1,4 +1,8 @@
-"""`python -m nin_jax.plan`: the plan of one or more targets as short tables, and its flags.
+"""Plans a run on a GPU or a TPU slice from a machine that has neither: compiles the real steps for
+the target and says whether they fit, the largest batch that does, and the fastest step its peaks allow.
+
+`python -m nin_jax.plan`'s command line: the plan of each target as a short table, and its flags
+(those of train.py that shape the steps, and the plan's own).
 """
 
 import argparse
@@ -94,8 +98,7 @@ def format_targets() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from nin_jax.config import FlagParser, add_config_flags
 
-    parser = FlagParser(prog="python -m nin_jax.plan", description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(prog="python -m nin_jax.plan", description=__doc__.split("\n\n")[0])
     own = parser.add_argument_group("the plan")
     own.add_argument("--target", action="append", choices=(*TARGETS, LOCAL), metavar="NAME",
                      help=f"a device to plan for (--list shows them), or {LOCAL}: the accelerator attached here; "
@@ -105,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--json", metavar="FILE", help="also write the plans to this JSON file")
     own.add_argument("--largest_batch", action=argparse.BooleanOptionalAction, default=True,
                      help="find the largest batch that fits, by compiling two to four more train steps")
-    add_config_flags(parser)
+    add_config_flags(parser, PLANNED_FLAGS)
     return parser
+
+
+# The flags of train.py that shape the steps the plan compiles.
+PLANNED_FLAGS = ("recipe", "num_epochs", "batch_size", "learning_rate", "resize", "dtype", "dropout_rate", "weight_init",
+                 "batch_norm", "momentum", "nesterov", "lr_schedule", "warmup_epochs", "weight_decay", "label_smoothing",
+                 "parallel", "cpu_kernels", "deterministic", "max_pool", "conv1x1", "pool_order")
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ import time
 from typing import Any, Optional
 
 from nin_jax.config import ConfigError
+from nin_jax.run.cpu_estimate import xla_flops
 from nin_jax.runtime.errors import first_line
 from nin_jax.tools.plan import programs
 from nin_jax.tools.plan.targets import GPU_PREALLOCATED, LOCAL, TARGETS, PlanError, Target, local_target, target_devices
@@ -69,20 +70,6 @@ def compile_steps(config, devices, with_eval: bool = True) -> Compiled:
     state = jax.eval_shape(lambda: steps.create_train_state(config))
     train, evaluate = _strategy(config, devices).lower(state, batch_spec(config.batch_size))
     return Compiled(train.compile(), evaluate.compile() if with_eval else None, time.perf_counter() - start)
-
-
-def xla_flops(stage) -> Optional[float]:
-    """XLA's count of the floating-point operations of a lowered or compiled step, whatever shape
-    this JAX gives its cost analysis in (a dict, a list of one dict per program, None, an error);
-    None where it gives none."""
-    try:
-        analysis = stage.cost_analysis()
-    except Exception:  # a backend or a JAX without the analysis: its kinds vary
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    flops = analysis.get("flops") if isinstance(analysis, dict) else None
-    return float(flops) if flops else None
 
 
 def train_flops(config) -> Optional[float]:
