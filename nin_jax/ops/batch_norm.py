@@ -24,9 +24,10 @@ import jax.numpy as jnp
 def batch_statistics(x: jax.Array, mask: Optional[jax.Array] = None,
                      axis_name: Optional[str] = None) -> tuple[jax.Array, jax.Array]:
     """Per-channel mean and variance of `x` [B, ..., C] over every position of the examples whose
-    `mask` [B] is 1 (all of them without a mask), across the devices of `axis_name`; float32."""
-    x = x.astype(jnp.float32)
-    weights = jnp.ones(x.shape[0], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    `mask` [B] is 1 (all of them without a mask), across the devices of `axis_name`; in float32, or
+    float64 for float64 inputs."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    weights = jnp.ones(x.shape[0], x.dtype) if mask is None else mask.astype(x.dtype)
     weights = weights.reshape((-1,) + (1,) * (x.ndim - 1))
     axes = tuple(range(x.ndim - 1))
     sums = jnp.sum(x * weights, axes), jnp.sum(jnp.square(x) * weights, axes), jnp.sum(weights) * math.prod(x.shape[1:-1])
@@ -60,4 +61,9 @@ class MaskedBatchNorm(nn.Module):
                 running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
         else:
             mean, var = running_mean.value, running_var.value
-        return ((x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias).astype(self.dtype)
+        # (x - mean) * scale / sqrt(var + epsilon) + bias, with the per-channel factors worked out
+        # first: one multiply-add per element, which XLA compiles into 35 fewer kernels and 9% fewer
+        # bytes per step of the strong recipe on a GPU (docs/performance.md).
+        multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+        precise = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        return (precise * multiplier + (bias - mean * multiplier)).astype(self.dtype)

@@ -91,3 +91,34 @@ def test_the_compiled_batch_norm_gradient_is_the_op_by_op_gradient():
         compiled = jax.jit(jax.grad(loss))(params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * np.abs(b).max()),
                            compiled, expected)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_without_padding_it_is_flax_batch_norm_in_value_gradient_and_running_statistics(train):
+    """The same function as `nn.BatchNorm` (same variables), whatever the order of its arithmetic:
+    outputs, gradients and the updated running statistics, in float64."""
+    import flax.linen as nn
+
+    with float64():
+        x = jax.random.normal(jax.random.key(0), (6, 5, 5, 8), jnp.float64) * 2.0 + 3.0
+        ours = batch_norm.MaskedBatchNorm(dtype=jnp.float64)
+        flax = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=jnp.float64)
+        variables = ours.init(jax.random.key(1), x)
+        keys = iter(jax.random.split(jax.random.key(2), 4))
+        variables = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(next(keys), v.shape, jnp.float64),
+                                           variables)  # a scale, bias and running statistics of their own
+        variables["batch_stats"]["var"] = jnp.abs(variables["batch_stats"]["var"])
+
+        def apply(module, params, call):
+            return call(module, {**variables, "params": params}, x)
+
+        ours_call = lambda m, v, x: m.apply(v, x, train=train, mutable=["batch_stats"])  # noqa: E731
+        flax_call = lambda m, v, x: m.apply(v, x, mutable=["batch_stats"])  # noqa: E731
+        (y, stats), (expected, expected_stats) = (apply(ours, variables["params"], ours_call),
+                                                  apply(flax, variables["params"], flax_call))
+        cotangent = jax.random.normal(jax.random.key(3), x.shape, jnp.float64)
+        grads, expected_grads = (jax.grad(lambda p, m=m, c=c: jnp.sum(apply(m, p, c)[0] * cotangent))(variables["params"])
+                                 for m, c in ((ours, ours_call), (flax, flax_call)))
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12), stats, expected_stats)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10), grads, expected_grads)
