@@ -426,14 +426,14 @@ TRAINED_RUN_CONFIG = _trained_run_config()
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-    """One short run, with the CPU estimate switched on at its small resize; it leaves checkpoints."""
+    """One short run, with the CPU estimate switched on for its few seconds; it leaves checkpoints."""
     from nin_jax import trainer
     from nin_jax.run import cpu_estimate
 
     workdir = str(tmp_path_factory.mktemp("run"))
     lines = []
     with mock_fashion_mnist(MOCK_EXAMPLES), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_estimate, "ESTIMATE_FROM_RESIZE", TRAINED_RUN_CONFIG.resize)
+        patch.setattr(cpu_estimate, "SAY_FROM_SECONDS", 0)
         state, records = trainer.train_and_evaluate(TRAINED_RUN_CONFIG, workdir, log=lines.append)
     return {"workdir": workdir, "state": state, "records": records, "lines": lines}
 

@@ -87,17 +87,47 @@ def test_anchors_follow_github():
     ]
 
 
-def test_the_colab_badges_and_the_notebooks_install_name_the_repository_of_pyproject():
-    """One repository: the one pyproject.toml names is where the badges open the notebook, and
-    where the notebook's first cell installs from outside a checkout."""
-    with open(os.path.join(REPO_ROOT, "pyproject.toml")) as f:
-        (repository,) = re.findall(r'^Repository = "https://github\.com/([\w.-]+/[\w.-]+)"$', f.read(), re.M)
-    badge = (f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
-             f"(https://colab.research.google.com/github/{repository}/blob/main/notebooks/nin.ipynb)")
-    notebook_path = os.path.join(REPO_ROOT, "notebooks", "nin.ipynb")
-    with open(os.path.join(REPO_ROOT, "README.md")) as f:
-        assert badge in f.read()
-    assert markdown_of(notebook_path).startswith(badge)
-    with open(notebook_path) as f:
-        install_cell = "".join(next(c for c in json.load(f)["cells"] if c["cell_type"] == "code")["source"])
-    assert f'REPOSITORY = "https://github.com/{repository}"' in install_cell
+# The addresses the project names, each a page that exists: no link may lead nowhere. A new one
+# is added here once someone has opened it.
+KNOWN_URLS = {
+    "https://ui.perfetto.dev",  # Perfetto's trace viewer, for --profile_steps
+    "https://orbax.readthedocs.io",  # orbax's documentation
+    "https://example.com/x.md",  # in this file's own test of the link checker
+}
+URL = re.compile(r"https?://[^\s)\"'`\\,]+")
+TEXT_FILES = (".md", ".py", ".toml", ".ipynb", ".sh", ".txt", ".cfg", ".yml", ".yaml", ".json")
+
+
+def project_text_files() -> list[str]:
+    """Every text file of the project, outside environments, caches and git's own folder."""
+    found = []
+    for folder, subfolders, names in os.walk(REPO_ROOT):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".") or name == ".ci"]
+        subfolders[:] = [name for name in subfolders if name not in ("build", "runs", "__pycache__")
+                         and not name.endswith(".egg-info")]
+        found += [os.path.join(folder, name) for name in names if name.endswith(TEXT_FILES) or folder.endswith(".ci")]
+    return found
+
+
+def unknown_urls(paths: list[str]) -> list[str]:
+    """The addresses in `paths` that are not known to exist; one written with a placeholder of the
+    user's (`https://github.com/<you>/...`) names no page of its own."""
+    unknown = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            for url in URL.findall(f.read()):
+                url = url.rstrip(".;:")
+                if "<" not in url and "{" not in url and url not in KNOWN_URLS:
+                    unknown.append(f"{os.path.relpath(path, REPO_ROOT)}: {url}")
+    return unknown
+
+
+def test_every_url_the_project_names_is_a_known_page():
+    assert not unknown_urls(project_text_files())
+
+
+def test_the_url_check_finds_an_unknown_address_and_passes_a_placeholder(tmp_path):
+    gone = "https://" + "github.com/nin-jax/nin_jax"  # the repository the badges once named, which does not exist
+    page = tmp_path / "page.md"
+    page.write_text(f"see https://ui.perfetto.dev. and {gone}, or git+https://github.com/<you>/<your copy>\n")
+    assert unknown_urls([str(page)]) == [f"{os.path.relpath(page, REPO_ROOT)}: {gone}"]

@@ -102,13 +102,16 @@ class TrainingRun:
     def compile(self, strategy, state: steps.TrainState, first_batch: input_pipeline.Batch) -> None:
         """Compiles both steps before the first epoch; on a CPU, says first how long the run will take."""
 
+        examples = (self.num_train_examples, self._num_test_examples)
+        said = []
+
         def before_compiling(lowered) -> None:
-            if cpu_estimate.applies() and cpu_estimate.say_before_compiling(
-                    lowered, self.config, (self.num_train_examples, self._num_test_examples), self.workdir, self.log):
-                self._estimate = cpu_estimate.Estimate(strategy, first_batch, self.config, self.num_train_examples,
-                                                       self._num_test_examples, self.log)
+            said.append(cpu_estimate.applies() and cpu_estimate.say_before_compiling(lowered, self.config, examples,
+                                                                                     self.workdir, self.log))
 
         seconds = strategy.compile(state, first_batch, before_compiling)
+        if any(said):  # a long run: its first steps will tell how long
+            self._estimate = cpu_estimate.Estimate(strategy, first_batch, self.config, *examples, self.log)
         self.devices, self.compile_seconds = parallel.describe_devices(strategy), seconds
         self.log(f"compiled the train and eval steps for {self.devices} ({strategy.name}) in {seconds:.1f}s")
 

@@ -32,7 +32,8 @@ def test_profile_steps_writes_a_trace_of_the_steps_after_the_first(fake_data, tm
     names = {event.get("name", "") for event in trace["traceEvents"]}
     assert any("train_step" in name for name in names)
     text = "\n".join(lines)
-    assert f"wrote a profile of {traced} training steps to {directory}; view it with" in text
+    assert f"wrote a profile of {traced} training steps to {directory}; view it at https://ui.perfetto.dev" in text
+    assert "pip install -e '.[profile]'" in text
     # On a CPU the table holds XLA's host-side ops, placed by the saved program's JAX op names.
     assert f"{traced} traced train steps on /host:CPU: " in text and "ms of XLA's host-side ops" in text
     report = profile_report.report(str(directory))

@@ -172,7 +172,7 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
     step = int(steps_logged[0][1])
     assert int(steps_logged[1][1]) == step and step % STOP_STEPS_PER_EPOCH, logged
     assert "stopped by SIGTERM after step" in logged[1] and "another process of this run was asked to stop" in logged[0]
-    assert "stopping with the other processes after the same step, at most 10 steps from now (SIGTERM)" in logged[1]
+    assert "stopping with the other processes after the same step, at most 4 steps from now (SIGTERM)" in logged[1]
     assert "Traceback" not in "".join(logged)
     assert saved_steps(stopped) == [step]  # one checkpoint, saved by both together
 

@@ -32,6 +32,31 @@ def test_predict_without_a_checkpoint_is_one_clear_line(tmp_path, capsys):
     assert message.count("\n") == 1 and "holds no trained model" in message and "train.py --workdir" in message
 
 
+def test_predict_on_a_workdir_that_does_not_exist_says_so(tmp_path, capsys):
+    """It said that it could not write W/predictions.png."""
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--workdir", str(tmp_path / "typo")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (f"python -m nin_jax.predict: error: --workdir {tmp_path / 'typo'} does not exist; "
+                                       f"train a model there first with `python train.py --workdir {tmp_path / 'typo'}`\n")
+
+
+@pytest.mark.parametrize("tool, required, optional", [("predict", ["--workdir"], "--num_images"),
+                                                      ("export", ["--workdir", "--out"], None),
+                                                      ("export_arrays", ["--out"], "--data_dir")])
+def test_help_gives_the_defaults_and_no_default_of_a_required_flag(tool, required, optional, capsys):
+    """predict's --help said '(default: None)' of its required --workdir; export's gave no defaults."""
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"nin_jax.tools.{tool}").main(["--help"])
+    shown = capsys.readouterr().out
+    help_of = {flag: " ".join(shown[shown.index(f"  {flag} "):].split("\n  --")[0].split()) for flag in required}
+    assert not any("default" in text for text in help_of.values()), help_of
+    if optional:
+        assert "(default: " in shown[shown.index(f"  {optional} "):].split("\n  --")[0]
+
+
 @pytest.mark.parametrize("num_images", ["0", "-1", "101"])
 def test_predict_refuses_a_grid_it_cannot_draw_before_reading_anything(tmp_path, capsys, num_images):
     with pytest.raises(SystemExit) as exit_info:
