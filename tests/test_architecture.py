@@ -16,8 +16,11 @@ COMMANDS = ("plan.py", "predict.py", "export.py", "export_arrays.py", "profile_r
 
 
 def room(path: pathlib.Path) -> str:
-    """The room of a file, as the picture names it: a sub-package, a core module, or 'commands'."""
+    """The room of a file, as the picture names it: a sub-package, a core module, 'commands', or
+    'package' (nin_jax/__init__.py, which every import of the package runs first)."""
     relative = path.relative_to(REPO_ROOT)
+    if relative.parts == ("nin_jax", "__init__.py"):
+        return "package"
     if relative.parts == ("train.py",) or (relative.parent.name == "nin_jax" and relative.name in COMMANDS):
         return "commands"
     if relative.parts[1] in SUB_PACKAGES:

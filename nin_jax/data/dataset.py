@@ -72,10 +72,7 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
         with _build_lock(data_dir):
             builder = tfds.builder(DATASET, data_dir=data_dir)
             if not builder.is_prepared():  # else another process has built it meanwhile
-                start = time.monotonic()
-                _say(f"building Fashion-MNIST in {dataset_dir} (once, about 140 MB; --data_dir puts it elsewhere)")
                 _build_from_files(tfds, builder, data_dir, manual_dir, download)
-                _say(f"built Fashion-MNIST in {time.monotonic() - start:.0f} s")
     builder = tfds.builder(DATASET, data_dir=data_dir)
     datasets = {split: _read_split(builder, split) for split in SPLITS}
     problem = data_arrays.what_is_wrong(datasets)
@@ -126,7 +123,11 @@ def _build_from_files(tfds, builder, data_dir: str, manual_dir: Optional[str], d
         _check_reachable(builder, default_manual_dir)
     else:
         _check_source_files(builder, manual_dir)
+    start = time.monotonic()
+    _say(f"building Fashion-MNIST in {os.path.join(data_dir, DATASET)} (once, about 140 MB; "
+         f"--data_dir puts it elsewhere)")
     _build(builder, tfds.download.DownloadConfig(manual_dir=manual_dir))
+    _say(f"built Fashion-MNIST in {time.monotonic() - start:.0f} s")
 
 
 def _check_reachable(builder, default_manual_dir: str, timeout_s: float = REACH_TIMEOUT_S) -> None:

@@ -60,7 +60,7 @@ def test_under_umask_077_no_file_or_folder_of_a_run_its_model_or_its_pictures_is
     predict = _under_umask_077("-m", "nin_jax.predict", "--workdir", str(workdir), "--num_images", "4")
     assert predict.returncode == 0, predict.stderr
     written = [model, workdir, *workdir.rglob("*")]  # files and folders, ours, orbax's, TensorBoard's
-    assert {"config.json", "metrics.jsonl", "curves.png", "predictions.png", "run.lock", "checkpoints"} <= {
+    assert {"config.json", "metrics.jsonl", "curves.png", "predictions.png", "checkpoints"} <= {
         path.name for path in written}
     open_to_others = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in written
                       if path.stat().st_mode & 0o077}

@@ -80,9 +80,9 @@ def loading_needs_in_words() -> str:
 
 
 def test_the_docs_name_exactly_what_loading_the_file_needs():
-    with open(os.path.join(REPO_ROOT, "README.md")) as f:
-        readme = " ".join(f.read().split())
-    assert f"runs where only {loading_needs_in_words()} are installed" in readme
+    with open(os.path.join(REPO_ROOT, "docs", "offline.md")) as f:
+        page = " ".join(f.read().split())
+    assert f"runs where only {loading_needs_in_words()} are installed" in page
     assert f"with only {loading_needs_in_words()} installed" in " ".join(export.__doc__.split())
 
 
@@ -117,9 +117,12 @@ def test_the_exported_file_loads_in_a_fresh_environment_holding_only_what_the_do
 
 def test_export_refuses_what_it_cannot_do_in_one_line_and_writes_nothing(trained_workdir, tmp_path, capsys):
     (tmp_path / "file").write_text("")
+    (tmp_path / "empty").mkdir()
     for argv, message in [
         ([f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'out'}"],
-         f"{tmp_path / 'none'} holds no trained model; train one first"),
+         f"--workdir {tmp_path / 'none'} does not exist; train a model there first"),
+        ([f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'out'}"],
+         f"{tmp_path / 'empty'} holds no trained model; train one first"),
         ([f"--workdir={trained_workdir}", f"--out={tmp_path / 'file' / 'out'}"],
          f"cannot write {tmp_path / 'file' / 'out'}: Not a directory"),
     ]:
@@ -128,4 +131,4 @@ def test_export_refuses_what_it_cannot_do_in_one_line_and_writes_nothing(trained
         assert exit_status.value.code == 1
         err = capsys.readouterr().err
         assert err.startswith(f"python -m nin_jax.export: error: {message}") and err.count("\n") == 1, err
-    assert sorted(os.listdir(tmp_path)) == ["file"]
+    assert sorted(os.listdir(tmp_path)) == ["empty", "file"]
