@@ -26,7 +26,8 @@ def test_step_throughput_measures_every_batch_size_and_kernel_choice(tmp_path):
     assert {(r["config"]["max_pool"], r["config"]["conv1x1"]) for r in results} == {("reduce_window", "conv")}
     for r in results:
         assert len(r["train_step_seconds"]) == 2 and r["train_images_per_sec"] > 0 and r["compile_seconds"] > 0
-        assert r["host_peak_rss_bytes"] > 0
+        low, high = r["train_images_per_sec_range"]
+        assert low <= r["train_images_per_sec"] <= high and r["host_peak_rss_bytes"] > 0
     assert len(result.stdout.strip().splitlines()) == 1 + 4 + 1  # header, 4 rows, "wrote ..."
 
 
