@@ -9,7 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, random_arrays, run_script
+from conftest import load_benchmark, random_arrays, run_script
 
 
 def test_step_throughput_measures_every_batch_size_and_kernel_choice(tmp_path):
@@ -202,13 +202,6 @@ def test_startup_times_every_phase_and_the_command_cold_and_warm(tmp_path):
                                                                      *report["command_seconds"].values()])
     assert report["tensorflow_imported"] == [False]
     assert "train.py" in result.stdout and "(warm: filled compilation cache)" in result.stdout
-
-
-def load_benchmark(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_plan_check_sets_the_measured_step_beside_its_plan(tmp_path):
