@@ -1,5 +1,7 @@
-"""Shared pieces of the benchmarks: random batches, timing with medians, peak memory, JSON output."""
+"""Shared pieces of the benchmarks: random batches, timing with medians, steps that take turns in
+timing windows, peak memory, JSON output."""
 
+import dataclasses
 import json
 import resource
 import statistics
@@ -36,6 +38,36 @@ def seconds_per_call(run: Callable[[], object], calls: int,
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """A step to time: `step()` queues one step and returns what `wait` waits for (JAX's arrays by
+    default; PyTorch's device, `compare_pytorch.torch_wait`)."""
+
+    name: str
+    step: Callable[[], object]
+    wait: Callable[[object], object] = jax.block_until_ready
+
+
+def alternate(contenders: list[Contender], steps_per_window: int, windows: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each contender in each of `windows` windows of `steps_per_window`
+    steps, the contenders taking turns window by window so that all see the same machine noise,
+    after `warmup` untimed steps of each."""
+    for contender in contenders:
+        for _ in range(warmup):
+            contender.wait(contender.step())
+    times = {contender.name: [] for contender in contenders}
+    for _ in range(windows):
+        for contender in contenders:
+            times[contender.name].append(seconds_per_call(contender.step, steps_per_window, contender.wait))
+    return times
+
+
+def images_per_sec(batch_size: int, seconds_per_step: list[float]) -> dict[str, float]:
+    """The median of the windows' images/s, with the slowest and the fastest window."""
+    rates = sorted(batch_size / seconds for seconds in seconds_per_step)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1]}
 
 
 def median_ms(fn: Callable, args: tuple, repeats: int, cpu_kernels: str = "tuned") -> float:

@@ -8,11 +8,11 @@
 Both train with SGD (lr 0.1) and cross-entropy on the same batch size, image size, device and
 dtype: float32 against float32, or nin_jax's bfloat16 against torch's bfloat16 autocast. On the
 CPU, XLA uses every core; torch is given as many threads (`--threads`, default: all cores). The
-timings alternate A B C ... so that all see the same machine noise; the result is the ratio of the
-median step times. `--pytorch` names the PyTorch steps: `book`, the book's code as written;
-`tuned`, the same net in channels_last with cudnn.benchmark (what a PyTorch user tunes first);
-`compiled`, the tuned one under `torch.compile`. Each waits for its device once per timing, not
-per step.
+timing windows alternate A B C ... so that all see the same machine noise (`common.alternate`);
+the result is the ratio of the median images/s, each with its slowest and fastest window.
+`--pytorch` names the PyTorch steps: `book`, the book's code as written; `tuned`, the same net in
+channels_last with cudnn.benchmark (what a PyTorch user tunes first); `compiled`, the tuned one
+under `torch.compile`. Each waits for its device once per window, not per step.
 """
 
 import argparse
@@ -64,7 +64,6 @@ def torch_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str
 
     device = TORCH_DEVICES[device]
     tuned = variant in ("tuned", "compiled")
-    torch.backends.cudnn.benchmark = tuned
     memory_format = torch.channels_last if tuned else torch.contiguous_format
     net = book_net().to(device, memory_format=memory_format)
     net.train()
@@ -76,6 +75,7 @@ def torch_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str
     labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
 
     def step():
+        torch.backends.cudnn.benchmark = tuned  # a global setting: each variant's own, whatever ran before it
         optimizer.zero_grad()
         with torch.autocast(device, torch.bfloat16, enabled=dtype == "bfloat16"):
             loss = loss_fn(forward(images), labels)
@@ -94,30 +94,6 @@ def torch_wait(device: str):
     return (lambda result: torch.cuda.synchronize()) if device == "gpu" else (lambda result: None)
 
 
-def jax_step_fn(resize: int, batch_size: int, learning_rate: float, dtype: str, cpu_kernels: str = "tuned"):
-    import jax
-
-    from common import random_batch
-    from nin_jax import steps
-    from nin_jax.config import Config
-    from nin_jax import trainer
-    from nin_jax.runtime import parallel
-
-    config = Config(resize=resize, batch_size=batch_size, learning_rate=learning_rate, dtype=dtype, parallel="jit",
-                    cpu_kernels=cpu_kernels)
-    strategy = parallel.create_strategy(config, trainer.loop_steps(config))
-    batch = random_batch(batch_size)
-    state = strategy.put_state(steps.create_train_state(config))
-    strategy.compile(state, batch)
-
-    def step():
-        nonlocal state
-        state, carry = strategy.train_step(state, strategy.zero_carry(), batch)
-        return carry
-
-    return step
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--resize", type=int, default=224)
@@ -132,8 +108,8 @@ def main():
     parser.add_argument("--pytorch", nargs="+", default=["book"], choices=("book", "tuned", "compiled"),
                         help="one or more PyTorch steps to time beside nin_jax's (see above)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each (torch needs several)")
-    parser.add_argument("--rounds", type=int, default=5, help="A B rounds; medians are reported")
-    parser.add_argument("--steps", type=int, default=2, help="steps per timing")
+    parser.add_argument("--rounds", type=int, default=5, help="A B rounds of timing windows; medians are reported")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timing window")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()
     try:
@@ -150,29 +126,29 @@ def main():
     if args.device == "gpu" and not torch.cuda.is_available():
         sys.exit("compare_pytorch.py --device gpu: this torch has no CUDA; install a CUDA build of torch")
 
-    from common import median, seconds_per_call, write_json
+    from common import Contender, alternate, images_per_sec, write_json
+    from nin_jax.config import Config
+    from step_throughput import nin_jax_steps
 
     wait_for_torch = torch_wait(args.device)
-    contenders = {f"pytorch {variant}": (torch_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.device,
-                                                        variant), wait_for_torch) for variant in args.pytorch}
-    contenders["nin_jax"] = (jax_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.cpu_kernels),
-                             jax.block_until_ready)
-    for step, wait in contenders.values():
-        for _ in range(args.warmup):
-            wait(step())
-    times = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, (step, wait) in contenders.items():
-            times[name].append(seconds_per_call(step, args.steps, wait))
-    images_per_sec = {name: args.batch_size / median(t) for name, t in times.items()}
-    ratios = {name: images_per_sec["nin_jax"] / rate for name, rate in images_per_sec.items() if name != "nin_jax"}
+    contenders = [Contender(f"pytorch {variant}", torch_step_fn(args.resize, args.batch_size, 0.1, args.dtype, args.device,
+                                                                 variant), wait_for_torch) for variant in args.pytorch]
+    config = Config(resize=args.resize, batch_size=args.batch_size, learning_rate=0.1, dtype=args.dtype, parallel="jit",
+                    cpu_kernels=args.cpu_kernels)
+    contenders.append(nin_jax_steps(config).train)
+    times = alternate(contenders, args.steps, args.rounds, args.warmup)
+    rates = {name: images_per_sec(args.batch_size, seconds) for name, seconds in times.items()}
+    images = {name: rate["median"] for name, rate in rates.items()}
+    ratios = {name: images["nin_jax"] / rate for name, rate in images.items() if name != "nin_jax"}
     print(f"resize {args.resize}, batch {args.batch_size}, {args.device}, {args.threads} threads, dtype {args.dtype}, "
           f"cpu kernels {args.cpu_kernels}")
-    for name, rate in images_per_sec.items():
-        print(f"  {name:<17} {rate:10.1f} images/s (median of {args.rounds})")
+    for name, rate in rates.items():
+        print(f"  {name:<17} {rate['median']:10.1f} images/s (median of {args.rounds}; {rate['min']:.1f} to "
+              f"{rate['max']:.1f})")
     for name, ratio in ratios.items():
         print(f"  nin_jax / {name} = {ratio:.2f}x")
-    write_json(args.out, {"args": vars(args), "step_seconds": times, "images_per_sec": images_per_sec,
+    write_json(args.out, {"args": vars(args), "step_seconds": times, "images_per_sec": images,
+                          "images_per_sec_range": {name: [rate["min"], rate["max"]] for name, rate in rates.items()},
                           "ratios": ratios, "torch_version": torch.__version__, "jax_version": jax.__version__,
                           "jax_device": str(jax.devices()[0])})
 

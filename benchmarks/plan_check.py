@@ -2,14 +2,13 @@
 train images/s beside the plan's roofline bound, and the measured peak device memory beside the
 planned memory, from the files that benchmarks/accelerator.sh writes into its results folder.
 
-    python benchmarks/plan_check.py RESULTS   # reads steps/nin_jax_*.json and plan_<dtype>.json, writes plan_check.json
+    python benchmarks/plan_check.py RESULTS   # reads steps.jsonl and plan_<dtype>.json, writes plan_check.json
 
-Each step file holds one configuration measured in a process of its own, so its device peak is
-that configuration's.
+steps.jsonl holds the groups of benchmarks/accelerator_steps.py, measured in one process: a step's
+device peak is there only where it was the step's own (the process's peak rose as it was set up).
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -49,11 +48,15 @@ def format_row(row: dict) -> str:
 
 
 def read_results(folder: str) -> tuple[list[dict], dict[str, dict]]:
-    """The step results (each file's configurations) and the plans, by dtype, in a results folder."""
+    """nin_jax's step results, in the order measured, and the plans, by dtype, in a results folder."""
     steps = []
-    for path in sorted(glob.glob(os.path.join(folder, "steps", "*.json"))):
-        with open(path) as f:
-            steps += json.load(f)["results"]
+    with open(os.path.join(folder, "steps.jsonl")) as f:
+        groups = [json.loads(line) for line in f if line.strip()]
+    for group in groups:
+        for result in group.get("contenders", {}).values():
+            if result.get("model") == "nin_jax":  # a device peak of None was not the step's own
+                own = {key: value for key, value in result.items() if key != "device_peak_bytes" or value}
+                steps.append({**own, "train_images_per_sec": result["images_per_sec"]["median"]})
     plans = {}
     for dtype in ("float32", "bfloat16"):
         path = os.path.join(folder, f"plan_{dtype}.json")

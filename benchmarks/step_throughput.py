@@ -7,17 +7,19 @@
     python benchmarks/step_throughput.py --resize 224 --model plain   # a plain Flax NiN (benchmarks/plain_flax.py)
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python benchmarks/step_throughput.py --parallel pmap
 
-Compilation is timed separately; warm-up steps are excluded; each figure is the median of
-`--repeats` timings of `--steps` steps. The device's peak memory is the process's: it is reported
-for the first configuration only, so run one configuration per process to have each one's
-(benchmarks/accelerator.sh does). `--model plain` times the train step only, on images already
-resized.
+Compilation is timed separately; warm-up steps are excluded; the train and eval steps take turns
+in `--repeats` windows of `--steps` steps, and each figure is the median of the windows, with the
+slowest and the fastest. The device's peak memory is the process's: it is reported for the first
+configuration only, so run one configuration per process to have each one's. `--model plain`
+times the train step only, on images already resized. benchmarks/accelerator_steps.py measures
+these steps, their other forms and PyTorch's in one process for benchmarks/accelerator.sh.
 """
 
 import argparse
 import dataclasses
 import itertools
 import time
+from typing import Any, NamedTuple
 
 import jax
 
@@ -28,10 +30,19 @@ from nin_jax.config import CPU_KERNELS, DTYPES, PARALLEL_MODES, Config
 from nin_jax.ops.choices import CHOICES
 
 import plain_flax
-from common import median, peak_memory_bytes, random_batch, seconds_per_call, write_json
+from common import Contender, alternate, images_per_sec, peak_memory_bytes, random_batch, write_json
 
 
-def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
+class NinJaxSteps(NamedTuple):
+    train: Contender
+    eval: Contender
+    info: dict  # what was compiled, for how long, on which devices
+    strategy: Any  # its train_program() is the compiled train step's optimised program
+
+
+def nin_jax_steps(config: Config, name: str = "nin_jax") -> NinJaxSteps:
+    """nin_jax's train and eval steps for `config`, compiled, on one batch of random images handed
+    over as the loop hands its batches over; the train step carries its state on from step to step."""
     strategy = parallel.create_strategy(config, trainer.loop_steps(config))
     batch = random_batch(config.batch_size)
     state = strategy.put_state(steps.create_train_state(config))
@@ -43,32 +54,38 @@ def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
         return carry
 
     eval_once = lambda: strategy.eval_step(state, strategy.zero_totals(), batch)  # noqa: E731
-    for _ in range(warmup):
-        jax.block_until_ready((train_once(), eval_once()))
-    train_times = [seconds_per_call(train_once, num_steps) for _ in range(repeats)]
-    eval_times = [seconds_per_call(eval_once, num_steps) for _ in range(repeats)]
-    return {
-        "model": "nin_jax",
-        "config": dataclasses.asdict(config),
-        "devices": parallel.describe_devices(strategy),
-        "parallel": strategy.name,
-        "compile_seconds": compile_seconds,
-        "train_step_seconds": train_times,
-        "eval_step_seconds": eval_times,
-        "train_images_per_sec": config.batch_size / median(train_times),
-        "eval_images_per_sec": config.batch_size / median(eval_times),
-    }
+    info = {"model": "nin_jax", "config": dataclasses.asdict(config), "devices": parallel.describe_devices(strategy),
+            "parallel": strategy.name, "compile_seconds": compile_seconds}
+    return NinJaxSteps(Contender(name, train_once), Contender(f"{name} eval", eval_once), info, strategy)
+
+
+def plain_step(config: Config) -> tuple[Contender, dict]:
+    """The plain Flax NiN's train step at the config's size, batch and dtype, compiled."""
+    compile_seconds, step = plain_flax.step_timer(config.resize, config.batch_size, config.dtype)
+    info = {"model": "plain", "config": dataclasses.asdict(config), "devices": f"1 {jax.default_backend()} device",
+            "parallel": "jit", "compile_seconds": compile_seconds}
+    return Contender("plain", step), info
+
+
+def timings(kind: str, batch_size: int, seconds_per_step: list[float]) -> dict:
+    """A step's windows as step_throughput.py reports them: seconds per step, images/s and their range."""
+    rates = images_per_sec(batch_size, seconds_per_step)
+    return {f"{kind}_step_seconds": seconds_per_step, f"{kind}_images_per_sec": rates["median"],
+            f"{kind}_images_per_sec_range": [rates["min"], rates["max"]]}
+
+
+def measure(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
+    """nin_jax's train and eval steps, taking turns window by window."""
+    nin_jax = nin_jax_steps(config)
+    times = alternate([nin_jax.train, nin_jax.eval], num_steps, repeats, warmup)
+    return {**nin_jax.info, **timings("train", config.batch_size, times[nin_jax.train.name]),
+            **timings("eval", config.batch_size, times[nin_jax.eval.name])}
 
 
 def measure_plain(config: Config, num_steps: int, repeats: int, warmup: int) -> dict:
     """The plain Flax NiN's train step at the config's size, batch and dtype."""
-    compile_seconds, step = plain_flax.step_timer(config.resize, config.batch_size, config.dtype)
-    for _ in range(warmup):
-        jax.block_until_ready(step())
-    train_times = [seconds_per_call(step, num_steps) for _ in range(repeats)]
-    return {"model": "plain", "config": dataclasses.asdict(config), "devices": f"1 {jax.default_backend()} device",
-            "parallel": "jit", "compile_seconds": compile_seconds, "train_step_seconds": train_times,
-            "train_images_per_sec": config.batch_size / median(train_times)}
+    step, info = plain_step(config)
+    return {**info, **timings("train", config.batch_size, alternate([step], num_steps, repeats, warmup)[step.name])}
 
 
 def main():
@@ -88,8 +105,8 @@ def main():
     parser.add_argument("--parallel", default="auto", choices=PARALLEL_MODES)
     parser.add_argument("--model", default="nin_jax", choices=("nin_jax", "plain"),
                         help="nin_jax's steps, or a plain Flax NiN's train step (benchmarks/plain_flax.py)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per timing")
-    parser.add_argument("--repeats", type=int, default=5, help="timings; the median is reported")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing window")
+    parser.add_argument("--repeats", type=int, default=5, help="timing windows; the median is reported, with the range")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args()

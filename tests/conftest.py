@@ -194,6 +194,20 @@ def run_cli(*args, **env):
     )
 
 
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module, with benchmarks/ on the path for the modules it imports
+    (as when it runs as a script)."""
+    import importlib.util
+
+    folder = os.path.join(REPO_ROOT, "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(*args, env=None, timeout=600):
     """The command ARGS in the repository, on one CPU device."""
     return subprocess.run(list(args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,

@@ -98,11 +98,8 @@ def enable(setting: Optional[str]) -> Optional[str]:
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    # XLA's own GPU caches beside the programs: the autotuning results (which kernel each convolution
-    # and fusion runs) and the compiled kernels, so that a program compiled anew (the eval step, another
-    # batch size) skips the autotuning already done. No effect on CPUs and TPUs.
-    with contextlib.suppress(AttributeError):  # an older JAX without the option
-        jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
+    # XLA's own caches beside the programs stay at JAX's default (`jax_persistent_cache_enable_xla_caches`):
+    # "all" had no measured gain here and stale entries upstream (docs/performance.md).
     jax_compilation_cache._cache = EntryFiles(path, fd)
     return path
 
