@@ -17,7 +17,7 @@ import sys
 import typing
 from typing import Optional
 
-from nin_jax.models import MIN_INPUT_SIZE
+from nin_jax.models import HEADS, MIN_INPUT_SIZE, Variant
 from nin_jax.ops import choices
 
 
@@ -109,14 +109,15 @@ FRACTION = Bounds(0, 1, high_open=True)
 
 
 # The groups of `python train.py --help`, in its order: each field says which one it is in. The
-# last three are shown by --helpfull only: what a reader of the book needs comes first.
+# last four are shown by --helpfull only: what a reader of the book needs comes first.
 TRAINING = "the recipe"
 DATA = "data"
 OUTPUTS = "workdir, logging and checkpoints"
 RECIPE_PARTS = "the strong recipe's parts"
+EXERCISES = "the chapter's exercises: variants of the network"
 DEVICES = "several devices and hosts"
 ADVANCED = "kernel choices, profiling and other advanced settings"
-GROUPS = (TRAINING, DATA, OUTPUTS, RECIPE_PARTS, DEVICES, ADVANCED)
+GROUPS = (TRAINING, DATA, OUTPUTS, RECIPE_PARTS, EXERCISES, DEVICES, ADVANCED)
 SHORT_HELP_GROUPS = (TRAINING, DATA, OUTPUTS)
 
 
@@ -205,6 +206,26 @@ class Config:
         bounds=FRACTION,
     )
 
+    inner_convs: int = _field(
+        EXERCISES, 2, "convolutions after the first of each NiN block, each with its ReLU (the book's 2); at most 8",
+        resume=True, bounds=Bounds(1, 8),
+    )
+    inner_kernel_size: int = _field(
+        EXERCISES, 1, "kernel size of the convolutions after the first of each NiN block (the book's 1x1), padded to "
+        "keep the map's size: 1, 3 or 5", resume=True,
+        choices=(1, 3, 5),
+    )
+    class_width: int = _field(
+        EXERCISES, 0, "channels of the last block's first two convolutions, whose last one emits the class maps (0 = "
+        "one per class, the book's: 384 channels become 10 in one step); at most 4,096", resume=True,
+        bounds=Bounds(0, 4096),
+    )
+    head: str = _field(
+        EXERCISES, "avg", "what turns each class map into a score: avg (the book's global average pool), max (a global "
+        "max pool) or dense (flatten and a fully connected layer, which fixes the input size to --resize)",
+        choices=tuple(HEADS), resume=True,
+    )
+
     parallel: str = _field(
         DEVICES, "auto",
         "auto, jit, pmap or sharding (jit over a device mesh); auto is sharding when there is more than one device",
@@ -266,6 +287,11 @@ class Config:
         """The named recipe's config, with `overrides` on top."""
         _check_choice("recipe", name)
         return cls(**{**RECIPES[name], "recipe": name, **overrides})
+
+    @property
+    def variant(self) -> Variant:
+        """The network's variant (`--inner_convs`, `--inner_kernel_size`, `--class_width`, `--head`)."""
+        return Variant(self.inner_convs, self.inner_kernel_size, self.class_width, self.head)
 
     @property
     def kernels(self) -> choices.Kernels:
@@ -345,6 +371,10 @@ def check_path(flag: str, path: Optional[str], required: bool = False) -> None:
 # them off is a run of this version (its config.json and checkpoints still name them).
 REMOVED_OPTIONS = {"augment": False, "random_erasing": 0.0, "ema_decay": 0.0, "test_time_flips": False}
 RESUME_FIELDS = tuple(field.name for field in dataclasses.fields(Config) if field.metadata["resume"])
+# Options that this version added, with their defaults, the book's NiN that earlier versions ran: a
+# checkpoint's record holds one only where it differs, so one that lacks it is a run at its default.
+ADDED_OPTIONS = {name: Config.__dataclass_fields__[name].default
+                 for name in ("inner_convs", "inner_kernel_size", "class_width", "head")}
 
 
 def _check_types(config: Config) -> None:
@@ -364,7 +394,7 @@ def _check_choice(name: str, value: str) -> None:
     """Refuses a value outside the field's `choices` (argparse does so for flags; this is for Python callers)."""
     choices = Config.__dataclass_fields__[name].metadata["choices"]
     if value not in choices:
-        raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 class FlagParser(argparse.ArgumentParser):

@@ -8,7 +8,8 @@ Images are NHWC (the book's PyTorch code is NCHW). The layer sequence is the boo
     nin_block(num_classes, 3, 1, 1), global average pool, flatten.
 
 There is no fully connected layer: the last block emits one channel per class and the global
-average pool turns each channel into a logit.
+average pool turns each channel into a logit, its mean (not its maximum): each channel is a map of
+where the network found its class. `Variant` holds the chapter's exercises, the book's at its default.
 """
 
 import dataclasses
@@ -52,39 +53,62 @@ INITS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The chapter's exercises, each the book's NiN at its default (docs/exercises.md measures them):
+    `inner_convs` convolutions after each block's first (the book's two), of `inner_kernel_size` (its 1x1);
+    the class block's first two convolutions `class_width` wide (0: the classes', so that the book's
+    384x5x5 becomes 10x5x5 in one step); and the `head`, a key of HEADS."""
+
+    inner_convs: int = 2
+    inner_kernel_size: int = 1
+    class_width: int = 0
+    head: str = "avg"
+
+
+HEADS = {  # what turns the last block's class maps into class scores
+    "avg": lambda classes: [ops.GlobalAvgPool(), ops.Flatten()],  # the book's: each map's mean
+    "max": lambda classes: [ops.GlobalMaxPool(), ops.Flatten()],  # each map's maximum
+    "dense": lambda classes: [ops.Flatten(), ops.Dense(classes, name="dense")],  # a fully connected layer
+}
+
+
 class NiNBlock(nn.Module):
-    """The book's `nin_block`: a k x k convolution, then two 1x1 convolutions, each followed by a ReLU.
-    `layers` computes them (nin_jax/ops): how, never what."""
+    """The book's `nin_block`: a k x k convolution, then two 1x1 convolutions, each followed by a ReLU
+    (the `variant` may change the two). `layers` computes them (nin_jax/ops): how, never what."""
 
     features: int
     kernel_size: int
     strides: int
     padding: int
     init: Init = INITS["kaiming"]  # the package's; INITS["xavier"] is the book's
-    class_scores: bool = False  # the last block: its last convolution starts as init.class_kernel and class_bias
+    # The last block: its last convolution starts as init.class_kernel and class_bias; never under batch
+    # norm, which would normalise a zero kernel's output to zero, where ReLU passes no gradient.
+    class_scores: bool = False
     layers: ops.Layers = ops.Layers()
+    variant: Variant = Variant()
+    out_features: int = 0  # of the last convolution; 0: `features`
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, **context) -> jax.Array:
         """`context`: batch norm's `mask` and `axis_name`, and `relu_last` (see `ops.Layers.run`)."""
-        kernel = self.init.kernel
+        kernel, size, count = self.init.kernel, self.variant.inner_kernel_size, self.variant.inner_convs
         last_kernel, last_bias = (self.init.class_kernel, self.init.class_bias) if self.class_scores else (kernel, zeros)
+        inner = [ops.Conv(self.features, size, 1, size // 2, kernel, name=f"conv1x1_{i}") for i in range(1, count)]
+        inner.append(ops.Conv(self.out_features or self.features, size, 1, size // 2, last_kernel, last_bias,
+                              name=f"conv1x1_{count}"))
         return self.layers.run(x, [
             ops.Conv(self.features, self.kernel_size, self.strides, self.padding, kernel, name="conv"),
             ops.relu,
-            ops.Conv(self.features, 1, kernel_init=kernel, name="conv1x1_1"),
-            ops.relu,
-            ops.Conv(self.features, 1, kernel_init=last_kernel, bias_init=last_bias, name="conv1x1_2"),
-            ops.relu,
+            *(layer for conv in inner for layer in (conv, ops.relu)),  # the book's conv1x1_1, relu, conv1x1_2, relu
         ], train=train, **context)
 
 
 class NiN(nn.Module):
-    """The book's NiN, whose logits come out as float32 whatever the compute `dtype`. With
-    `batch_norm` (the strong recipe's variant, not the book's) each convolution is normalised before
-    its ReLU; in training, `mask` [B] (0 on a padded batch's padding) and the pmap `axis_name` make
-    the statistics those of the real examples of the whole batch. Each layer's output is sown into
-    'intermediates' as `<position>_<layer>` (e.g. `01_pool1`), for `layer_summary`."""
+    """The book's NiN, whose logits come out as float32 whatever the compute `dtype`. With `batch_norm`
+    (the strong recipe's, not the book's) each convolution is normalised before its ReLU, over the real
+    examples (`mask` [B]) of the whole batch (the pmap `axis_name`). Each layer's output is sown into
+    'intermediates' as `<position>_<layer>` (`07_block4`), for `layer_summary` and the class maps."""
 
     num_classes: int = 10
     dropout_rate: float = 0.5
@@ -93,22 +117,22 @@ class NiN(nn.Module):
     dtype: Any = jnp.float32
     kernels: ops.Kernels = ops.Kernels()  # which kernels compute the layers: see nin_jax/ops/choices.py
     in_channels: int = 1
+    variant: Variant = Variant()  # the book's; the exercises change it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None,
                  axis_name: Optional[str] = None) -> jax.Array:
         check_images(x, self.in_channels)
         layers = ops.Layers(self.dtype, self.batch_norm, self.kernels)
-        block = functools.partial(NiNBlock, init=INITS[self.weight_init], layers=layers)
+        block = functools.partial(NiNBlock, init=INITS[self.weight_init], layers=layers, variant=self.variant)
         return layers.run(x, [
             block(96, 11, 4, 0, name="block1"), ops.MaxPool(name="pool1"),
             block(256, 5, 1, 2, name="block2"), ops.MaxPool(name="pool2"),
             block(384, 3, 1, 1, name="block3"), ops.MaxPool(name="pool3"),
             ops.Dropout(self.dropout_rate),
-            # Under batch norm a zero class kernel would normalise to zero, where ReLU passes no gradient.
-            block(self.num_classes, 3, 1, 1, class_scores=not self.batch_norm, name="block4"),
-            ops.GlobalAvgPool(),  # one score per class map: there is no fully connected layer
-            ops.Flatten(),
+            block(self.variant.class_width or self.num_classes, 3, 1, 1, out_features=self.num_classes,
+                  class_scores=not self.batch_norm, name="block4"),
+            *HEADS[self.variant.head](self.num_classes),  # the book's: one score per class map, no dense layer
         ], train=train, mask=mask, axis_name=axis_name, sow_into=self).astype(jnp.float32)
 
 

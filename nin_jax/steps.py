@@ -27,7 +27,8 @@ METRIC_NAMES = ("loss_sum", "correct", "count")
 
 def create_model(config: Config) -> NiN:
     return NiN(num_classes=input_pipeline.NUM_CLASSES, dropout_rate=config.dropout_rate, weight_init=config.weight_init,
-               batch_norm=config.batch_norm, dtype=jnp.dtype(config.dtype), kernels=config.kernels)
+               batch_norm=config.batch_norm, dtype=jnp.dtype(config.dtype), kernels=config.kernels,
+               variant=config.variant)
 
 
 # The optimizer: the book's plain SGD, or SGD with the parts of a stronger recipe switched on. Every
@@ -89,10 +90,11 @@ def create_train_state(config: Config, steps_per_epoch: Optional[int] = None) ->
 
     NiN's variables do not depend on the image size (no layer's shape does), so the model is
     initialised at the smallest size it takes, whatever `config.resize`: one compiled initializer,
-    and one entry of the compilation cache, serves every size."""
+    and one entry of the compilation cache, serves every size. The dense head's do (`--head dense`)."""
     model = create_model(config)
     params_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    variables = jax.jit(model.init)(params_key, jnp.zeros((1, MIN_INPUT_SIZE, MIN_INPUT_SIZE, 1), jnp.float32))
+    size = config.resize if config.head == "dense" else MIN_INPUT_SIZE
+    variables = jax.jit(model.init)(params_key, jnp.zeros((1, size, size, 1), jnp.float32))
     steps_per_epoch = steps_per_epoch or input_pipeline.num_batches(
         min(config.train_examples or input_pipeline.TRAIN_SIZE, input_pipeline.TRAIN_SIZE), config.batch_size)
     return TrainState.create(apply_fn=model.apply, tx=create_optimizer(config, steps_per_epoch),

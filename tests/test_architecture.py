@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(REPO_ROOT, "nin_jax")
 SUB_PACKAGES = ("ops", "run", "runtime", "data", "tools")
 CORE = ("models.py", "steps.py", "input_pipeline.py", "trainer.py")
 # The modules at the top of the package that only hand a command to its room (`python -m nin_jax.plan`).
-COMMANDS = ("plan.py", "predict.py", "export.py", "export_arrays.py", "profile_report.py")
+COMMANDS = ("plan.py", "predict.py", "class_maps.py", "export.py", "export_arrays.py", "profile_report.py")
 
 
 def room(path: pathlib.Path) -> str:

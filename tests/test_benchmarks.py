@@ -166,3 +166,41 @@ def test_plan_check_sets_the_measured_step_beside_its_plan(tmp_path):
         "float32 at batch 128, 224 px: 20,000 train images/s measured against a roofline of 100,000 (20.0% of it)")
     assert plan_check.format_row(rows[1]) == ("bfloat16 at batch 128, 224 px: 35,000 train images/s; peak device "
                                               "memory 1,024 MiB against 1,024 MiB planned (1.00x)")
+
+
+def test_the_exercises_script_trains_times_and_tables_each_variant_of_a_question(tmp_path, arrays):
+    """benchmarks/exercises.py on one question, one seed and 16 examples: both variants trained in
+    workdirs of their own (a second run reads them back and trains nothing), timed side by side, and
+    the question's table written with the figures of exercises.json."""
+    out = tmp_path / "exercises"
+    flags = ["benchmarks/exercises.py", "--questions", "max_head", "--seeds", "0", "--resize", "67", "--num_epochs", "1",
+             "--batch_size", "8", "--train_examples", "16", "--eval_examples", "8", "--data_arrays", str(arrays),
+             "--timing_steps", "1", "--timing_turns", "1", "--out", str(out)]
+    result = run_script(sys.executable, *flags)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "exercises.json").read_text())
+    variants = report["questions"]["max_head"]
+    assert list(variants) == ["book", "head=max"] and "resources" not in report
+    for figures in variants.values():
+        assert figures["parameters"] == 1_994_404  # the strong recipe's batch norm adds 2,238 to the book's
+        assert figures["step_ms"] > 0 and list(figures["best_epoch"].values()) == [1]
+    table = (out / "exercises.md").read_text()
+    assert "at 67x67 px, the strong recipe, 1 epoch of 16 training examples in batches of 8, tested on 8" in table
+    accuracy = variants["head=max"]["test_accuracy"]["0"]
+    assert f"| head=max | 1,994,404 | {accuracy:.3f} | {accuracy:.3f} | " in table
+    again = run_script(sys.executable, *flags)
+    assert again.returncode == 0 and "compiled the train and eval steps" not in again.stdout.split("timing")[0]
+
+
+def test_the_exercises_resource_table_reads_the_plans(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, "benchmarks"))
+    exercises = load_benchmark("exercises")
+    planned = lambda batch: {"compiled": True, "flops_per_image": 4.6e9, "eval_flops_per_image": 1.5e9,  # noqa: E731
+                             "memory": {"total": batch * 2**20, "eval_total": batch * 2**19}}
+    plans = {"local": {1: planned(1), 128: planned(128)}, "h200": {1: {"error": "no CUDA plugin"}, 128: planned(128)}}
+    rows = exercises.resources_table(plans, 1_992_166)
+    assert rows[0] == "|  | this CPU | NVIDIA H200 |"
+    assert "| parameters | 1,992,166 | not planned: no CUDA plugin |" in rows
+    assert "| GFLOP per image, inference (forward) | 1.50 | not planned: no CUDA plugin |" in rows
+    assert "| memory of a training step, batch 128 | 128.0 MiB | 128.0 MiB |" in rows
+    assert "| memory of an inference step, batch 128 | 64.0 MiB | 64.0 MiB |" in rows

@@ -131,3 +131,67 @@ def test_the_reference_model_has_no_batch_statistics():
     state = steps.create_train_state(Config(resize=67))
     assert state.batch_stats == {}
     assert state.variables() == {"params": state.params, "batch_stats": {}}
+
+
+# The chapter's exercises (docs/exercises.md): each variant's parameters, at 67x67 for the dense head,
+# whose parameters depend on the size of the class maps (1x1 there).
+VARIANT_PARAMS = [
+    (models.Variant(inner_convs=1), 1_769_112),
+    (models.Variant(inner_convs=3), 2_215_220),
+    (models.Variant(inner_kernel_size=3), 5_549_094),
+    (models.Variant(class_width=64), 2_183_434),
+    (models.Variant(head="max"), REFERENCE_PARAMS),
+    (models.Variant(head="dense"), REFERENCE_PARAMS + 10 * 10 + 10),
+]
+
+
+@pytest.mark.parametrize("variant, params", VARIANT_PARAMS, ids=lambda value: str(value).replace(" ", ""))
+def test_every_variant_of_the_exercises_learns_forward_and_backward(variant, params):
+    """Built from the same model code; a training step's forward and backward pass through every layer
+    (the class kernels moved off their zero start, so that every gradient path is live). Not compiled:
+    op by op, the variants share most of their kernels, and the test takes a third of the time."""
+    model = models.NiN(variant=variant)
+    images = jax.random.uniform(jax.random.key(1), (1, 67, 67, 1))
+    variables = model.init(jax.random.key(0), images)
+    assert models.param_count(variables["params"]) == params
+    keys = iter(jax.random.split(jax.random.key(2), 100))
+    variables = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), variables)
+
+    def loss(params):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(3)})
+        return jnp.sum(logits * jnp.arange(10.0))
+
+    grads = jax.grad(loss)(variables["params"])
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(variables["params"])
+    chex.assert_tree_all_finite(grads)
+    assert all(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads["block1"]))  # the gradient reaches the stem
+
+
+def test_the_variants_change_the_book_s_layers_as_their_names_say():
+    shapes = lambda variant: jax.tree_util.tree_map(  # noqa: E731
+        jnp.shape, jax.eval_shape(models.NiN(variant=variant).init, jax.random.key(0),
+                                  jax.ShapeDtypeStruct((1, 99, 99, 1), jnp.float32))["params"])
+    book = shapes(models.Variant())
+    assert set(book["block2"]) == {"conv", "conv1x1_1", "conv1x1_2"} and "dense" not in book
+    assert set(shapes(models.Variant(inner_convs=3))["block2"]) == {"conv", "conv1x1_1", "conv1x1_2", "conv1x1_3"}
+    assert shapes(models.Variant(inner_kernel_size=3))["block2"]["conv1x1_1"]["kernel"] == (3, 3, 256, 256)
+    wide = shapes(models.Variant(class_width=64))["block4"]
+    assert (wide["conv"]["kernel"], wide["conv1x1_1"]["kernel"], wide["conv1x1_2"]["kernel"]) == (
+        (3, 3, 384, 64), (64, 64), (64, 10))
+    assert shapes(models.Variant(head="dense"))["dense"]["kernel"] == (2 * 2 * 10, 10)  # 2x2 class maps at 99x99
+
+
+@pytest.mark.parametrize("head", ["max", "dense"])
+def test_the_other_heads_score_the_class_maps_as_their_names_say(head):
+    """`max`: each class map's maximum (the misreading of the book's pool); `dense`: a fully connected
+    layer on the flattened maps."""
+    model = models.NiN(variant=models.Variant(head=head))
+    images = jax.random.uniform(jax.random.key(1), (1, 99, 99, 1))
+    variables = model.init(jax.random.key(0), images)
+    variables = jax.tree_util.tree_map(lambda p: p + 0.1, variables)  # class maps that vary over the map
+    logits, state = model.apply(variables, images, mutable=["intermediates"])
+    (maps,) = state["intermediates"]["07_block4"]
+    assert maps.shape == (1, 2, 2, 10) and not np.allclose(maps.max(axis=(1, 2)), maps.mean(axis=(1, 2)))
+    dense = variables["params"].get("dense")
+    expected = maps.max(axis=(1, 2)) if head == "max" else maps.reshape(1, -1) @ dense["kernel"] + dense["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)

@@ -4,8 +4,8 @@ could not go on, 2: the flags were refused), never a traceback; a refused draw l
 it was. Lines that say what a command went on without (a stdout that cannot be written) may come
 beside it.
 
-Each draw picks a command (train.py, export, predict, plan), an environment (a umask, a locale, a
-stdout that is a pipe, closed, full or broken), and a few of the command's flags, each set to a
+Each draw picks a command (train.py, export, predict, class_maps, plan), an environment (a umask,
+a locale, a stdout that is a pipe, closed, full or broken), and a few of the command's flags, each set to a
 value drawn from the values of its type below (valid ones, edge ones and wrong ones), on top of a
 small job. The flags of several processes and hosts are left out: a draw that named a
 coordinator would wait for peers that never come.
@@ -39,7 +39,7 @@ SMALL_INTS = {"num_epochs": ("-1", "0", "1", "2"), "batch_size": ("-1", "0", "3"
               "eval_examples": ("-1", "0", "5"), "profile_steps": ("-1", "0", "1")}
 LEFT_OUT = {field.name for field in dataclasses.fields(Config) if field.metadata["group"] == DEVICES} - {"parallel"}
 
-COMMANDS = ("train", "export", "predict", "plan")
+COMMANDS = ("train", "export", "predict", "class_maps", "plan")
 UMASKS = (0o022, 0o077, 0o027)
 LOCALES = ({"LC_ALL": "C.UTF-8"}, {"LC_ALL": "C", "PYTHONUTF8": "0"}, {"LC_ALL": "C"})
 STDOUTS = ("pipe", "closed", "full", "broken")
@@ -73,6 +73,8 @@ def own_flags(command: str, tmp: str) -> dict[str, tuple[str, ...]]:
     return {"export": {"workdir": (*paths(tmp), trained), "out": (*paths(tmp), f"{tmp}/nin.jax_exported")},
             "predict": {"workdir": (*paths(tmp), trained), "data_dir": paths(tmp), "manual_dir": paths(tmp),
                         "num_images": (*INTS, "100", "101")},
+            "class_maps": {"workdir": (*paths(tmp), trained), "data_dir": paths(tmp), "num_images": (*INTS, "101"),
+                           "measured": INTS, "class": ("bag", "ankle boot", "nope", "")},
             "plan": {"target": ("h100", "l4", "local", "nope"), "devices": (*INTS, "16", "17"),
                      "json": (*paths(tmp), f"{tmp}/plan.json"), "largest_batch": None}}.get(command, {})
 
@@ -106,6 +108,7 @@ def command_line(command: str, tmp: str, flags: list[str]) -> tuple[list[str], s
                 *flags], "fake_data_train.py"
     base = {"export": [f"--workdir={tmp}/trained", f"--out={tmp}/nin.jax_exported"],
             "predict": [f"--workdir={tmp}/trained"],
+            "class_maps": [f"--workdir={tmp}/trained"],
             "plan": ["--resize=67", "--batch_size=8", "--no-largest_batch",
                      *([] if any(flag.startswith("--target=") for flag in flags) else ["--target=h100"])]}[command]
     return ["-m", f"nin_jax.{command}", *base, *flags], f"python -m nin_jax.{command}"
@@ -157,7 +160,7 @@ def test_a_random_draw_ends_in_status_0_or_one_line(tmp_path, seed, trained):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "a_folder").mkdir()
     command, environment, flags = draw(seed, str(tmp_path))
-    if command in ("export", "predict"):
+    if command in ("export", "predict", "class_maps"):
         shutil.copytree(trained, tmp_path / "trained")
     arguments, prog = command_line(command, str(tmp_path), flags)
     before = tree_digest(tmp_path)

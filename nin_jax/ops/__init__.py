@@ -3,6 +3,7 @@ each device runs fastest (choices.py), behind the same names and parameters."""
 
 from nin_jax.ops.choices import Kernels
 from nin_jax.ops.layers import relu
-from nin_jax.ops.sequential import Conv, Dropout, Flatten, GlobalAvgPool, Layers, MaxPool
+from nin_jax.ops.sequential import Conv, Dense, Dropout, Flatten, GlobalAvgPool, GlobalMaxPool, Layers, MaxPool
 
-__all__ = ["Conv", "Dropout", "Flatten", "GlobalAvgPool", "Kernels", "Layers", "MaxPool", "relu"]
+__all__ = ["Conv", "Dense", "Dropout", "Flatten", "GlobalAvgPool", "GlobalMaxPool", "Kernels", "Layers", "MaxPool",
+           "relu"]

@@ -64,10 +64,25 @@ class GlobalAvgPool:
 
 
 @dataclasses.dataclass(frozen=True)
+class GlobalMaxPool:
+    """`nn.AdaptiveMaxPool2d((1, 1))`: each map's maximum, keeping the 1x1 map (an exercise's head)."""
+
+    name: str = "global_max_pool"
+
+
+@dataclasses.dataclass(frozen=True)
 class Flatten:
     """The book's `nn.Flatten()`."""
 
     name: str = "flatten"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """`nn.LazyLinear(features)`: a fully connected layer on flattened inputs (an exercise's head)."""
+
+    features: int
+    name: str = "dense"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +113,14 @@ class Layers:
                 x = nn.Dropout(layer.rate, deterministic=not train)(x)
             elif isinstance(layer, GlobalAvgPool):
                 x = jnp.mean(x, axis=(1, 2), keepdims=True)
+            elif isinstance(layer, GlobalMaxPool):
+                x = jnp.max(x, axis=(1, 2), keepdims=True)
             elif isinstance(layer, Flatten):
-                x = x.reshape(x.shape[0], -1)
+                x = x[..., :channels].reshape(x.shape[0], -1)
+                channels = x.shape[-1]
+            elif isinstance(layer, Dense):
+                x = nn.Dense(layer.features, dtype=self.dtype, name=layer.name)(x)
+                channels = layer.features
             else:  # a block
                 pooled = position + 1 < len(sequence) and isinstance(sequence[position + 1], MaxPool)
                 relu_after_pool = pooled and kernels.pool_order == "pool_then_relu"

@@ -33,7 +33,7 @@ from flax import serialization
 
 from nin_jax.runtime import background
 from nin_jax import input_pipeline, steps
-from nin_jax.config import REMOVED_OPTIONS, RESUME_FIELDS, Config
+from nin_jax.config import ADDED_OPTIONS, REMOVED_OPTIONS, RESUME_FIELDS, Config
 from nin_jax.runtime.errors import WorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -62,7 +62,11 @@ class Snapshot:
 
 
 def _resume_record(config: Config) -> dict[str, Any]:
-    record = {**{name: getattr(config, name) for name in RESUME_FIELDS}, "num_classes": input_pipeline.NUM_CLASSES}
+    """The fields a resumed run must share; an added option only where it is not at its default, so
+    that the book's NiN writes the record that earlier versions wrote."""
+    record = {name: getattr(config, name) for name in RESUME_FIELDS
+              if name not in ADDED_OPTIONS or getattr(config, name) != ADDED_OPTIONS[name]}
+    record["num_classes"] = input_pipeline.NUM_CLASSES
     if config.lr_schedule != "constant":  # the schedule's length is the run's length
         record["num_epochs"] = config.num_epochs
     return record
@@ -321,8 +325,9 @@ class Checkpoints:
 
     def _check_compatible(self, step: int, saved: dict[str, Any]) -> None:
         removed = {name: off for name, off in REMOVED_OPTIONS.items() if name in saved}
+        saved = {**ADDED_OPTIONS, **saved}  # a record without an added option: a run at its default
         differences = [f"{name} {saved.get(name)} (this run: {value})"
-                       for name, value in {**self._record, **removed}.items() if saved.get(name) != value]
+                       for name, value in {**ADDED_OPTIONS, **self._record, **removed}.items() if saved.get(name) != value]
         if differences:
             raise self._refusal(step, f"it comes from a run with {', '.join(differences)}", "rerun with that run's flags")
 

@@ -1,5 +1,5 @@
-"""The book's two pictures: the training curves of its Animator and the prediction grid of
-`predict_ch3`, saved as PNG files.
+"""The book's two pictures, the training curves of its Animator and the prediction grid of
+`predict_ch3`, and the class maps of a trained NiN, saved as PNG files.
 
 Figures are built with `matplotlib.figure.Figure`, never pyplot, so no window or interactive
 backend is involved: they render with Agg on a headless machine.
@@ -55,4 +55,30 @@ def plot_predictions(images: np.ndarray, labels: np.ndarray, predictions: np.nda
         axes.set_title(f"{class_names[label]}\n{class_names[prediction]}", fontsize=9,
                        color="black" if label == prediction else "red")
         axes.axis("off")
+    _save(figure, path)
+
+
+def plot_class_maps(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                    panels: Sequence[Sequence[tuple[int, np.ndarray]]], class_names: Sequence[str], path: str,
+                    panels_per_row: int = 8) -> None:
+    """Each image with its maps (class, map [H, W] of the image's size) laid over it, one panel a map,
+    on one colour scale per image from 0 (ReLU's floor) to its brightest map's maximum. The first
+    panel, the predicted class's, is titled true over predicted class, mistakes in red; the others
+    name their class."""
+    per_image = len(panels[0])
+    images_per_row = max(1, panels_per_row // per_image)
+    num_rows = -(-len(images) // images_per_row)
+    figure = Figure(figsize=(1.5 * per_image * images_per_row, 1.8 * num_rows))
+    for index, (image, label, prediction, maps) in enumerate(zip(images, labels, predictions, panels)):
+        brightest = max(float(class_map.max()) for _, class_map in maps) or 1.0
+        for position, (shown_class, class_map) in enumerate(maps):
+            axes = figure.add_subplot(num_rows, per_image * images_per_row, index * per_image + position + 1)
+            axes.imshow(image.squeeze(-1), cmap="gray")
+            axes.imshow(class_map, cmap="jet", alpha=0.5, vmin=0.0, vmax=brightest)
+            if position == 0:
+                axes.set_title(f"{class_names[label]}\n{class_names[prediction]}", fontsize=9,
+                               color="black" if label == prediction else "red")
+            else:
+                axes.set_title(f"map of\n{class_names[shown_class]}", fontsize=9, color="dimgray")
+            axes.axis("off")
     _save(figure, path)

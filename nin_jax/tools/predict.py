@@ -90,14 +90,19 @@ def format_report(matrix: np.ndarray, class_names: tuple[str, ...] = input_pipel
     return "\n".join(lines)
 
 
+def test_split(config: Config, data_dir: Optional[str], manual_dir: Optional[str]) -> input_pipeline.Split:
+    """The whole test set of the run's data, read from `data_dir` or `manual_dir` where given."""
+    config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, manual_dir=manual_dir or config.manual_dir)
+    return dataset.load_datasets(config)["test"]
+
+
 def predict_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
                     num_images: int = 18) -> np.ndarray:
     """Writes <workdir>/predictions.png for the first `num_images` test images; returns the
     confusion matrix over the whole test set."""
     config, variables = restore_variables(workdir)
     files.check_writable(os.path.join(workdir, PREDICTIONS_FILE))  # before the test set is predicted
-    config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, manual_dir=manual_dir or config.manual_dir)
-    test = dataset.load_datasets(config)["test"]
+    test = test_split(config, data_dir, manual_dir)
     predictions = predict_classes(config, variables, test, config.batch_size)
     shown = test.take(num_images)
     plots.plot_predictions(shown.images, shown.labels, predictions[:num_images], input_pipeline.CLASS_NAMES,
@@ -108,24 +113,41 @@ def predict_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir: Op
 MAX_IMAGES = 100  # the book's grid shows 18; more than this makes a picture no one can read
 
 
-def main(argv=None) -> int:
-    parser = FlagParser(prog="python -m nin_jax.predict", description=__doc__.split("\n\n")[0])
+def run_parser(prog: str, description: str, num_images: int) -> FlagParser:
+    """The flags of a command that reads a trained run and its test images: the workdir, where the
+    data lies, and how many test images its picture shows."""
+    parser = FlagParser(prog=prog, description=description)
     parser.required("--workdir", "the workdir of a training run (train.py --workdir)")
     parser.add_argument("--data_dir", help="tensorflow-datasets data directory; none: the one the run used")
     parser.add_argument("--manual_dir", help="folder of the four Fashion-MNIST .gz files; none: the one the run used")
-    parser.add_argument("--num_images", type=int, default=18,
-                        help=f"test images shown in predictions.png, 1 to {MAX_IMAGES}")
+    parser.add_argument("--num_images", type=int, default=num_images, help=f"test images shown, 1 to {MAX_IMAGES}")
+    return parser
+
+
+def parse_run_flags(parser: FlagParser, argv=None):
+    """The flags of `run_parser` (and any the command added), refused in one line where they cannot work."""
     args = parser.parse_args(argv)
     parser.check_paths(vars(args), "workdir", "data_dir", "manual_dir")
     if not 1 <= args.num_images <= MAX_IMAGES:
         parser.error(f"--num_images must be from 1 to {MAX_IMAGES}, got {args.num_images}")
+    return args
+
+
+def in_one_line(parser: FlagParser, work: Callable[[], Any]) -> Any:
+    """`work()`, whose refusals (no trained run, no data, a file that cannot be written) and stop
+    signals end the command with one line."""
     errors.quiet_library_logs()
     with commands.stops_in_one_line(parser.prog):
         try:
-            matrix = predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images)
+            return work()
         except (WorkdirError, errors.DataError, errors.OutputError) as error:
             parser.exit(1, f"{parser.prog}: error: {error}\n")
+
+
+def main(argv=None) -> int:
+    parser = run_parser("python -m nin_jax.predict", __doc__.split("\n\n")[0], num_images=18)
+    args = parse_run_flags(parser, argv)
+    matrix = in_one_line(parser, lambda: predict_workdir(args.workdir, args.data_dir, args.manual_dir, args.num_images))
     print(format_report(matrix))
     print(f"\nwrote {os.path.join(args.workdir, PREDICTIONS_FILE)}")
     return 0
-

@@ -3,6 +3,7 @@ checkpoint as it was, crafted metadata called damaged in one line, a save that f
 ending the run in one line, and a workdir read while its run deletes old checkpoints."""
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from flax import serialization
 
 from nin_jax import steps
 from nin_jax.run.checkpoints import Checkpoints, Snapshot, WorkdirError
-from nin_jax.config import Config
+from nin_jax.config import ADDED_OPTIONS, Config
 
 from conftest import ABSURD_SIZE, CPU_ENV, HELPER, SAVE_BOUND_S, fake_run, mounted_tmpfs, saved_steps
 
@@ -85,6 +86,7 @@ def test_an_empty_workdir_has_nothing_to_resume(tmp_path, initial_state):
         ({"resize": 96}, "it comes from a run with resize 67 (this run: 96)"),
         ({"dtype": "bfloat16", "seed": 1}, "dtype float32 (this run: bfloat16), seed 0 (this run: 1)"),
         ({"batch_size": 16}, "batch_size 8 (this run: 16)"),
+        ({"head": "max"}, "head avg (this run: max)"),  # an exercise's variant: a record without it is the book's
     ],
 )
 def test_refuses_a_checkpoint_of_another_configuration(tmp_path, initial_state, change, message):
@@ -94,6 +96,21 @@ def test_refuses_a_checkpoint_of_another_configuration(tmp_path, initial_state, 
         restore(tmp_path, dataclasses.replace(CONFIG, **change), initial_state)
     assert message in str(error.value) and "The checkpoint was left as it is." in str(error.value)
     assert files_of(tmp_path) == before
+
+
+def test_the_exercises_options_enter_the_record_only_off_the_book_s_defaults(tmp_path, initial_state):
+    """The book's NiN writes the record that earlier versions wrote, without the options added since
+    (tests/run/test_checkpoints_of_earlier_versions.py holds it against theirs); a variant's record
+    names its option, and the book's NiN refuses to resume it."""
+    variant = dataclasses.replace(CONFIG, head="max", inner_convs=2)  # inner_convs at its default
+    save(tmp_path / "book", CONFIG, snapshot_at(initial_state, 3))
+    save(tmp_path / "variant", variant, snapshot_at(initial_state, 3))
+    records = {name: json.loads((tmp_path / name / "checkpoints" / "3" / "run" / "metadata").read_text())["config"]
+               for name in ("book", "variant")}
+    assert not set(ADDED_OPTIONS) & set(records["book"])
+    assert {name: records["variant"][name] for name in ADDED_OPTIONS if name in records["variant"]} == {"head": "max"}
+    with pytest.raises(WorkdirError, match=r"it comes from a run with head max \(this run: avg\)"):
+        restore(tmp_path / "variant", CONFIG, initial_state)
 
 
 def swap_in_the_arrays_of_another_checkpoint(step_dir: str, other_step_dir: str) -> None:

@@ -311,10 +311,11 @@ def test_the_flops_come_from_the_compiled_step_where_the_lowered_one_has_none():
 
     config = Config(resize=67, batch_size=8)
     with mock.patch.object(stages.Lowered, "cost_analysis", return_value=None):
-        flops = planning.train_flops(config)
+        flops, eval_flops = planning.step_flops(config)
         assert flops and 8 * 1e8 < flops < 8 * 1e9
+        assert 0.2 * flops < eval_flops < 0.5 * flops  # the forward pass alone: about a third
         with mock.patch.object(stages.Compiled, "cost_analysis", return_value=[None]):
-            assert planning.train_flops(config) is None
+            assert planning.step_flops(config) == (None, None)
 
 
 def test_a_plan_of_the_attached_cpu_without_flops_prints_everything_else(capsys):

@@ -46,8 +46,10 @@ def format_plan(result: dict[str, Any]) -> str:
         else:
             rows.append(("largest batch", "none found: no multiple of the devices fits"))
     if result["flops_per_image"]:
+        evaluated = (f"; {result['eval_flops_per_image'] / 1e9:.2f} GFLOP per evaluated image"
+                     if result["eval_flops_per_image"] else "")
         rows.append(("FLOPs", f"{result['flops_per_image'] / 1e9:.2f} GFLOP per training image, "
-                              f"{result['flops_per_step_per_device'] / 1e9:.1f} GFLOP per step per device"))
+                              f"{result['flops_per_step_per_device'] / 1e9:.1f} GFLOP per step per device{evaluated}"))
     else:
         rows.append(("FLOPs", "not reported by this JAX"))
     kernels = result["kernels"]
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 # The flags of train.py that shape the steps the plan compiles.
 PLANNED_FLAGS = ("recipe", "num_epochs", "batch_size", "learning_rate", "resize", "dtype", "dropout_rate", "weight_init",
                  "batch_norm", "momentum", "nesterov", "lr_schedule", "warmup_epochs", "weight_decay", "label_smoothing",
-                 "parallel", "cpu_kernels", "deterministic", "max_pool", "conv1x1", "pool_order")
+                 "inner_convs", "inner_kernel_size", "class_width", "head", "parallel", "cpu_kernels", "deterministic",
+                 "max_pool", "conv1x1", "pool_order")
 
 
 def main(argv=None) -> int:

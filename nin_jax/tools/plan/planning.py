@@ -72,10 +72,10 @@ def compile_steps(config, devices, with_eval: bool = True) -> Compiled:
     return Compiled(train.compile(), evaluate.compile() if with_eval else None, time.perf_counter() - start)
 
 
-def train_flops(config) -> Optional[float]:
-    """XLA's count of the floating-point operations of one global training step, from the program
-    for this machine's CPU (the same operations on any device): the lowered program's count, else
-    the compiled one's; None where this JAX reports neither."""
+def step_flops(config) -> tuple[Optional[float], Optional[float]]:
+    """XLA's count of the floating-point operations of one global training step and of one global
+    evaluation step, from the programs for this machine's CPU (the same operations on any device):
+    each lowered program's count, else the compiled one's; None where this JAX reports neither."""
     import jax
 
     from nin_jax import steps
@@ -87,8 +87,8 @@ def train_flops(config) -> Optional[float]:
         devices = jax.devices()[:1]
     config = choices.for_platform(config, devices[0].platform)
     state = jax.eval_shape(lambda: steps.create_train_state(config))
-    lowered, _ = _strategy(config, devices).lower(state, batch_spec(config.batch_size))
-    return xla_flops(lowered) or xla_flops(lowered.compile())
+    lowered = _strategy(config, devices).lower(state, batch_spec(config.batch_size))
+    return tuple(xla_flops(step) or xla_flops(step.compile()) for step in lowered)
 
 
 def usable_bytes(target: Target, devices: list) -> tuple[float, str]:
@@ -182,9 +182,10 @@ def plan(config, target_name: str, num_gpus: int = 1, find_largest_batch: bool =
                   memory={**memory, "eval_total": compiled.memory("eval")["total"], "usable": usable,
                           "usable_note": usable_note, "fits": memory["total"] <= usable})
     facts = programs.program_facts(compiled.train.as_text())
-    flops = train_flops(config)
+    flops, eval_flops = step_flops(config)
     result.update(
         flops_per_image=flops / config.batch_size if flops else None,
+        eval_flops_per_image=eval_flops / config.batch_size if eval_flops else None,
         flops_per_step_per_device=flops / len(devices) if flops else None,
         **{name: facts[name] for name in ("kernels", "collectives", "cudnn_calls", "opcodes", "entry_parameters")},
         f32_compute=programs.f32_compute(compiled.train.as_text()) if config.dtype == "bfloat16" else [],
