@@ -84,14 +84,23 @@ def test_dropout_only_in_training():
     assert not np.allclose(train_a, train_b)
 
 
-def test_global_average_pool_is_a_mean_over_the_whole_map():
-    model = models.NiN()
+def test_global_average_pool_is_a_mean_over_the_whole_map_and_the_exercises_heads_as_named():
+    """`avg`, the book's: each class map's mean; `max` (an exercise: the misreading of the book's
+    pool): each map's maximum; `dense` (another): a fully connected layer on the flattened maps. At
+    120x120, one size, so that the three share the kernels that run them."""
     images = jax.random.uniform(jax.random.key(1), (1, 120, 120, 1))
-    variables = model.init(jax.random.key(0), images)
-    logits, state = model.apply(variables, images, mutable=["intermediates"])
-    (block4,) = state["intermediates"]["07_block4"]
-    assert block4.shape[1:3] == (2, 2)  # a 5x5 window, as in the book's JAX code, would not fit
-    np.testing.assert_allclose(logits, block4.mean(axis=(1, 2)), rtol=1e-6)
+    for head in ("avg", "max", "dense"):
+        model = models.NiN(variant=models.Variant(head=head))
+        variables = model.init(jax.random.key(0), images)
+        variables = jax.tree_util.tree_map(lambda p: p + 0.1, variables)  # class maps that vary over the map
+        logits, state = model.apply(variables, images, mutable=["intermediates"])
+        (maps,) = state["intermediates"]["07_block4"]
+        assert maps.shape == (1, 2, 2, 10)  # a 5x5 window, as in the book's JAX code, would not fit
+        assert not np.allclose(maps.max(axis=(1, 2)), maps.mean(axis=(1, 2)))
+        dense = variables["params"].get("dense")
+        expected = {"avg": lambda: maps.mean(axis=(1, 2)), "max": lambda: maps.max(axis=(1, 2)),
+                    "dense": lambda: maps.reshape(1, -1) @ dense["kernel"] + dense["bias"]}[head]()
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -133,38 +142,73 @@ def test_the_reference_model_has_no_batch_statistics():
     assert state.variables() == {"params": state.params, "batch_stats": {}}
 
 
-# The chapter's exercises (docs/exercises.md): each variant's parameters, at 67x67 for the dense head,
-# whose parameters depend on the size of the class maps (1x1 there).
+# The book's NiN as main defined it before the exercises' options: each parameter's path and shape.
+# Checkpoints and exported models of earlier runs hold exactly these.
+BOOK_PARAM_SHAPES = {
+    f"{block}/{conv}/{leaf}": shape
+    for block, (inputs, features, kernel) in {"block1": (1, 96, 11), "block2": (96, 256, 5), "block3": (256, 384, 3),
+                                              "block4": (384, 10, 3)}.items()
+    for conv, kernel_shape in {"conv": (kernel, kernel, inputs, features), "conv1x1_1": (features, features),
+                               "conv1x1_2": (features, features)}.items()
+    for leaf, shape in {"kernel": kernel_shape, "bias": (features,)}.items()
+}
+
+
+def variable_shapes(model: models.NiN, size: int = 67) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Each collection's {path: shape}, traced (nothing is run)."""
+    variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
+    return {collection: {"/".join(key.key for key in path): leaf.shape
+                         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+            for collection, tree in variables.items()}
+
+
+def test_the_book_s_nin_keeps_its_parameter_tree():
+    """The default model and the strong recipe's have the parameters, names and shapes they had
+    before the exercises' options came: earlier checkpoints and exported models still load."""
+    assert variable_shapes(models.NiN()) == {"params": BOOK_PARAM_SHAPES}
+    assert sum(np.prod(shape) for shape in BOOK_PARAM_SHAPES.values()) == REFERENCE_PARAMS
+    convs = {path.rsplit("/", 1)[0]: shape[-1] for path, shape in BOOK_PARAM_SHAPES.items() if path.endswith("bias")}
+    with_bn = variable_shapes(models.NiN(batch_norm=True))  # each convolution's bias gives way to its batch norm
+    assert with_bn["params"] == {**{f"{conv}/kernel": BOOK_PARAM_SHAPES[f"{conv}/kernel"] for conv in convs},
+                                 **{f"{conv}_bn/{leaf}": (width,) for conv, width in convs.items()
+                                    for leaf in ("scale", "bias")}}
+    assert with_bn["batch_stats"] == {f"{conv}_bn/{leaf}": (width,) for conv, width in convs.items()
+                                      for leaf in ("mean", "var")}
+    assert models.NiN().variant == models.Variant() == models.Variant(2, 1, 0, "avg")
+
+
+# The chapter's exercises (docs/exercises.md): each variant's parameters in the book's recipe and in
+# the strong one (batch norm, with which docs/exercises.md trains them), at 67x67, where the dense
+# head's class maps are 1x1.
 VARIANT_PARAMS = [
-    (models.Variant(inner_convs=1), 1_769_112),
-    (models.Variant(inner_convs=3), 2_215_220),
-    (models.Variant(inner_kernel_size=3), 5_549_094),
-    (models.Variant(class_width=64), 2_183_434),
-    (models.Variant(head="max"), REFERENCE_PARAMS),
-    (models.Variant(head="dense"), REFERENCE_PARAMS + 10 * 10 + 10),
+    (models.Variant(inner_convs=1), 1_769_112, 1_770_604),
+    (models.Variant(inner_convs=3), 2_215_220, 2_218_204),
+    (models.Variant(inner_kernel_size=3), 5_549_094, 5_551_332),
+    (models.Variant(class_width=64), 2_183_434, 2_185_780),
+    (models.Variant(head="max"), REFERENCE_PARAMS, 1_994_404),
+    (models.Variant(head="dense"), REFERENCE_PARAMS + 10 * 10 + 10, 1_994_404 + 10 * 10 + 10),
 ]
 
 
-@pytest.mark.parametrize("variant, params", VARIANT_PARAMS, ids=lambda value: str(value).replace(" ", ""))
-def test_every_variant_of_the_exercises_learns_forward_and_backward(variant, params):
-    """Built from the same model code; a training step's forward and backward pass through every layer
-    (the class kernels moved off their zero start, so that every gradient path is live). Not compiled:
-    op by op, the variants share most of their kernels, and the test takes a third of the time."""
-    model = models.NiN(variant=variant)
-    images = jax.random.uniform(jax.random.key(1), (1, 67, 67, 1))
-    variables = model.init(jax.random.key(0), images)
-    assert models.param_count(variables["params"]) == params
-    keys = iter(jax.random.split(jax.random.key(2), 100))
-    variables = jax.tree_util.tree_map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape), variables)
+@pytest.mark.parametrize("variant, params, params_with_bn", VARIANT_PARAMS, ids=lambda value: str(value).replace(" ", ""))
+def test_every_variant_of_the_exercises_builds_its_forward_and_backward_pass(variant, params, params_with_bn):
+    """Built from the same model code, in both recipes: a training step's forward pass and its
+    gradient, traced through every layer (jax.eval_shape; running each would compile it, seconds a
+    variant), give a gradient for every parameter. The heads' test below runs them."""
+    images = jax.ShapeDtypeStruct((2, 67, 67, 1), jnp.float32)
+    for batch_norm, count in ((False, params), (True, params_with_bn)):
+        model = models.NiN(variant=variant, batch_norm=batch_norm)
+        variables = jax.eval_shape(model.init, jax.random.key(0), images)
+        assert models.param_count(variables["params"]) == count
 
-    def loss(params):
-        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(3)})
-        return jnp.sum(logits * jnp.arange(10.0))
+        def loss(params, batch_stats, images):
+            logits, _ = model.apply({"params": params, **batch_stats}, images, train=True, mutable=["batch_stats"],
+                                    rngs={"dropout": jax.random.key(3)})
+            return jnp.sum(logits * jnp.arange(10.0))
 
-    grads = jax.grad(loss)(variables["params"])
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(variables["params"])
-    chex.assert_tree_all_finite(grads)
-    assert all(np.any(g != 0) for g in jax.tree_util.tree_leaves(grads["block1"]))  # the gradient reaches the stem
+        batch_stats = {name: value for name, value in variables.items() if name == "batch_stats"}
+        grads = jax.eval_shape(jax.grad(loss), variables["params"], batch_stats, images)
+        assert jax.tree_util.tree_map(jnp.shape, grads) == jax.tree_util.tree_map(jnp.shape, variables["params"])
 
 
 def test_the_variants_change_the_book_s_layers_as_their_names_say():
@@ -179,19 +223,3 @@ def test_the_variants_change_the_book_s_layers_as_their_names_say():
     assert (wide["conv"]["kernel"], wide["conv1x1_1"]["kernel"], wide["conv1x1_2"]["kernel"]) == (
         (3, 3, 384, 64), (64, 64), (64, 10))
     assert shapes(models.Variant(head="dense"))["dense"]["kernel"] == (2 * 2 * 10, 10)  # 2x2 class maps at 99x99
-
-
-@pytest.mark.parametrize("head", ["max", "dense"])
-def test_the_other_heads_score_the_class_maps_as_their_names_say(head):
-    """`max`: each class map's maximum (the misreading of the book's pool); `dense`: a fully connected
-    layer on the flattened maps."""
-    model = models.NiN(variant=models.Variant(head=head))
-    images = jax.random.uniform(jax.random.key(1), (1, 99, 99, 1))
-    variables = model.init(jax.random.key(0), images)
-    variables = jax.tree_util.tree_map(lambda p: p + 0.1, variables)  # class maps that vary over the map
-    logits, state = model.apply(variables, images, mutable=["intermediates"])
-    (maps,) = state["intermediates"]["07_block4"]
-    assert maps.shape == (1, 2, 2, 10) and not np.allclose(maps.max(axis=(1, 2)), maps.mean(axis=(1, 2)))
-    dense = variables["params"].get("dense")
-    expected = maps.max(axis=(1, 2)) if head == "max" else maps.reshape(1, -1) @ dense["kernel"] + dense["bias"]
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
