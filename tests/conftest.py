@@ -521,6 +521,40 @@ def data_dir(tmp_path_factory):
     return data_dir
 
 
+def _real_data_run_config():
+    from nin_jax.config import Config
+
+    return Config.from_recipe("strong", resize=99, num_epochs=1, batch_size=32, train_examples=4096,
+                              eval_examples=1000, parallel="jit")
+
+
+# The one run on the real data: 128 SGD steps of the strong recipe at 99x99, the smallest size at
+# which the class maps are more than one pixel (2x2); as many pixels trained as 256 steps at 67x67.
+REAL_DATA_RUN_CONFIG = _real_data_run_config()
+
+
+@pytest.fixture(scope="session")
+def real_data_run(data_dir, tmp_path_factory):
+    """The workdir and records of REAL_DATA_RUN_CONFIG on Fashion-MNIST, trained once per test run:
+    the first test process to ask trains it, under a lock in the folder all of them share, and the
+    others read it (about 30 s on 2 cores). Tests that use it are marked NEEDS_SHARED_FASHION_MNIST."""
+    import fcntl
+    import json
+
+    from nin_jax import trainer
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+    workdir = shared / "real_data_run"
+    with open(shared / "real_data_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (workdir / "metrics.jsonl").is_file():
+            config = dataclasses.replace(REAL_DATA_RUN_CONFIG, data_dir=data_dir)
+            trainer.train_and_evaluate(config, str(workdir), log=lambda line: None)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {"workdir": workdir, "records": records}
+
+
 PRECIOUS = "a file of someone else's, outside the workdir\n"
 
 

@@ -2,61 +2,51 @@
 output, each map's mean the score that the global average pool gives; on a trained network the map
 of the true class lies over the garment; one command draws them; refusals in one line."""
 
-import dataclasses
+import pathlib
+import shutil
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from nin_jax import trainer
 from nin_jax.config import Config
 from nin_jax.run.checkpoints import WorkdirError
 from nin_jax.tools import class_maps, predict
 
 from conftest import NEEDS_SHARED_FASHION_MNIST
 
-# The smallest run whose maps have learned where the garment is: the strong recipe at 99x99, the
-# smallest size whose class maps are more than one pixel (2x2), for 64 steps of 32 real images. On
-# the first 1,000 test images it measured accuracy 0.69, and the map of the true class brighter over
-# the garment than over the empty background on 612 (1 epoch of 2,048 examples; one seed, by train.py).
-MAPS_RUN = Config.from_recipe("strong", resize=99, batch_size=32, num_epochs=1, train_examples=2048,
-                              eval_examples=256, parallel="jit")
-MEASURED = 1000
 
-
-@pytest.fixture(scope="module")
-def maps_run(data_dir, tmp_path_factory):
-    """The workdir of MAPS_RUN on the real Fashion-MNIST."""
-    workdir = tmp_path_factory.mktemp("maps") / "run"
-    trainer.train_and_evaluate(dataclasses.replace(MAPS_RUN, data_dir=data_dir), str(workdir), log=lambda line: None)
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def restored(maps_run, data_dir):
-    """The run's config and variables, and the test images."""
-    config, variables = predict.restore_variables(str(maps_run))
-    return config, variables, predict.test_split(config, data_dir, None).take(MEASURED)
+@pytest.fixture
+def maps_run(real_data_run, tmp_path):
+    """A copy of conftest's run on the real data, at 99x99 (class maps of 2x2), for a test that
+    writes into it: the other test processes read the original."""
+    return pathlib.Path(shutil.copytree(real_data_run["workdir"], tmp_path / "run"))
 
 
 @NEEDS_SHARED_FASHION_MNIST
-def test_each_class_map_s_mean_is_the_score_that_the_global_average_pool_gives(restored):
-    config, variables, test = restored
-    images = test.images[:64]
+def test_each_class_map_s_mean_is_the_score_that_the_global_average_pool_gives(real_data_run, data_dir):
+    config, variables = predict.restore_variables(str(real_data_run["workdir"]))
+    images = predict.test_split(config, data_dir, None).images[:64]
     logits, maps = jax.jit(class_maps.forward_with_maps(config))(variables, images)
     assert maps.shape == (64, 2, 2, 10) and class_maps.map_size(config) == 2
     np.testing.assert_allclose(maps.mean(axis=(1, 2)), logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(logits, jax.jit(predict.forward(config))(variables, images), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits, jax.jit(predict.forward(config))(variables, images), rtol=1e-5, atol=1e-5)
     assert np.ptp(maps, axis=(1, 2)).max() > 0.1  # maps, not constants: each has a brighter and a darker part
 
 
 @NEEDS_SHARED_FASHION_MNIST
-def test_the_map_of_the_true_class_is_brighter_over_the_garment_on_most_test_images(restored):
-    config, variables, test = restored
-    result = class_maps.measure(config, variables, test, batch_size=250)
-    assert len(result["brighter"]) == MEASURED and result["correct"].mean() > 0.5
-    assert result["brighter"].mean() > 0.55  # measured 0.612
+def test_one_command_draws_16_test_images_and_the_true_class_lies_over_the_garment(maps_run, data_dir, capsys):
+    """On most of the first 1,000 test images, the map of the true class is brighter over the
+    garment than over the empty background: measured BRIGHTER_MEASURED of 1,000."""
+    assert class_maps.main([f"--workdir={maps_run}", f"--data_dir={data_dir}", "--class=bag"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("class maps of 2x2 at 99x99 px; on 1,000 test images, accuracy ")
+    brighter = int(lines[1].split(" on ")[1].split(" of ")[0].replace(",", ""))
+    assert brighter > 600, lines[1]  # most: measured BRIGHTER_MEASURED
+    assert lines[2] == f"wrote {maps_run / class_maps.CLASS_MAPS_FILE}"
+    with Image.open(maps_run / class_maps.CLASS_MAPS_FILE) as image:
+        assert image.format == "PNG" and image.width > image.height  # 16 images of two maps: 4 to a row, 4 rows
 
 
 def test_brighter_over_the_garment_compares_the_garment_with_the_empty_background():
@@ -73,27 +63,12 @@ def test_brighter_over_the_garment_compares_the_garment_with_the_empty_backgroun
 
 
 @NEEDS_SHARED_FASHION_MNIST
-def test_one_command_draws_the_class_maps_of_16_test_images(maps_run, data_dir, capsys):
-    assert class_maps.main([f"--workdir={maps_run}", f"--data_dir={data_dir}", "--class=bag", "--measured=64"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("class maps of 2x2 at 99x99 px; on 64 test images, accuracy ")
-    assert "brighter over the garment than over the empty background on " in lines[1]
-    assert lines[2] == f"wrote {maps_run / class_maps.CLASS_MAPS_FILE}"
-    with Image.open(maps_run / class_maps.CLASS_MAPS_FILE) as image:
-        assert image.format == "PNG" and image.width > image.height  # 16 images of two maps: 4 to a row, 4 rows
-
-
-@NEEDS_SHARED_FASHION_MNIST
 def test_a_picture_that_cannot_be_written_is_refused_in_one_line_before_the_test_set_is_read(maps_run, monkeypatch,
                                                                                              capsys):
-    (maps_run / class_maps.CLASS_MAPS_FILE).unlink(missing_ok=True)
     (maps_run / class_maps.CLASS_MAPS_FILE).mkdir()
     monkeypatch.setattr(predict, "test_split", lambda *args: pytest.fail("read the test set before checking"))
-    try:
-        with pytest.raises(SystemExit) as end:
-            class_maps.main([f"--workdir={maps_run}"])
-    finally:
-        (maps_run / class_maps.CLASS_MAPS_FILE).rmdir()
+    with pytest.raises(SystemExit) as end:
+        class_maps.main([f"--workdir={maps_run}"])
     assert end.value.code == 1
     assert capsys.readouterr().err == (f"python -m nin_jax.class_maps: error: cannot write "
                                        f"{maps_run / class_maps.CLASS_MAPS_FILE}: Is a directory\n")
