@@ -46,6 +46,16 @@ PLAN_TARGETS = (("local", "this CPU", {"JAX_PLATFORMS": "cpu"}), ("h200", "NVIDI
 PLAN_BATCH_SIZES = (1, 128)
 
 
+def machine() -> str:
+    """The device the runs train on, in words: a CPU's cores and model, or the accelerator's kind."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"one {device.device_kind}"
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 "") if os.path.isfile("/proc/cpuinfo") else ""
+    return f"{os.cpu_count()} CPU cores" + (f" ({model})" if model else "")
+
+
 def variant_config(base: Config, variant: str, seed: int) -> Config:
     """`base` with the variant's flag ("name=value", or "book") and the seed."""
     if variant == "book":
@@ -198,15 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default="strong", help="train.py's --recipe of every run")
     parser.add_argument("--resize", type=int, default=99, help="train.py's --resize: 99 is the smallest size at "
                         "which the class maps are more than one pixel (2x2)")
-    parser.add_argument("--num_epochs", type=int, default=5)
+    parser.add_argument("--num_epochs", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--train_examples", type=int, default=4096, help="0 = all 60,000")
-    parser.add_argument("--eval_examples", type=int, default=2000, help="0 = all 10,000")
+    parser.add_argument("--train_examples", type=int, default=2048, help="0 = all 60,000")
+    parser.add_argument("--eval_examples", type=int, default=1000, help="0 = all 10,000")
     parser.add_argument("--data_arrays", help="train.py's --data_arrays")
     parser.add_argument("--manual_dir", help="train.py's --manual_dir")
     parser.add_argument("--data_dir", help="train.py's --data_dir")
-    parser.add_argument("--timing_steps", type=int, default=3, help="train steps of each variant per turn")
-    parser.add_argument("--timing_turns", type=int, default=5, help="turns of timing; the median is reported")
+    parser.add_argument("--timing_steps", type=int, default=2, help="train steps of each variant per turn")
+    parser.add_argument("--timing_turns", type=int, default=4, help="turns of timing; the median is reported")
     parser.add_argument("--plan_resize", type=int, default=224, help="the size at which the resources are planned")
     return parser
 
@@ -235,9 +245,7 @@ def main(argv=None) -> int:
                               data_arrays=args.data_arrays, manual_dir=args.manual_dir, data_dir=args.data_dir,
                               parallel="jit").validate()
     os.makedirs(args.out, exist_ok=True)
-    device = jax.devices()[0]
-    machine = f"a {os.cpu_count()}-core CPU" if device.platform == "cpu" else f"one {device.device_kind}"
-    results = {"settings": vars(args), "machine": machine}
+    results = {"settings": vars(args), "machine": machine(), "load_before": os.getloadavg()[0]}
     results["questions"] = answer_questions(args, base)
     if "resources" in args.questions:
         with tempfile.TemporaryDirectory() as folder:
@@ -247,7 +255,8 @@ def main(argv=None) -> int:
     setting = (f"at {args.resize}x{args.resize} px, the {args.recipe} recipe, {args.num_epochs} "
                f"epoch{'s' if args.num_epochs > 1 else ''} of "
                f"{args.train_examples or 60000:,} training examples in batches of {args.batch_size}, tested on "
-               f"{args.eval_examples or 10000:,}, on {machine}")
+               f"{args.eval_examples or 10000:,}, on {results['machine']}; the load average (1 min) was "
+               f"{results['load_before']:.1f} before and {os.getloadavg()[0]:.1f} after")
     with open(os.path.join(args.out, "exercises.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     with open(os.path.join(args.out, "exercises.md"), "w") as f:
