@@ -9,7 +9,7 @@ Images are NHWC (the book's PyTorch code is NCHW). The layer sequence is the boo
 
 There is no fully connected layer: the last block emits one channel per class and the global
 average pool turns each channel into a logit, its mean (not its maximum): each channel is a map of
-where the network found its class. `Variant` holds the chapter's exercises, the book's at its default.
+where the network found its class. `Variant` holds the chapter's exercises, the book's NiN by default.
 """
 
 import dataclasses
@@ -53,62 +53,70 @@ INITS = {
 }
 
 
+HEADS = ("avg", "max", "dense")  # what turns each class map into its class's score: the book's is "avg"
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """The chapter's exercises, each the book's NiN at its default (docs/exercises.md measures them):
-    `inner_convs` convolutions after each block's first (the book's two), of `inner_kernel_size` (its 1x1);
-    the class block's first two convolutions `class_width` wide (0: the classes', so that the book's
-    384x5x5 becomes 10x5x5 in one step); and the `head`, a key of HEADS."""
+    """The chapter's exercises as options of the one model, each at the book's NiN by default
+    (docs/exercises.md trains and measures them)."""
 
-    inner_convs: int = 2
-    inner_kernel_size: int = 1
-    class_width: int = 0
-    head: str = "avg"
+    inner_convs: int = 2  # the convolutions after each block's first: the book's two
+    inner_kernel_size: int = 1  # their kernel, padded to keep the map's size: the book's 1x1
+    class_width: int = 0  # of the last block's first two convolutions; 0: the classes', the book's 384 to 10 at once
+    head: str = "avg"  # of HEADS: each map's mean (the book's), its maximum, or a dense layer on the flattened maps
 
+    def inner_layers(self, features: int, out_features: int, kernel: Initializer, last_kernel: Initializer,
+                     last_bias: Initializer) -> list:
+        """A block's convolutions after its first, each with its ReLU: the book's conv1x1_1, relu,
+        conv1x1_2, relu. Their names stay the book's whatever their kernel, as the parameters do."""
+        size, layers = self.inner_kernel_size, []
+        for number in range(1, self.inner_convs + 1):
+            last = number == self.inner_convs
+            layers += [ops.Conv(out_features if last else features, size, 1, size // 2, last_kernel if last else kernel,
+                                last_bias if last else zeros, name=f"conv1x1_{number}"), ops.relu]
+        return layers
 
-HEADS = {  # what turns the last block's class maps into class scores
-    "avg": lambda classes: [ops.GlobalAvgPool(), ops.Flatten()],  # the book's: each map's mean
-    "max": lambda classes: [ops.GlobalMaxPool(), ops.Flatten()],  # each map's maximum
-    "dense": lambda classes: [ops.Flatten(), ops.Dense(classes, name="dense")],  # a fully connected layer
-}
+    def head_layers(self, num_classes: int) -> list:
+        """The layers after the last block, which turn its class maps into the class scores."""
+        return {"avg": [ops.GlobalAvgPool(), ops.Flatten()],  # one score per class map, the book's
+                "max": [ops.GlobalMaxPool(), ops.Flatten()],
+                "dense": [ops.Flatten(), ops.Dense(num_classes, name="dense")]}[self.head]
 
 
 class NiNBlock(nn.Module):
     """The book's `nin_block`: a k x k convolution, then two 1x1 convolutions, each followed by a ReLU
-    (the `variant` may change the two). `layers` computes them (nin_jax/ops): how, never what."""
+    (an exercise's `variant` changes the two). `layers` computes them (nin_jax/ops): how, never what."""
 
     features: int
     kernel_size: int
     strides: int
     padding: int
     init: Init = INITS["kaiming"]  # the package's; INITS["xavier"] is the book's
-    # The last block: its last convolution starts as init.class_kernel and class_bias; never under batch
-    # norm, which would normalise a zero kernel's output to zero, where ReLU passes no gradient.
-    class_scores: bool = False
+    class_scores: bool = False  # the last block: its last convolution starts as init.class_kernel and class_bias
     layers: ops.Layers = ops.Layers()
-    variant: Variant = Variant()
-    out_features: int = 0  # of the last convolution; 0: `features`
+    variant: Variant = Variant()  # the book's
+    out_features: int = 0  # of the last convolution, where an exercise widens the others; 0: `features`
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, **context) -> jax.Array:
         """`context`: batch norm's `mask` and `axis_name`, and `relu_last` (see `ops.Layers.run`)."""
-        kernel, size, count = self.init.kernel, self.variant.inner_kernel_size, self.variant.inner_convs
+        kernel = self.init.kernel
         last_kernel, last_bias = (self.init.class_kernel, self.init.class_bias) if self.class_scores else (kernel, zeros)
-        inner = [ops.Conv(self.features, size, 1, size // 2, kernel, name=f"conv1x1_{i}") for i in range(1, count)]
-        inner.append(ops.Conv(self.out_features or self.features, size, 1, size // 2, last_kernel, last_bias,
-                              name=f"conv1x1_{count}"))
         return self.layers.run(x, [
             ops.Conv(self.features, self.kernel_size, self.strides, self.padding, kernel, name="conv"),
             ops.relu,
-            *(layer for conv in inner for layer in (conv, ops.relu)),  # the book's conv1x1_1, relu, conv1x1_2, relu
+            *self.variant.inner_layers(self.features, self.out_features or self.features, kernel, last_kernel,
+                                       last_bias),  # the book's conv1x1_1, relu, conv1x1_2, relu
         ], train=train, **context)
 
 
 class NiN(nn.Module):
-    """The book's NiN, whose logits come out as float32 whatever the compute `dtype`. With `batch_norm`
-    (the strong recipe's, not the book's) each convolution is normalised before its ReLU, over the real
-    examples (`mask` [B]) of the whole batch (the pmap `axis_name`). Each layer's output is sown into
-    'intermediates' as `<position>_<layer>` (`07_block4`), for `layer_summary` and the class maps."""
+    """The book's NiN, whose logits come out as float32 whatever the compute `dtype`. With
+    `batch_norm` (the strong recipe's variant, not the book's) each convolution is normalised before
+    its ReLU; in training, `mask` [B] (0 on a padded batch's padding) and the pmap `axis_name` make
+    the statistics those of the real examples of the whole batch. Each layer's output is sown into
+    'intermediates' as `<position>_<layer>` (e.g. `07_block4`, the class maps), for `layer_summary`."""
 
     num_classes: int = 10
     dropout_rate: float = 0.5
@@ -117,7 +125,7 @@ class NiN(nn.Module):
     dtype: Any = jnp.float32
     kernels: ops.Kernels = ops.Kernels()  # which kernels compute the layers: see nin_jax/ops/choices.py
     in_channels: int = 1
-    variant: Variant = Variant()  # the book's; the exercises change it
+    variant: Variant = Variant()  # the book's; the chapter's exercises change it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, mask: Optional[jax.Array] = None,
@@ -130,9 +138,10 @@ class NiN(nn.Module):
             block(256, 5, 1, 2, name="block2"), ops.MaxPool(name="pool2"),
             block(384, 3, 1, 1, name="block3"), ops.MaxPool(name="pool3"),
             ops.Dropout(self.dropout_rate),
+            # Under batch norm a zero class kernel would normalise to zero, where ReLU passes no gradient.
             block(self.variant.class_width or self.num_classes, 3, 1, 1, out_features=self.num_classes,
                   class_scores=not self.batch_norm, name="block4"),
-            *HEADS[self.variant.head](self.num_classes),  # the book's: one score per class map, no dense layer
+            *self.variant.head_layers(self.num_classes),  # the book's: global average pool, flatten; no dense layer
         ], train=train, mask=mask, axis_name=axis_name, sow_into=self).astype(jnp.float32)
 
 
