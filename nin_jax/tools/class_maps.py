@@ -51,7 +51,7 @@ def check_run(config: Config, workdir: str) -> None:
     if side == 1:
         raise WorkdirError(f"the run in {workdir} was trained at --resize {config.resize}, where its class maps "
                            f"are 1x1 (one pixel each, the score itself): class maps need a run at --resize 99 or "
-                           f"more (2x2; 131: 3x3; the book's 224: 5x5)")
+                           f"more (2x2; 131: 3x3, the first with a centre; the book's 224: 5x5)")
 
 
 def forward_with_maps(config: Config) -> Callable:
@@ -103,7 +103,7 @@ def measure(config: Config, variables, split: input_pipeline.Split, batch_size: 
         real = batch["mask"].astype(bool)
         correct.append((np.argmax(logits, -1) == batch["label"])[real])
         brighter.append(brighter_over_garment(batch["image"], true_maps)[real])
-    return {"correct": np.concatenate(correct), "brighter": np.concatenate(brighter)}
+    return {"correct": np.concatenate(correct), "brighter": np.concatenate(brighter), "labels": split.labels}
 
 
 def draw(config: Config, variables, shown: input_pipeline.Split, classes: Sequence[int], path: str) -> None:
@@ -130,11 +130,15 @@ def class_maps_workdir(workdir: str, data_dir: Optional[str] = None, manual_dir:
 
 
 def format_report(result: dict) -> str:
-    """What the maps show, in two lines."""
+    """What the maps show, in three lines: the accuracy, and how often the map of the true class lies
+    over the garment, of all the images and of each class's."""
     brighter, count = int(result["brighter"].sum()), len(result["brighter"])
+    by_class = ", ".join(f"{name} {result['brighter'][result['labels'] == label].mean():.2f}"
+                         for label, name in enumerate(input_pipeline.CLASS_NAMES) if np.any(result["labels"] == label))
     return (f"class maps of {result['side']}x{result['side']} at {result['resize']}x{result['resize']} px; on "
             f"{count:,} test images, accuracy {result['correct'].mean():.3f}\nthe map of the true class is brighter "
-            f"over the garment than over the empty background on {brighter:,} of them ({brighter / count:.3f})")
+            f"over the garment than over the empty background on {brighter:,} of them ({brighter / count:.3f})\n"
+            f"by true class: {by_class}")
 
 
 def main(argv=None) -> int:
