@@ -28,7 +28,7 @@ import jax
 
 from nin_jax import models, steps, trainer
 from nin_jax.config import Config
-from nin_jax.runtime import parallel
+from nin_jax.runtime import compile_cache, parallel
 
 from common import random_batch, seconds_per_call
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", help="train.py's --data_dir")
     parser.add_argument("--timing_steps", type=int, default=2, help="train steps of each variant per turn")
     parser.add_argument("--timing_turns", type=int, default=4, help="turns of timing; the median is reported")
+    parser.add_argument("--compile_cache", help="train.py's --compile_cache: each variant compiles once, not once a "
+                        "seed and again for the timing")
     parser.add_argument("--plan_resize", type=int, default=224, help="the size at which the resources are planned")
     return parser
 
@@ -244,6 +246,7 @@ def main(argv=None) -> int:
                               train_examples=args.train_examples, eval_examples=args.eval_examples,
                               data_arrays=args.data_arrays, manual_dir=args.manual_dir, data_dir=args.data_dir,
                               parallel="jit").validate()
+    compile_cache.enable(args.compile_cache)  # before anything compiles
     os.makedirs(args.out, exist_ok=True)
     results = {"settings": vars(args), "machine": machine(), "load_before": os.getloadavg()[0]}
     results["questions"] = answer_questions(args, base)
