@@ -568,6 +568,49 @@ def precious(tmp_path):
     return path
 
 
+# What stands where the project expects a regular file, and the messages it gets.
+SPECIAL_FILES = {"fifo": "Is a FIFO, not a regular file", "socket": "Is a socket, not a regular file",
+                 "device": "Is a character device, not a regular file", "directory": "Is a directory"}
+
+
+def make_special_file(path, kind: str) -> None:
+    """A FIFO, a socket, a device node (the twin of /dev/null, made in the test's own folder: root
+    only) or a folder at `path`: none of them may be opened as a file, nor replaced by one."""
+    import stat
+
+    if kind == "directory":
+        os.mkdir(path)
+        return
+    if kind == "device" and os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    mode, device = {"fifo": (stat.S_IFIFO, 0), "socket": (stat.S_IFSOCK, 0),
+                    "device": (stat.S_IFCHR, os.makedev(1, 3))}[kind]
+    os.mknod(path, mode | 0o600, device)
+
+
+def returns_within(call, seconds: float = 10.0):
+    """What `call()` returns or raises, in a thread; a failure of the test, not a hang, when it is
+    still blocked after `seconds` (opening a FIFO that no one writes blocks until someone does)."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: B902 (handed to the test's thread)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still blocked after {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hooks.
 

@@ -93,6 +93,8 @@ KNOWN_URLS = {
     "https://ui.perfetto.dev",  # Perfetto's trace viewer, for --profile_steps
     "https://orbax.readthedocs.io",  # orbax's documentation
     "https://example.com/x.md",  # in this file's own test of the link checker
+    "https://github.com/jax-ml/jax/issues/28247",  # the persistent cache with XLA's kernel cache, open
+    "https://github.com/jax-ml/jax/pull/22899",  # why JAX keeps XLA's kernel cache off by default
 }
 URL = re.compile(r"https?://[^\s)\"'`\\,]+")
 TEXT_FILES = (".md", ".py", ".toml", ".ipynb", ".sh", ".txt", ".cfg", ".yml", ".yaml", ".json")
@@ -131,3 +133,16 @@ def test_the_url_check_finds_an_unknown_address_and_passes_a_placeholder(tmp_pat
     page = tmp_path / "page.md"
     page.write_text(f"see https://ui.perfetto.dev. and {gone}, or git+https://github.com/<you>/<your copy>\n")
     assert unknown_urls([str(page)]) == [f"{os.path.relpath(page, REPO_ROOT)}: {gone}"]
+
+
+def test_the_readme_is_a_short_front_door_that_shows_the_model_and_the_quick_run():
+    """At most 150 lines; NiN in Python; and the quick command it shows is the one a long run on a
+    CPU prints (run/cpu_estimate.py's flags), so that the figures beside it are that command's."""
+    from nin_jax.run import cpu_estimate
+
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = f.read()
+    assert len(readme.splitlines()) <= 150
+    assert "from nin_jax.models import NiN" in readme and "model = NiN()" in readme
+    quick = " ".join(f"{flag} {value}" for flag, value in cpu_estimate.QUICK_FLAGS.items())
+    assert re.search(rf"^python train\.py [^\n]*{re.escape(quick)} --workdir runs/quick$", readme, re.M), quick

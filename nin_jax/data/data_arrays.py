@@ -50,7 +50,7 @@ def recorded_sizes(dataset_dir: str) -> dict[str, int]:
         return {}
     newest = max(versions, key=lambda v: tuple(map(int, v.split("."))))
     try:
-        with open(os.path.join(dataset_dir, newest, "dataset_info.json")) as f:
+        with files.open_regular(os.path.join(dataset_dir, newest, "dataset_info.json"), "r") as f:
             splits = json.load(f).get("splits", [])
         return {s["name"]: sum(int(n) for n in s["shardLengths"]) for s in splits}
     except (OSError, ValueError, KeyError, TypeError):
@@ -70,11 +70,14 @@ def load_copy(dataset_dir: str) -> Optional[dict[str, np.ndarray]]:
     source = tfds_files(dataset_dir)
     if not source:
         return None
+    path = os.path.join(dataset_dir, FILE_NAME)
     try:
-        with np.load(os.path.join(dataset_dir, FILE_NAME)) as saved:
-            if str(saved[_SOURCE_KEY]) != source:
+        with files.open_regular(path) as file, np.load(file) as saved:
+            if _declared_beyond_held(saved) or str(saved[_SOURCE_KEY]) != source:
                 return None
             arrays = {key: saved[key] for key in saved.files if key != _SOURCE_KEY}
+    except files.NotRegularFile as error:
+        raise DataError(f"cannot read {path}: {error.strerror}; remove it, and the next run writes the copy anew") from error
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None
     return arrays if _matches_build(dataset_dir, arrays) else None
@@ -92,6 +95,24 @@ def save_copy(dataset_dir: str, arrays: dict[str, np.ndarray]) -> None:
             np.savez(file, **arrays, **{_SOURCE_KEY: np.array(source)})
     except OutputError:
         pass
+
+
+def _declared_beyond_held(arrays) -> str:
+    """'train_images declares shape (10**12, 28, 28, 1), ... bytes, but holds 2,352' for the first
+    array of the opened .npz `arrays` whose header asks for more bytes than its file holds, or '':
+    such a header would have NumPy allocate what it declares (terabytes) before reading a byte."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    for info in arrays.zip.infolist():
+        with arrays.zip.open(info) as member:
+            reader = readers.get(np.lib.format.read_magic(member))
+            if reader is None:  # a format this check does not parse: NumPy reads it as ever
+                continue
+            shape, _, dtype = reader(member)
+            declared, held = int(np.prod(shape, dtype=object)) * dtype.itemsize, info.file_size - member.tell()
+        if declared > held:
+            return (f"{info.filename.removesuffix('.npy')} declares shape {tuple(shape)}, {declared:,} bytes, but "
+                    f"holds {held:,}")
+    return ""
 
 
 def as_arrays(datasets: dict[str, Split]) -> dict[str, np.ndarray]:
@@ -147,12 +168,20 @@ def load(path: str) -> dict[str, Split]:
     """The splits that `save` wrote, checked (`what_is_wrong`); a missing, damaged or foreign file
     is a one-line DataError."""
     advice = f"write it with `python -m nin_jax.export_arrays --out {path}` on a machine with tensorflow-datasets"
+
+    def refused(reason: str) -> DataError:
+        return DataError(f"cannot read Fashion-MNIST arrays from --data_arrays {path} ({reason}); {advice}")
+
     try:
-        with np.load(os.path.expanduser(path)) as arrays:
+        with files.open_regular(os.path.expanduser(path)) as file, np.load(file) as arrays:
+            declared = _declared_beyond_held(arrays)
+            if declared:
+                raise refused(f"{declared}: the file is damaged or crafted")
             datasets = _as_splits(arrays)
+    except files.NotRegularFile as error:  # a FIFO would block the read for good
+        raise refused(error.strerror) from error
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        reason = {EOFError: "the file is empty"}.get(type(error), f"{type(error).__name__}: {error}")
-        raise DataError(f"cannot read Fashion-MNIST arrays from --data_arrays {path} ({reason}); {advice}") from error
+        raise refused({EOFError: "the file is empty"}.get(type(error), f"{type(error).__name__}: {error}")) from error
     except (AttributeError, TypeError) as error:  # a .npy: np.load returns one array, not a context manager
         raise DataError(f"--data_arrays {path} is not an .npz of named arrays; {advice}") from error
     problem = what_is_wrong(datasets)

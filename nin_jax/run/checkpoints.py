@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from nin_jax.runtime import background
+from nin_jax.runtime import background, files
 from nin_jax import input_pipeline, steps
 from nin_jax.config import ADDED_OPTIONS, REMOVED_OPTIONS, RESUME_FIELDS, Config
 from nin_jax.runtime.errors import WorkdirError
@@ -86,7 +87,7 @@ def _make_writable(workdir: str) -> None:
     """Creates `workdir` and its checkpoint folder and writes a file there: better a clear message
     now than a failed save after an epoch of training."""
     try:
-        os.makedirs(os.path.join(workdir, CHECKPOINT_DIR), exist_ok=True)
+        files.own_folder(workdir, CHECKPOINT_DIR)
         tempfile.TemporaryFile(dir=os.path.join(workdir, CHECKPOINT_DIR)).close()
     except OSError as error:
         where = f"{error.filename}: " if error.filename and error.filename != workdir else ""
@@ -146,7 +147,7 @@ def _garbled_metadata(directory: str, step: int) -> bool:
     """Whether the step's orbax metadata is JSON that orbax cannot open: not an object, fields of
     the wrong types, or nested past Python's stack."""
     try:
-        with open(os.path.join(directory, str(step), METADATA_FILE), "rb") as f:
+        with files.open_regular(os.path.join(directory, str(step), METADATA_FILE)) as f:
             json.loads(f.read())
     except RecursionError:
         return True
@@ -164,14 +165,32 @@ def _garbled_metadata(directory: str, step: int) -> bool:
 MAX_METADATA_BYTES = 16 * 2**20
 
 
-def _oversized_file(folder: str) -> Optional[str]:
-    """A file larger than MAX_METADATA_BYTES directly in the step's folder or in one of its items'
-    folders (the metadata; the arrays' data lies further down), if any."""
-    folders = [folder] + [entry.path for entry in os.scandir(folder) if entry.is_dir()]
-    for entry in (entry for item in folders for entry in os.scandir(item)):
-        if entry.is_file() and entry.stat().st_size > MAX_METADATA_BYTES:
-            return entry.path
-    return None
+def _not_a_folder(path: str) -> str:
+    """Why the checkpoint entry `path` is not a checkpoint's folder (a file, a FIFO, a link), or ''."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:  # deleted meanwhile by the run that writes it
+        return ""
+    return "" if stat.S_ISDIR(mode) else f"it is {files.kind(mode)}, not a checkpoint's folder"
+
+
+def _damaged_file(folder: str) -> str:
+    """What within the step's `folder` orbax must not open, or '': something other than a folder or
+    a regular file (a FIFO would block its reader, a link lead elsewhere), or a metadata file larger
+    than MAX_METADATA_BYTES directly in it or in one of its items' folders (the arrays' data lies
+    further down)."""
+    for inside, folders, names in os.walk(folder):
+        shallow = os.path.dirname(os.path.relpath(inside, folder)) == ""
+        for name in folders + names:
+            try:
+                status = os.lstat(os.path.join(inside, name))
+            except FileNotFoundError:  # deleted meanwhile by the run that writes it
+                return ""
+            if not stat.S_ISDIR(status.st_mode) and not stat.S_ISREG(status.st_mode):
+                return f"{name} is {files.kind(status.st_mode)}"
+            if shallow and stat.S_ISREG(status.st_mode) and status.st_size > MAX_METADATA_BYTES:
+                return f"{name} is {status.st_size:,} bytes, not orbax's"
+    return ""
 
 
 def _run_metadata_problem(run: Any) -> str:
@@ -199,10 +218,12 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=not read_only,
                                                read_only=read_only)
         for step in _step_folders(self.directory) if os.path.isdir(self.directory) else ():
-            oversized = _oversized_file(os.path.join(self.directory, str(step)))
-            if oversized:
-                raise self._damaged(step, f"its files are incomplete or damaged ({os.path.basename(oversized)} is "
-                                          f"{os.path.getsize(oversized):,} bytes, not orbax's)")
+            entry = _not_a_folder(os.path.join(self.directory, str(step)))
+            if entry:
+                raise self._refusal(step, entry, "move it away to resume from the checkpoint before it")
+            damaged = _damaged_file(os.path.join(self.directory, str(step)))
+            if damaged:
+                raise self._damaged(step, f"its files are incomplete or damaged ({damaged})")
         try:
             self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("arrays", "run"))
         except (ValueError, RecursionError) as error:  # orbax reads every checkpoint's metadata here, and fails on a garbled one

@@ -6,7 +6,6 @@ as on curves.png. Progress within an epoch is `progress.py`'s.
 """
 
 import dataclasses
-import errno
 import importlib
 import json
 import os
@@ -87,7 +86,11 @@ def _metric_lines(workdir: str, warn: Callable[[str], None] = lambda line: None)
         raise WorkdirError(f"{path} is {size:,} bytes, more than the records of {MAX_METRICS_BYTES // 440:,} epochs: "
                            f"not written by train.py; move it away and run again")
     lines = []
-    with open(path, "rb") as f:
+    try:
+        file = files.open_regular(path)
+    except OSError as error:
+        raise WorkdirError(f"cannot read {path}: {error.strerror or error}; move it away and run again") from error
+    with file as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("ascii")
@@ -144,31 +147,34 @@ def read_config(workdir: str) -> Config:
         size = os.path.getsize(path)
         if size > MAX_CONFIG_BYTES:
             raise refused(f"it is {size:,} bytes, more than any config.json")
-        with open(path, "rb") as f:
+        with files.open_regular(path) as f:
             fields = json.loads(f.read())
         if not isinstance(fields, dict):
             raise refused(f"it holds a JSON {type(fields).__name__}, not an object")
         return Config(**{name: value for name, value in fields.items() if name not in REMOVED_OPTIONS}).validate()
     except ConfigError as error:  # a field of the wrong type or value
         raise refused(str(error)) from error
+    except files.NotRegularFile as error:  # a FIFO, a socket, a device: never opened
+        raise WorkdirError(f"cannot read the run's flags from {path} ({error.strerror}); put the config.json that "
+                           f"train.py wrote there") from error
     except (OSError, ValueError, TypeError, RecursionError) as error:  # unreadable, not JSON, fields this version lacks
         raise refused(f"{type(error).__name__}: {error}") from error
 
 
 def check_outputs(workdir: str, profile_steps: int) -> None:
     """Raises WorkdirError now when process 0 could not write its files in the workdir during the
-    run (a folder where metrics.jsonl or curves.png goes, a file where the profile goes, a workdir
-    that takes no new file, where the TensorBoard events and each file's temporary twin go), as
+    run (a folder, FIFO, socket or device where metrics.jsonl or curves.png goes, a file where the
+    profile goes or a link there leading out of the workdir, a workdir that takes no new file,
+    where the TensorBoard events and each file's temporary twin go), as
     `Checkpoints` does for its folder: before training, not after an epoch. With several
     processes, all of them learn process 0's finding and stop together."""
     refusal = ""
     if distributed.is_main_process():
         try:
             for name in (METRICS_FILE, CONFIG_FILE, CURVES_FILE):
-                if os.path.isdir(os.path.join(workdir, name)):
-                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.path.join(workdir, name))
+                files.check_regular(os.path.join(workdir, name), follow_symlinks=False)
             if profile_steps:
-                os.makedirs(os.path.join(workdir, profiling.PROFILE_DIR), exist_ok=True)
+                files.own_folder(workdir, *profiling.TRACE_FOLDERS)
             tempfile.TemporaryFile(dir=workdir).close()
         except OSError as error:
             refusal = f"cannot write to --workdir {workdir}: {error.filename}: {error.strerror or error}"

@@ -19,6 +19,8 @@ from nin_jax.run import profile_report
 from nin_jax.runtime.errors import OutputError
 
 PROFILE_DIR = "profile"
+# The folders of the trace that jax.profiler writes into: made, and checked to lead nowhere else, before it starts.
+TRACE_FOLDERS = (PROFILE_DIR, "plugins", "profile")
 
 
 class StepTrace:

@@ -23,6 +23,8 @@ import sys
 import threading
 from typing import Callable, Iterator, TextIO
 
+from nin_jax.runtime import platforms
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
 
 
@@ -67,6 +69,21 @@ def begin() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, _stop_at_once)
+    _check_environment()
+
+
+def _check_environment() -> None:
+    """Leaves JAX_ENABLE_X64 off, whose float64 turned the inputs of steps compiled for the run's
+    --dtype into others (a TypeError after the compile), and ends at once, in one line, where
+    JAX_PLATFORMS names a GPU or TPU that this machine lacks."""
+    x64 = os.environ.get("JAX_ENABLE_X64", "")
+    if x64.strip().lower() in ("1", "true", "t", "yes", "y", "on"):
+        warn(f"JAX_ENABLE_X64={x64} is left off: nin_jax computes in its --dtype (float32 or bfloat16)")
+        os.environ["JAX_ENABLE_X64"] = "0"
+    lacking = platforms.lacking()
+    if lacking:
+        sys.stderr.write(f"{program_name()}: error: {lacking}\n")
+        exit_process(1)
 
 
 def _to_devnull(fd: int) -> None:
@@ -182,6 +199,12 @@ def run(main: Callable[[], int]) -> None:
     except KeyboardInterrupt:  # outside the blocks that answer it themselves
         sys.stderr.write(interrupted_line(program_name(), signal.SIGINT))
         status = 128 + signal.SIGINT
+    except RuntimeError as error:  # JAX could not start a platform, wherever the command first used one
+        line = platforms.backend_failure(error)
+        if not line:
+            raise
+        sys.stderr.write(f"{program_name()}: error: {line}\n")
+        status = 1
     if in_main_thread:
         for signum in STOP_SIGNALS:
             signal.signal(signum, _stop_at_once)

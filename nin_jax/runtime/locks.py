@@ -9,6 +9,7 @@ whoever finds it taken can say by whom; a holder that ends removes it.
 import contextlib
 import errno
 import os
+import re
 import socket
 import stat
 from typing import Callable, Iterator, Optional
@@ -28,16 +29,49 @@ class Unsupported(OSError):
 
 
 class Locked(RuntimeError):
-    """Another live process holds the lock."""
+    """Another live process holds the lock: a nin_jax run (`by_run`), or another program."""
 
-    def __init__(self, path: str, holder: str):
+    def __init__(self, path: str, holder: str, by_run: bool = True):
         super().__init__(f"{path} is locked by {holder}")
-        self.path, self.holder = path, holder
+        self.path, self.holder, self.by_run = path, holder, by_run
 
 
-def _holder(fd: int) -> str:
+def _holder(fd: int, path: str) -> tuple[str, bool]:
+    """Who holds the lock on `fd`, in words, and whether it is a nin_jax run: the host and pid the
+    holder wrote; unless that pid, on this host, has ended: then another program took the lock on
+    the file a killed run left (`flock W/run.lock ...`), and /proc/locks may name it."""
     written = os.pread(fd, 256, 0).decode(errors="replace").strip()
-    return written or "a process that has not yet written its host and pid"
+    named = re.fullmatch(r"pid (\d+) on host (\S+)", written)
+    if not named or named.group(2) != socket.gethostname() or _alive(int(named.group(1))):
+        return written or "a process that has not yet written its host and pid", True
+    pid = _flock_holder(fd)
+    return (f"{f'pid {pid}, which' if pid else 'it'} is not a nin_jax run: {path} still names {written}, a run that "
+            f"has ended"), False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        pass
+    return True
+
+
+def _flock_holder(fd: int) -> Optional[int]:
+    """The pid that /proc/locks gives for the lock on `fd`'s file (Linux), or None."""
+    status = os.fstat(fd)
+    device = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    try:
+        with open("/proc/locks") as table:
+            for line in table:
+                fields = line.split()
+                if "FLOCK" in fields and device in fields and fields.index(device) > 0:
+                    return int(fields[fields.index(device) - 1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _write_holder(fd: int) -> None:
@@ -100,9 +134,9 @@ def _lock(path: str, wait: Optional[Callable[[str], None]]) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if wait is None:
-                    raise Locked(path, _holder(fd)) from None
+                    raise Locked(path, *_holder(fd, path)) from None
                 if not waited:
-                    wait(_holder(fd))
+                    wait(_holder(fd, path)[0])
                     waited = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as error:
@@ -132,8 +166,8 @@ def workdir_lock(workdir: str) -> Iterator[None]:
             except Unsupported as error:
                 commands.warn(f"cannot lock --workdir {workdir} ({error.strerror}); nothing keeps a second run out of it")
             except Locked as locked:
-                refusal = (f"--workdir {workdir} is in use by another run ({locked.holder}); wait for it to end, "
-                           f"or use another --workdir")
+                refusal = (f"--workdir {workdir} is in use by another {'run' if locked.by_run else 'program'} "
+                           f"({locked.holder}); wait for it to end, or use another --workdir")
             except OSError as error:
                 refusal = f"cannot write to --workdir {workdir}: {error.strerror or error}"
         refusal = distributed.from_process_0("workdir_lock", refusal)

@@ -75,3 +75,31 @@ def keep_off_absent_accelerators() -> str:
     if not present:  # the CPU alone computes
         found_nothing = " and ".join(f"{PLUGINS[platform][1]} finds no {PLUGINS[platform][2]}" for platform in absent)
     return found_nothing
+
+
+def lacking() -> str:
+    """Why JAX_PLATFORMS names a GPU or TPU that this machine lacks, or '': JAX would fail at its
+    first use of it with a traceback (libtpu with lines of its own first). A `gpu` is AMD's too."""
+    value = os.environ.get("JAX_PLATFORMS", "")
+    for name in (name.strip() for name in value.split(",")):
+        platform = {"cuda": "cuda", "gpu": "cuda", "tpu": "tpu"}.get(name)
+        if platform and not has_devices(platform) and not (name == "gpu" and os.path.exists("/dev/kfd")):
+            return (f"JAX_PLATFORMS={value} names {name}, and this machine has no {PLUGINS[platform][2]}; "
+                    f"{_NAME_OTHERS}")
+    return ""
+
+
+_NAME_OTHERS = "unset JAX_PLATFORMS, or name the platforms this machine has, such as cpu"
+
+
+def backend_failure(error: BaseException) -> str:
+    """The line that says why JAX could not start a platform, for the RuntimeError that JAX raises
+    at its first use of one (a name it does not know, a device that failed); '' for any other error."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not text.startswith(("Unable to initialize backend", "Unknown backend")):
+        return ""
+    reason = text.split(" (set JAX_PLATFORMS=")[0].strip().rstrip(".")
+    value = os.environ.get("JAX_PLATFORMS", "")
+    if not value:
+        return f"JAX cannot start its platform here ({reason})"
+    return f"JAX_PLATFORMS={value} names a platform that JAX cannot start here ({reason}); {_NAME_OTHERS}"

@@ -33,7 +33,7 @@ def restore_variables(workdir: str) -> tuple[Config, Variables]:
     if not os.path.isdir(workdir):
         raise WorkdirError(f"--workdir {workdir} does not exist; train a model there first with "
                            f"`python train.py --workdir {workdir}`")
-    if not os.path.isfile(os.path.join(workdir, run_outputs.CONFIG_FILE)):
+    if not os.path.lexists(os.path.join(workdir, run_outputs.CONFIG_FILE)):  # what is there, read_config judges
         raise WorkdirError(f"{workdir} holds no trained model; train one first with `python train.py --workdir {workdir}`")
     config = run_outputs.read_config(workdir)
     with Checkpoints(workdir, config, read_only=True) as checkpoints:

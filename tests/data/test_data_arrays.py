@@ -1,6 +1,7 @@
 """Fashion-MNIST as .npz arrays (nin_jax/data/data_arrays.py): --data_arrays read or refused in one
 line, and the copy of tfds' arrays kept beside its build, read without TensorFlow."""
 
+import io
 import json
 import os
 
@@ -11,7 +12,7 @@ from nin_jax import input_pipeline
 from nin_jax.data import data_arrays, dataset
 from nin_jax.runtime import errors
 
-from conftest import NEEDS_SHARED_FASHION_MNIST
+from conftest import NEEDS_SHARED_FASHION_MNIST, make_special_file, returns_within
 
 
 def splits_arrays(train_labels=(0, 1, 9), test_labels=(3, 4)) -> dict[str, np.ndarray]:
@@ -56,6 +57,51 @@ def test_bad_data_arrays_are_one_clear_error(tmp_path, content, message):
     with pytest.raises(errors.DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         data_arrays.load(str(path))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_data_arrays_that_are_not_a_regular_file_are_refused_without_blocking(tmp_path, kind):
+    """A FIFO with no writer had blocked train.py for good, deaf to SIGTERM."""
+    make_special_file(tmp_path / "arrays.npz", kind)
+    with pytest.raises(errors.DataError) as refusal:
+        returns_within(lambda: data_arrays.load(str(tmp_path / "arrays.npz")))
+    assert str(refusal.value).startswith(f"cannot read Fashion-MNIST arrays from --data_arrays {tmp_path / 'arrays.npz'} "
+                                         f"(Is a {'FIFO' if kind == 'fifo' else kind}, not a regular file); write it with")
+
+
+def npz_declaring(path, name: str, shape: tuple) -> None:
+    """splits_arrays() in an .npz whose array `name` has a header declaring `shape`, over the data it has."""
+    import zipfile
+
+    np.savez(path, **splits_arrays())
+    with zipfile.ZipFile(path) as archive:
+        members = {info.filename: archive.read(info) for info in archive.infolist()}
+    array = splits_arrays()[name]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {**np.lib.format.header_data_from_array_1_0(array), "shape": shape})
+    members[f"{name}.npy"] = header.getvalue() + array.tobytes()
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in members.items():
+            archive.writestr(member, data)
+
+
+def test_an_npz_whose_header_declares_more_images_than_it_holds_is_called_damaged_not_out_of_memory(tmp_path):
+    npz_declaring(tmp_path / "arrays.npz", "train_images", (10**12, 28, 28, 1))
+    with pytest.raises(errors.DataError) as refusal:
+        data_arrays.load(str(tmp_path / "arrays.npz"))
+    assert str(refusal.value).startswith(
+        f"cannot read Fashion-MNIST arrays from --data_arrays {tmp_path / 'arrays.npz'} (train_images declares shape "
+        f"(1000000000000, 28, 28, 1), 784,000,000,000,000 bytes, but holds 2,352: the file is damaged or crafted); "
+        f"write it with")
+
+
+def test_a_copy_beside_the_build_that_is_a_fifo_is_refused_without_blocking(tmp_path):
+    fake_tfds_build(tmp_path, num_examples=12)
+    make_special_file(tmp_path / input_pipeline.DATASET / data_arrays.FILE_NAME, "fifo")
+    with pytest.raises(errors.DataError) as refusal:
+        returns_within(lambda: data_arrays.read_copy(str(tmp_path / input_pipeline.DATASET)))
+    assert str(refusal.value) == (f"cannot read {tmp_path / input_pipeline.DATASET / data_arrays.FILE_NAME}: Is a FIFO, "
+                                  f"not a regular file; remove it, and the next run writes the copy anew")
 
 
 def test_integer_labels_of_any_width_are_read_as_int32(tmp_path):

@@ -21,7 +21,8 @@ from nin_jax import steps
 from nin_jax.run.checkpoints import Checkpoints, Snapshot, WorkdirError
 from nin_jax.config import ADDED_OPTIONS, Config
 
-from conftest import ABSURD_SIZE, CPU_ENV, HELPER, SAVE_BOUND_S, fake_run, mounted_tmpfs, saved_steps
+from conftest import (ABSURD_SIZE, CPU_ENV, HELPER, SAVE_BOUND_S, fake_run, make_special_file, mounted_tmpfs,
+                      returns_within, saved_steps)
 
 
 CONFIG = Config(resize=67, batch_size=8, keep_checkpoints=2)
@@ -162,6 +163,55 @@ def test_a_workdir_that_cannot_be_written_is_refused_at_once(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(WorkdirError, match=f"cannot write to --workdir {tmp_path}/file/run: Not a directory"):
         Checkpoints(str(tmp_path / "file" / "run"), CONFIG)
+
+
+def plain_file(path) -> None:
+    path.write_text("not a checkpoint")
+
+
+def dangling_link(path) -> None:
+    path.symlink_to(path.parent / "gone")
+
+
+@pytest.mark.parametrize("entry, kind", [(plain_file, "a regular file"), (dangling_link, "a symbolic link"),
+                                         (lambda path: make_special_file(path, "fifo"), "a FIFO")])
+@pytest.mark.parametrize("read_only", [False, True])  # train, or predict and export
+def test_a_checkpoint_folder_that_is_not_a_folder_is_called_damaged_in_one_line(tmp_path, initial_state, entry, kind,
+                                                                                 read_only):
+    save(tmp_path, CONFIG, snapshot_at(initial_state, 3))
+    entry(tmp_path / "checkpoints" / "5")
+    with pytest.raises(WorkdirError) as refusal:
+        with Checkpoints(str(tmp_path), CONFIG, read_only=read_only) as checkpoints:
+            checkpoints.restore_latest(initial_state)
+    assert str(refusal.value) == (
+        f"refusing to resume from the checkpoint {tmp_path / 'checkpoints' / '5'}: it is {kind}, not a checkpoint's "
+        f"folder; move it away to resume from the checkpoint before it, or use another --workdir. The checkpoint was "
+        f"left as it is.")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_a_checkpoint_file_that_is_not_a_regular_file_is_called_damaged_without_opening_it(tmp_path, initial_state,
+                                                                                          kind):
+    save(tmp_path, CONFIG, snapshot_at(initial_state, 3))
+    metadata = tmp_path / "checkpoints" / "3" / "_CHECKPOINT_METADATA"
+    metadata.unlink()
+    make_special_file(metadata, kind)
+    with pytest.raises(WorkdirError) as refusal:
+        returns_within(lambda: restore(tmp_path, CONFIG, initial_state))
+    assert "checkpoints/3: its files are incomplete or damaged (_CHECKPOINT_METADATA is a " in str(refusal.value)
+
+
+def test_a_checkpoint_folder_that_is_a_link_leading_out_of_the_workdir_is_refused_before_anything_is_written(
+        tmp_path, initial_state):
+    workdir, outside = tmp_path / "run", tmp_path / "outside"
+    workdir.mkdir()
+    outside.mkdir()
+    (workdir / "checkpoints").symlink_to(outside)
+    with pytest.raises(WorkdirError) as refusal:
+        save(workdir, CONFIG, snapshot_at(initial_state, 3))
+    assert str(refusal.value) == (f"cannot write to --workdir {workdir}: {workdir / 'checkpoints'}: Is a link that "
+                                  f"leads outside {workdir} (to {outside}), which nin_jax never writes through")
+    assert os.listdir(outside) == []
 
 
 RUN_METADATA = "checkpoints/2/run/metadata"

@@ -4,6 +4,7 @@ its first steps."""
 
 import os
 import re
+import subprocess
 import sys
 from unittest import mock
 
@@ -12,7 +13,7 @@ import pytest
 from nin_jax.config import Config
 from nin_jax.run import cpu_estimate
 
-from conftest import TRAINED_RUN_CONFIG
+from conftest import REPO_ROOT, TRAINED_RUN_CONFIG, random_arrays, wait_until
 
 
 def test_the_estimate_comes_before_compiling_and_again_from_the_first_steps(trained_run):
@@ -78,3 +79,29 @@ def test_the_estimate_is_for_a_cpu_only():
     with mock.patch.object(cpu_estimate.jax, "default_backend", return_value="gpu"):
         assert not cpu_estimate.applies()
     assert cpu_estimate.applies()
+
+
+@pytest.mark.slow
+def test_the_quick_command_pasted_as_printed_runs_to_its_end(tmp_path):
+    """A run of 300 epochs at 224 px (hours on a CPU) prints the quick command before compiling; that
+    line, pasted into a shell whose `python` is this environment's, trains and finishes."""
+    data, workdir = tmp_path / "arrays.npz", tmp_path / "run"
+    random_arrays(data, 1024, 256)
+    log_path = tmp_path / "log.txt"
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+           "JAX_PLATFORMS": "cpu"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "train.py", "--data_arrays", str(data), "--resize", "224",
+                                    "--num_epochs", "300", "--workdir", str(workdir)], cwd=REPO_ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "A quick run that finishes in minutes:" in log_path.read_text(), process, log_path)
+    finally:
+        process.kill()
+        process.wait()
+    lines = log_path.read_text().splitlines()
+    pasted = lines[lines.index(next(line for line in lines if line.endswith("finishes in minutes:"))) + 1].strip()
+    assert pasted.startswith("python train.py ") and f"--workdir {workdir}_quick" in pasted, pasted
+    result = subprocess.run(pasted, shell=True, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "epoch 2/2: loss" in result.stdout and "Traceback" not in result.stderr

@@ -14,7 +14,8 @@ from PIL import Image
 from nin_jax.run import outputs, plots
 from nin_jax.runtime.errors import WorkdirError
 
-from conftest import ABSURD_SIZE, REPO_ROOT, SMALL_JIT_JOB, TRAINED_RUN_CONFIG, fake_run, module_run, one_line
+from conftest import (ABSURD_SIZE, REPO_ROOT, SMALL_JIT_JOB, SPECIAL_FILES, TRAINED_RUN_CONFIG, fake_run,
+                      make_special_file, module_run, one_line, returns_within)
 
 
 def test_curves_png_is_written(trained_run):
@@ -206,3 +207,49 @@ def test_a_config_json_of_absurd_size_is_refused_in_one_line_without_reading_it(
     assert one_line(result) == (f"python -m nin_jax.export: error: cannot read the run's flags from "
                                 f"{workdir / 'config.json'} (it is 268,435,456 bytes, more than any config.json); "
                                 f"it was not written by this version's train.py")
+
+
+@pytest.mark.parametrize("name, kind", [("metrics.jsonl", "fifo"), ("config.json", "socket"),
+                                        ("curves.png", "device")])
+def test_a_file_of_the_run_that_is_not_a_regular_file_is_refused_before_training(tmp_path, name, kind):
+    """A FIFO at W/metrics.jsonl had blocked train.py for good."""
+    make_special_file(tmp_path / name, kind)
+    with pytest.raises(WorkdirError) as refusal:
+        returns_within(lambda: outputs.check_outputs(str(tmp_path), profile_steps=0))
+    assert str(refusal.value) == f"cannot write to --workdir {tmp_path}: {tmp_path / name}: {SPECIAL_FILES[kind]}"
+
+
+def test_metrics_jsonl_and_config_json_that_are_fifos_are_refused_without_blocking(tmp_path):
+    make_special_file(tmp_path / "metrics.jsonl", "fifo")
+    make_special_file(tmp_path / "config.json", "fifo")
+    with pytest.raises(WorkdirError) as refusal:
+        returns_within(lambda: outputs.keep_epochs(str(tmp_path), 1))
+    assert str(refusal.value) == (f"cannot read {tmp_path / 'metrics.jsonl'}: Is a FIFO, not a regular file; move it "
+                                  f"away and run again")
+    with pytest.raises(WorkdirError) as refusal:
+        returns_within(lambda: outputs.read_config(str(tmp_path)))
+    assert str(refusal.value) == (f"cannot read the run's flags from {tmp_path / 'config.json'} (Is a FIFO, not a "
+                                  f"regular file); put the config.json that train.py wrote there")
+
+
+def test_a_fifo_config_json_beside_checkpoints_is_named_as_the_cause(tmp_path):
+    """It was called 'holds no trained model', though the workdir held checkpoints."""
+    from nin_jax.tools import predict
+
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    make_special_file(tmp_path / "config.json", "fifo")
+    with pytest.raises(WorkdirError, match=r"config.json \(Is a FIFO, not a regular file\)"):
+        returns_within(lambda: predict.restore_variables(str(tmp_path)))
+
+
+@pytest.mark.parametrize("link", ["profile", "profile/plugins", "profile/plugins/profile"])
+def test_the_profile_folders_are_never_followed_through_a_link_that_leads_out_of_the_workdir(tmp_path, link):
+    workdir, outside = tmp_path / "run", tmp_path / "outside"
+    (workdir / link).parent.mkdir(parents=True)
+    outside.mkdir()
+    (workdir / link).symlink_to(outside)
+    with pytest.raises(WorkdirError) as refusal:
+        outputs.check_outputs(str(workdir), profile_steps=2)
+    assert str(refusal.value) == (f"cannot write to --workdir {workdir}: {workdir / link}: Is a link that leads "
+                                  f"outside {workdir} (to {outside}), which nin_jax never writes through")
+    assert os.listdir(outside) == []

@@ -146,3 +146,16 @@ def test_a_stop_signal_ends_a_command_with_one_line_and_its_status(trained, tmp_
     by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
     assert re.fullmatch(rf"{re.escape(prog(command))}: interrupted{by}(; .*)?\n", stderr), stderr
     assert sorted(os.listdir(tmp_path)) in ([], ["run"])  # the export neither written nor left as a temporary
+
+
+def test_jax_enable_x64_is_left_off_by_every_command_which_then_computes_in_float32():
+    """JAX_ENABLE_X64=1 ended train.py in a TypeError after the steps had compiled for float32 (the
+    whole run under JAX_ENABLE_X64=1 trains; this checks the edge every command starts through)."""
+    probe = ("from nin_jax.runtime import commands; commands.begin(); import jax.numpy as jnp; "
+             "print(jnp.asarray(1.0).dtype, jnp.zeros(2).sum().dtype)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                            env={**CPU_ENV, "JAX_ENABLE_X64": "1"}, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "float32 float32\n"
+    assert result.stderr == ("-c: warning: JAX_ENABLE_X64=1 is left off: nin_jax computes in its --dtype "
+                             "(float32 or bfloat16)\n")

@@ -12,8 +12,9 @@ import pytest
 
 from nin_jax.run import outputs
 from nin_jax.runtime import files
+from nin_jax.runtime.errors import OutputError
 
-from conftest import PRECIOUS, REPO_ROOT, random_arrays
+from conftest import PRECIOUS, REPO_ROOT, SPECIAL_FILES, make_special_file, random_arrays, returns_within
 
 
 def test_the_tensorboard_events_are_never_written_through_a_link_planted_at_their_name(tmp_path, precious):
@@ -65,3 +66,44 @@ def test_under_umask_077_no_file_or_folder_of_a_run_its_model_or_its_pictures_is
     open_to_others = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in written
                       if path.stat().st_mode & 0o077}
     assert not open_to_others
+
+
+@pytest.mark.parametrize("kind", SPECIAL_FILES)
+def test_no_writer_replaces_or_opens_what_is_not_a_regular_file(tmp_path, kind):
+    """`--out /dev/null` had replaced the system's /dev/null with the exported model."""
+    target = tmp_path / "target"
+    make_special_file(target, kind)
+    before = os.lstat(target)
+    for write in (lambda: files.check_writable(str(target)), lambda: files.write_text(str(target), "x")):
+        with pytest.raises(OutputError) as refusal:
+            returns_within(write)
+        assert str(refusal.value) == f"cannot write {target}: {SPECIAL_FILES[kind]}"
+    after = os.lstat(target)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+    assert os.listdir(tmp_path) == ["target"]  # no temporary left
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_a_file_the_project_reads_is_refused_without_opening_it_when_it_is_not_a_regular_file(tmp_path, kind):
+    make_special_file(tmp_path / "target", kind)
+    with pytest.raises(files.NotRegularFile) as refusal:
+        returns_within(lambda: files.open_regular(str(tmp_path / "target")))
+    assert refusal.value.strerror == SPECIAL_FILES[kind] and refusal.value.filename == str(tmp_path / "target")
+
+
+def test_a_folder_is_made_inside_its_parent_and_never_through_a_link_that_leads_outside(tmp_path):
+    parent, outside = tmp_path / "run", tmp_path / "outside"
+    parent.mkdir()
+    outside.mkdir()
+    (parent / "inside").mkdir()
+    (parent / "here").symlink_to(parent / "inside")  # a link that stays inside is followed
+    assert files.own_folder(str(parent), "here", "a") == str(parent / "here" / "a")
+    (parent / "away").symlink_to(outside)
+    with pytest.raises(OSError) as refusal:
+        files.own_folder(str(parent), "away", "a")
+    assert refusal.value.filename == str(parent / "away")
+    assert refusal.value.strerror == f"Is a link that leads outside {parent} (to {outside}), which nin_jax never writes through"
+    (parent / "inside" / "deeper").symlink_to(outside)
+    with pytest.raises(OSError, match="Is a link that leads outside"):
+        files.own_folder(str(parent), "here", "deeper")
+    assert os.listdir(outside) == []

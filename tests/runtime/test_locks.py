@@ -195,3 +195,21 @@ def test_a_link_at_the_data_folder_lock_is_refused_and_its_target_kept(tmp_path,
         with dataset._build_lock(str(data_dir)):
             pass
     assert precious.read_text() == PRECIOUS
+
+
+def test_a_lock_held_by_another_program_is_not_blamed_on_the_ended_run_its_file_names(tmp_path):
+    """`flock W/run.lock CMD` over the file of a killed run was called 'in use by another run (pid
+    <the killed run's>)'."""
+    import fcntl
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "run.lock").write_text(f"pid {dead.stdout.strip()} on host {socket.gethostname()}\n")
+    with open(tmp_path / "run.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another program's lock, taken as `flock` takes it
+        with pytest.raises(WorkdirError) as refusal:
+            with locks.workdir_lock(str(tmp_path)):
+                pass
+    assert str(refusal.value) == (
+        f"--workdir {tmp_path} is in use by another program (pid {os.getpid()}, which is not a nin_jax run: "
+        f"{tmp_path / 'run.lock'} still names pid {dead.stdout.strip()} on host {socket.gethostname()}, a run that "
+        f"has ended); wait for it to end, or use another --workdir")

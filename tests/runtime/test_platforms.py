@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, command_line
+from conftest import CPU_ENV, REPO_ROOT, command_line
 
 
 def _plugins_without_their_devices() -> bool:
@@ -60,3 +60,24 @@ def test_a_plugin_that_finds_no_device_is_kept_quiet_and_the_command_runs_on_the
         assert result.stderr == "", result.stderr
     if command == "train":
         assert "on 1 cpu device" in result.stdout
+
+
+@pytest.mark.parametrize("platforms, line", [
+    ("gpu", "JAX_PLATFORMS=gpu names gpu, and this machine has no NVIDIA GPU; unset JAX_PLATFORMS, or name the "
+            "platforms this machine has, such as cpu"),
+    ("cpu,tpu", "JAX_PLATFORMS=cpu,tpu names tpu, and this machine has no TPU; unset JAX_PLATFORMS, or name the "
+                "platforms this machine has, such as cpu"),
+    ("nosuch", r"JAX_PLATFORMS=nosuch names a platform that JAX cannot start here \(Unable to initialize backend "
+               r"'nosuch': .*\); unset JAX_PLATFORMS, or name the platforms this machine has, such as cpu"),
+])
+def test_jax_platforms_naming_a_platform_this_machine_lacks_is_one_line(arrays, tmp_path, platforms, line):
+    """A traceback of 47 lines for gpu; for tpu, libtpu's lines and a traceback of 49."""
+    from nin_jax.runtime.platforms import has_devices
+
+    if any(name in platforms and has_devices(platform) for name, platform in (("gpu", "cuda"), ("tpu", "tpu"))):
+        pytest.skip("this machine has the platform")
+    result = subprocess.run([sys.executable, *command_line("train", None, tmp_path, arrays)], capture_output=True,
+                            text=True, timeout=120, env={**CPU_ENV, "JAX_PLATFORMS": platforms}, cwd=REPO_ROOT)
+    assert result.returncode == 1, result.stderr
+    assert re.fullmatch(f"train.py: error: {line}\n", result.stderr), result.stderr
+    assert not (tmp_path / "run").exists()

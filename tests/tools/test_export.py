@@ -12,7 +12,7 @@ from nin_jax.data import dataset
 from nin_jax.tools import export, predict
 from nin_jax import input_pipeline
 
-from conftest import CPU_ENV, HELPER, REPO_ROOT, fake_fashion_mnist
+from conftest import CPU_ENV, HELPER, REPO_ROOT, SPECIAL_FILES, fake_fashion_mnist, make_special_file
 
 EXPORT_EXAMPLES = 256
 NUM_IMAGES = 64
@@ -132,3 +132,15 @@ def test_export_refuses_what_it_cannot_do_in_one_line_and_writes_nothing(trained
         err = capsys.readouterr().err
         assert err.startswith(f"python -m nin_jax.export: error: {message}") and err.count("\n") == 1, err
     assert sorted(os.listdir(tmp_path)) == ["empty", "file"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_export_never_replaces_a_device_node_or_fifo_named_by_out(tmp_path, capsys, kind):
+    """`--out /dev/null`, as root, had replaced the system's /dev/null with the model."""
+    make_special_file(tmp_path / "out", kind)
+    with pytest.raises(SystemExit) as exit_status:
+        export.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}"])
+    assert exit_status.value.code == 1
+    assert capsys.readouterr().err == (f"python -m nin_jax.export: error: cannot write {tmp_path / 'out'}: "
+                                       f"{SPECIAL_FILES[kind]}\n")
+    assert not (tmp_path / "out").is_file() and os.listdir(tmp_path) == ["out"]
