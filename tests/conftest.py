@@ -24,6 +24,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # each compile of NiN's steps
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -509,16 +510,36 @@ def read_only_run(tmp_path):
         yield disk / "run"
 
 
+@contextlib.contextmanager
+def once_per_test_run(tmp_path_factory, name: str):
+    """A folder that every test process of this run shares, `name` under pytest's base folder, and
+    whether it still has to be made: the first process to ask makes it while it holds the folder's
+    lock, the others wait for the lock and find it made. So each costly fixture is made once, not
+    once per `-n` worker."""
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, made = base / name, base / f"{name}.made"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        to_make = not made.exists()
+        if to_make:
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed maker left
+            folder.mkdir()
+        yield folder, to_make
+        made.touch()
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """tfds builds the dataset from the four files in ../shared once per test session (about 15 s);
-    the tests that use it are marked NEEDS_SHARED_FASHION_MNIST."""
+    """tfds builds the dataset from the four files in ../shared once per test run (about 15 s
+    alone); the tests that use it are marked NEEDS_SHARED_FASHION_MNIST and only read it."""
     from nin_jax.data import dataset
 
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    datasets = dataset.load_fashion_mnist(data_dir=data_dir, manual_dir=SHARED_FASHION_MNIST)
-    assert len(datasets["train"]) == 60_000 and len(datasets["test"]) == 10_000
-    return data_dir
+    with once_per_test_run(tmp_path_factory, "tfds") as (data_dir, to_make):
+        if to_make:
+            datasets = dataset.load_fashion_mnist(data_dir=str(data_dir), manual_dir=SHARED_FASHION_MNIST)
+            assert len(datasets["train"]) == 60_000 and len(datasets["test"]) == 10_000
+    return str(data_dir)
 
 
 def _real_data_run_config():
@@ -536,20 +557,15 @@ REAL_DATA_RUN_CONFIG = _real_data_run_config()
 
 @pytest.fixture(scope="session")
 def real_data_run(data_dir, tmp_path_factory):
-    """The workdir and records of REAL_DATA_RUN_CONFIG on Fashion-MNIST, trained once per test run:
-    the first test process to ask trains it, under a lock in the folder all of them share, and the
-    others read it (about 40 s on 2 cores). Tests that use it are marked NEEDS_SHARED_FASHION_MNIST."""
-    import fcntl
+    """The workdir and records of REAL_DATA_RUN_CONFIG on Fashion-MNIST, trained once per test run
+    (about 40 s on 2 cores) and read by the tests that use it, which are marked
+    NEEDS_SHARED_FASHION_MNIST."""
     import json
 
     from nin_jax import trainer
 
-    shared = tmp_path_factory.getbasetemp()
-    shared = shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
-    workdir = shared / "real_data_run"
-    with open(shared / "real_data_run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (workdir / "metrics.jsonl").is_file():
+    with once_per_test_run(tmp_path_factory, "real_data_run") as (workdir, to_make):
+        if to_make:
             config = dataclasses.replace(REAL_DATA_RUN_CONFIG, data_dir=data_dir)
             trainer.train_and_evaluate(config, str(workdir), log=lambda line: None)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
