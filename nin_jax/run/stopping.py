@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from nin_jax.runtime.commands import STOP_SIGNALS, Terminated
+from nin_jax.runtime.commands import STOP_SIGNALS, Terminated, stop_handler
 
 
 # The exit status of a process that stopped because another process was asked to: sysexits.h's
@@ -78,13 +78,11 @@ def stopped_at_once(signum: int, kept: Optional[Callable[[], str]]) -> Interrupt
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """Within the block SIGTERM and SIGHUP raise `Terminated` instead of ending the process
-    without a word (from the main thread only, where handlers can be installed)."""
-    def terminate(signum, frame):
-        raise Terminated(signum)
-
+    """Within the block SIGTERM and SIGHUP raise `Terminated` (`commands.stop_handler`) instead of
+    ending the process without a word (from the main thread only, where handlers can be installed)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
+        terminate = stop_handler()
         previous = {signum: signal.signal(signum, terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
