@@ -17,9 +17,10 @@ from flax import serialization
 from nin_jax import input_pipeline, steps
 from nin_jax import trainer
 from nin_jax.config import Config
-from nin_jax.run import outputs
+from nin_jax.run import outputs, stopping
 from nin_jax.run.checkpoints import CHECKPOINT_DIR, Checkpoints
 from nin_jax.run.stopping import STOPPED_BY_ANOTHER_PROCESS, Interrupted
+from nin_jax.runtime.commands import SAME_REQUEST_SECONDS
 
 import train
 
@@ -63,12 +64,31 @@ def test_ctrl_c_answers_at_once_while_a_step_takes_10_s_and_a_second_one_stops_t
         # once) in the checkpoint of step 4, which waits for both slow steps.
         assert re.fullmatch(r"fake_data_train.py: stopping after step [35] \(SIGINT\), then saving; press Ctrl-C "
                             r"again to stop now without saving this step", log_path.read_text().splitlines()[-1])
+        time.sleep(SAME_REQUEST_SECONDS)  # a person reads the line, then asks again
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=2.0) == 130, log_path.read_text()
     assert log_path.read_text().splitlines()[-1] == (
         f"fake_data_train.py: stopped at once by a second SIGINT: the checkpoint of step 2 in "
         f"{workdir / CHECKPOINT_DIR} is kept; run the same command to resume from it")
     assert saved_steps(workdir) == [2]
+
+
+def test_timeouts_sigterm_to_the_process_and_then_its_group_is_one_request_and_the_run_saves(tmp_path):
+    """GNU `timeout` signals the process and then its process group, microseconds apart: in 1 of 2
+    tries the run ended `stopped at once by a second SIGTERM: no checkpoint was saved yet`. Its
+    SIGALRM is what it takes for its time being up."""
+    workdir, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with training_process(workdir, log_path, env={"SLOW_STEPS": "2:1"}, wrapper=["timeout", "--preserve-status", "600"],
+                          parallel="jit", checkpoint_every_steps=2) as timeout:
+        wait_until(lambda: 2 in saved_steps(workdir), timeout, log_path)
+        timeout.send_signal(signal.SIGALRM)
+        assert timeout.wait(timeout=15) == 128 + signal.SIGTERM, log_path.read_text()
+    lines = log_path.read_text().splitlines()
+    stopping = [line for line in lines if "stopping after step" in line]
+    assert len(stopping) == 1 and "stopped at once" not in log_path.read_text(), log_path.read_text()
+    match = re.fullmatch(r"fake_data_train.py: stopped by SIGTERM after step (\d+): saved a checkpoint in .*", lines[-1])
+    assert match, log_path.read_text()
+    assert saved_steps(workdir)[-1] == int(match[1])
 
 
 def test_sigterm_stops_like_a_first_ctrl_c_and_the_usual_handlers_come_back(fake_data, tmp_path):
@@ -112,7 +132,8 @@ def test_a_sigterm_or_sighup_before_training_starts_ends_the_run_in_one_line(fak
 
 def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_the_checkpoints(fake_data, tmp_path,
                                                                                               capsys):
-    """A scheduler that sends SIGTERM twice: the second does not wait for the save the first asked for."""
+    """A scheduler that sends SIGTERM twice: the second does not wait for the save the first asked for
+    (here any signal after the first line is a second request)."""
     train_batches = input_pipeline.train_batches
 
     def batches_with_two_sigterms_before_the_fourth(*args, **kwargs):
@@ -124,7 +145,7 @@ def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_th
 
     with fake_data(NUM_EXAMPLES), mock.patch.object(input_pipeline, "train_batches",
                                                     batches_with_two_sigterms_before_the_fourth), \
-            pytest.raises(SystemExit) as exit_status:
+            mock.patch.object(stopping, "SAME_REQUEST_SECONDS", 0), pytest.raises(SystemExit) as exit_status:
         train.main([*resume_flags(parallel="jit"), f"--workdir={tmp_path}"])
     assert exit_status.value.code == 128 + signal.SIGTERM
     prog = os.path.basename(sys.argv[0])
