@@ -9,7 +9,9 @@ lost epoch:
   costs the command only what it prints there, said once in one line on stderr where it still works.
 * `stops_in_one_line(...)`: during the work of a command that has nothing to save, a stop signal
   unwinds it (what it was writing is removed) and ends it with one line and status 128 + the
-  signal's number; train.py saves first, with `nin_jax.stopping`.
+  signal's number; train.py saves first, with `nin_jax.stopping`. A signal that arrives while JAX
+  discovers its plugins, as its first backend starts, unwinds the command once that is over
+  (`stop_handler`): JAX's bare `except:` there would swallow it.
 * `run(main)`: the process ends with `main`'s status, without the interpreter's shutdown after a
   failure, which can crash in the JAX runtime's threads.
 
