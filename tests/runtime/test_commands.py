@@ -132,7 +132,6 @@ def wait_until_loaded(process, library: str) -> None:
     pytest.param("plan", signal.SIGINT, 6.0, marks=NEEDS_CUDA_PLUGIN),
     pytest.param("train", signal.SIGTERM, PLUGIN_LOADING, marks=NEEDS_CUDA_PLUGIN),  # as JAX starts its backend
     pytest.param("export", signal.SIGTERM, PLUGIN_LOADING, marks=NEEDS_CUDA_PLUGIN),
-    pytest.param("export", signal.SIGINT, PLUGIN_LOADING, marks=NEEDS_CUDA_PLUGIN),
 ])
 def test_a_stop_signal_ends_a_command_with_one_line_and_its_status(trained, tmp_path, command, signum, moment,
                                                                     arrays):
