@@ -158,7 +158,7 @@ def stop_handler() -> Callable:
     """A new signal handler that raises KeyboardInterrupt (SIGINT) or `Terminated` so that the
     command unwinds: once per request (`SAME_REQUEST_SECONDS`), and never inside JAX's discovery
     of its plugins, whose bare `except:` would swallow it, but as soon as that is over."""
-    state = {"raised_at": -SAME_REQUEST_SECONDS, "held": None}
+    state = {"raised_at": float("-inf"), "held": None}
 
     def handle(signum, frame):
         if time.monotonic() - state["raised_at"] < SAME_REQUEST_SECONDS:
