@@ -15,17 +15,16 @@ import pytest
 from flax import serialization
 
 from nin_jax import input_pipeline, steps
-from nin_jax import trainer
 from nin_jax.config import Config
 from nin_jax.run import outputs, stopping
 from nin_jax.run.checkpoints import CHECKPOINT_DIR, Checkpoints
-from nin_jax.run.stopping import STOPPED_BY_ANOTHER_PROCESS, Interrupted
-from nin_jax.runtime.commands import SAME_REQUEST_SECONDS
+from nin_jax.run.stopping import STOPPED_BY_ANOTHER_PROCESS
+from nin_jax.runtime.commands import SAME_REQUEST_SECONDS, STOP_SIGNALS
 
 import train
 
-from conftest import (HELPER, JOB_TIMEOUT_S, NUM_EXAMPLES, TIMEOUT_S, TOTAL_STEPS, free_loopback_port, processes,
-                      resume_config, resume_flags, saved_steps, training_process, wait_until)
+from conftest import (HELPER, JOB_TIMEOUT_S, NUM_EXAMPLES, TOTAL_STEPS, free_loopback_port, processes, resume_flags,
+                      saved_steps, training_process, wait_until)
 
 
 def test_timeouts_double_sigterm_is_one_request_said_within_a_second_and_saved_within_15_s_as_at_224_px(tmp_path):
@@ -76,27 +75,6 @@ def test_ctrl_c_answers_at_once_while_a_step_takes_10_s_and_a_second_one_stops_t
     assert saved_steps(workdir) == [2]
 
 
-def test_sigterm_stops_like_a_first_ctrl_c_and_the_usual_handlers_come_back(fake_data, tmp_path):
-    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
-    train_batches = input_pipeline.train_batches
-
-    def batches_with_sigterm_before_the_second(*args, **kwargs):
-        for index, batch in enumerate(train_batches(*args, **kwargs)):
-            if index == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
-
-    with fake_data(NUM_EXAMPLES), pytest.raises(Interrupted) as stop, mock.patch.object(
-        input_pipeline, "train_batches", batches_with_sigterm_before_the_second
-    ):
-        trainer.train_and_evaluate(resume_config(parallel="jit", checkpoint_every_steps=0), str(tmp_path), log=lambda line: None)
-    assert stop.value.exit_code == 128 + signal.SIGTERM
-    assert str(stop.value) == (f"stopped by SIGTERM after step 2: saved a checkpoint in {tmp_path / CHECKPOINT_DIR}; "
-                               f"run the same command to resume")
-    assert saved_steps(tmp_path) == [2]
-    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_sigterm_or_sighup_before_training_starts_ends_the_run_in_one_line(fake_data, tmp_path, capsys, signum):
     """A scheduler's SIGTERM, or a closed terminal's SIGHUP, while the data loads: nothing to save yet."""
@@ -118,7 +96,8 @@ def test_a_sigterm_or_sighup_before_training_starts_ends_the_run_in_one_line(fak
 def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_the_checkpoints(fake_data, tmp_path,
                                                                                               capsys):
     """A scheduler that sends SIGTERM twice: the second does not wait for the save the first asked for
-    (here any signal after the first line is a second request)."""
+    (here any signal after the first line is a second request); the usual handlers come back."""
+    handlers = [signal.getsignal(signum) for signum in STOP_SIGNALS]
     train_batches = input_pipeline.train_batches
 
     def batches_with_two_sigterms_before_the_fourth(*args, **kwargs):
@@ -139,6 +118,7 @@ def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_th
         f"{prog}: stopped at once by a second SIGTERM: the checkpoint of step 3 in {tmp_path / CHECKPOINT_DIR} is "
         f"kept; run the same command to resume from it\n")
     assert saved_steps(tmp_path) == [1, 2, 3]  # every step before the signals, each checkpointed whole
+    assert [signal.getsignal(signum) for signum in STOP_SIGNALS] == handlers
 
 
 STOP_SETTINGS = dict(resize=67, batch_size=8, num_epochs=2, eval_examples=8, dropout_rate=0.0, checkpoint_every_steps=0)
