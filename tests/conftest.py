@@ -299,12 +299,13 @@ def deterministic(records: list[dict]) -> list[dict]:
 
 
 @contextlib.contextmanager
-def training_process(workdir, log_path, env=(), **changes):
-    """`fake_data_train.py` in a process of its own, with stdout and stderr in `log_path` and `env`
-    added to its environment; killed on leaving the block if it is still running."""
+def training_process(workdir, log_path, env=(), wrapper=(), **changes):
+    """`fake_data_train.py` in a process of its own, started through the command `wrapper` if any
+    (`timeout`), with stdout and stderr in `log_path` and `env` added to its environment; killed on
+    leaving the block if it is still running."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, HELPER, str(NUM_EXAMPLES), *resume_flags(**changes), f"--workdir={workdir}"],
+            [*wrapper, sys.executable, HELPER, str(NUM_EXAMPLES), *resume_flags(**changes), f"--workdir={workdir}"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **dict(env)},
         )
     try:

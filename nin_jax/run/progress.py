@@ -34,6 +34,11 @@ def running_metrics(totals: steps.Metrics) -> dict[str, float]:
     return {"loss": float(totals["loss_sum"]) / count, "acc": float(totals["correct"]) / count}
 
 
+def _is_ready(value) -> bool:
+    """Whether the step that made `value` is done (a host value is)."""
+    return getattr(value, "is_ready", lambda: True)()
+
+
 class StepProgress:
     """Call `update(totals)` after dispatching each step with the running sums on the device,
     `close()` at the end, or use it as a context manager, which closes it; `fetch` brings running
@@ -58,18 +63,23 @@ class StepProgress:
         self._since = (self._examples_done, time.perf_counter())  # the step lines' images/s count from here
         self._last_postfix_time = time.perf_counter()
         self._lag = 1  # steps left pending: one until a step's time is known
-        self._last_counted: Optional[float] = None
+        self._last_waited: Optional[float] = None  # when the last step counted was done, if the host waited for it
 
     def update(self, totals: steps.Metrics) -> None:
         """Keeps this step's totals; once more steps are pending than the device runs in about
-        `IN_FLIGHT_SECONDS` (at most `LAG_STEPS`), waits for the oldest and counts it."""
+        `IN_FLIGHT_SECONDS` (at most `LAG_STEPS`), waits for the oldest and counts it. A step's
+        time is taken from the end of a step the host waited for, behind which the next was queued,
+        never from the count of a step that was done already (a checkpoint waited for it): that
+        step took 0 s, and 8 steps queued up."""
         self._pending.append(totals)
         while len(self._pending) > self._lag:
-            self._count(self._pending.popleft())
+            oldest = self._pending.popleft()
+            waited = not _is_ready(oldest["count"])
+            self._count(oldest)
             now = time.perf_counter()
-            if self._last_counted is not None:  # the host waited for the device: one step's time
-                self._lag = max(1, min(LAG_STEPS, int(IN_FLIGHT_SECONDS / max(now - self._last_counted, 1e-6))))
-            self._last_counted = now
+            if self._last_waited is not None:  # the device ran this step, at most, in between
+                self._lag = max(1, min(LAG_STEPS, int(IN_FLIGHT_SECONDS / max(now - self._last_waited, 1e-6))))
+            self._last_waited = now if waited else None
 
     def close(self) -> None:
         """Waits for and counts every pending step."""

@@ -3,12 +3,14 @@ training loss that is no longer finite. This module owns both, from the step on 
 the message; the loop asks one `StopWatch`.
 
 A first Ctrl-C (SIGINT), SIGTERM or SIGHUP asks the loop to stop after the current step and save
-a checkpoint, and says so at once in one line; a second one stops the process at once, saying
-which checkpoint is kept. One before training starts stops the process at once
-(`KeyboardInterrupt`, `Terminated`), and the entry point says so in one line. On a CPU at 224 px
-the loop waits many seconds at a time inside JAX for the devices, where Python runs no signal
-handler: so the signals also wake a thread of their own (`signal.set_wakeup_fd`), which answers
-at once, and ends the process itself when a second signal finds the loop still waiting.
+a checkpoint, and says so at once in one line; a second request stops the process at once, saying
+which checkpoint is kept. Signals within `SAME_REQUEST_SECONDS` of the first one's line are that
+same request: GNU `timeout` signals the process and then its process group, microseconds apart.
+One before training starts stops the process at once (`KeyboardInterrupt`, `Terminated`), and the
+entry point says so in one line. On a CPU at 224 px the loop waits many seconds at a time inside
+JAX for the devices, where Python runs no signal handler: so the signals also wake a thread of
+their own (`signal.set_wakeup_fd`), which answers at once, and ends the process itself when a
+second request finds the loop still waiting.
 
 With several processes, all of them stop after the same step, whichever of them the signal reached:
 each process votes with every step it
@@ -19,12 +21,15 @@ that record where it waits for the devices anyway, before a checkpoint is saved 
 an epoch (`StopWatch.check_finite`), so the message still names the first bad step.
 """
 
+import _thread
 import collections
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from nin_jax.runtime.commands import STOP_SIGNALS, Terminated
+from nin_jax.runtime.commands import SAME_REQUEST_SECONDS, STOP_SIGNALS, Terminated, stop_handler
 
 
 # The exit status of a process that stopped because another process was asked to: sysexits.h's
@@ -46,7 +51,7 @@ STOPPED_BY_ANOTHER_PROCESS = 75
 VOTE_LAG_STEPS = {"cpu": 2}
 ACCELERATOR_VOTE_LAG_STEPS = 8
 
-# How long a second signal waits for the loop to stop by itself before the process ends at once.
+# How long a second request waits for the loop to stop by itself before the process ends at once.
 SECOND_SIGNAL_GRACE_SECONDS = 1.0
 
 
@@ -78,13 +83,11 @@ def stopped_at_once(signum: int, kept: Optional[Callable[[], str]]) -> Interrupt
 
 @contextlib.contextmanager
 def signals_raise() -> Iterator[None]:
-    """Within the block SIGTERM and SIGHUP raise `Terminated` instead of ending the process
-    without a word (from the main thread only, where handlers can be installed)."""
-    def terminate(signum, frame):
-        raise Terminated(signum)
-
+    """Within the block SIGTERM and SIGHUP raise `Terminated` (`commands.stop_handler`) instead of
+    ending the process without a word (from the main thread only, where handlers can be installed)."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
+        terminate = stop_handler()
         previous = {signum: signal.signal(signum, terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
@@ -132,25 +135,45 @@ def _say(line: str, exit_code: Optional[int] = None) -> None:
 
 
 class _SignalThread:
-    """Calls `handle(signum)` on a thread of its own as soon as a signal with a Python handler
-    arrives, even while the main thread waits inside a computation, where Python's handler cannot
-    run yet: the signal's C handler writes its number into a pipe that this thread reads. Earlier
-    readers of those numbers (an asyncio loop) still get them. Main thread only."""
+    """Calls `handle(signum)` as soon as a signal with a Python handler arrives, even while the
+    main thread waits inside a computation, where Python's handler cannot run yet: the signal's C
+    handler writes its number into a pipe that a thread of its own reads, and so does Python's
+    handler (`read_now`), which may come first. With a number that `handle` takes for a second
+    request, the thread calls `on_second(signum)`. Earlier readers of those numbers (an asyncio
+    loop) still get them. Main thread only."""
 
-    def __init__(self, handle: Callable[[int], None]):
+    def __init__(self, handle: Callable[[int], bool], on_second: Callable[[int], None]):
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)  # as set_wakeup_fd requires: a full pipe never blocks a handler
+        os.set_blocking(self._read, False)  # two readers: neither may wait for what the other took
+        self._handle = handle
         self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        self._thread = threading.Thread(target=self._run, args=(handle,), name="stop_signals", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(on_second,), name="stop_signals", daemon=True)
         self._thread.start()
 
-    def _run(self, handle: Callable[[int], None]) -> None:
-        while numbers := os.read(self._read, 64):
-            if self._previous != -1:
-                with contextlib.suppress(OSError):
-                    os.write(self._previous, numbers)
-            for signum in numbers:
-                handle(signum)
+    def read_now(self) -> None:
+        """Hands the numbers that no one has read yet to `handle`, from Python's handler."""
+        with contextlib.suppress(BlockingIOError):
+            self._pass_on(os.read(self._read, 64))
+
+    def _pass_on(self, numbers: bytes) -> list[int]:
+        """The numbers that `handle` took for a second request."""
+        if self._previous != -1:
+            with contextlib.suppress(OSError):
+                os.write(self._previous, numbers)
+        return [signum for signum in numbers if self._handle(signum)]
+
+    def _run(self, on_second: Callable[[int], None]) -> None:
+        while True:
+            select.select([self._read], [], [])
+            try:
+                numbers = os.read(self._read, 64)
+            except BlockingIOError:  # Python's handler read them first
+                continue
+            if not numbers:  # `close`
+                break
+            for signum in self._pass_on(numbers):
+                on_second(signum)
         os.close(self._read)
 
     def close(self) -> None:
@@ -161,8 +184,8 @@ class _SignalThread:
 
 class StopWatch:
     """Within `with StopWatch(...) as watch:` the first SIGINT, SIGTERM or SIGHUP only sets a
-    request, and says at once after which step the run will stop; a second one stops the process
-    at once.
+    request, and says at once after which step the run will stop; a second request (a signal
+    `SAME_REQUEST_SECONDS` or more after that line) stops the process at once.
 
     Per step the loop hands `watch.vote` to the train step and asks `watch.agreed(carry, step)` (at
     an epoch's end `agreed_after_epoch`) whether to stop now; it saves, then raises
@@ -186,9 +209,9 @@ class StopWatch:
         self._checked = first_step  # the last step after which the loop decided to go on
         self._stop_after: Optional[int] = None  # with one process: the step the loop stops after
         self._signum: Optional[int] = None
-        self._second_signum = signal.SIGINT
-        self._signals_seen = 0  # by the signal thread, at once
-        self._signals_handled = 0  # by Python's handler, once the main thread runs Python
+        self._asked_at: Optional[float] = None  # when the first request's line was written
+        self._second_signum: Optional[int] = None
+        self._raised = False  # Python's handler stopped the loop where it was
         self._main_thread_stops = threading.Event()
         self._previous: dict[int, Any] = {}
         self._signal_thread: Optional[_SignalThread] = None
@@ -198,7 +221,7 @@ class StopWatch:
     def __enter__(self) -> "StopWatch":
         if threading.current_thread() is threading.main_thread():
             self._previous = {signum: signal.signal(signum, self._handle_in_main_thread) for signum in STOP_SIGNALS}
-            self._signal_thread = _SignalThread(self._signal_arrived)
+            self._signal_thread = _SignalThread(self._signal_arrived, self._second_request)
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
@@ -206,7 +229,7 @@ class StopWatch:
             signal.signal(signum, handler)
         if self._signal_thread:
             self._signal_thread.close()
-        if isinstance(error, (KeyboardInterrupt, Terminated)) and self._signals_handled >= 2:
+        if isinstance(error, (KeyboardInterrupt, Terminated)) and self._raised:
             raise StoppedAtOnce(self._second_signum) from None
 
     def _first_signal(self, signum: int) -> None:
@@ -219,29 +242,44 @@ class StopWatch:
             self._stop_after = min(self._checked + 1, self._last_step)
             line = self._stopping_line(signum)
         _say(line)  # outside the lock: tqdm's own lock may be held by the thread that waits for ours
+        self._asked_at = time.monotonic()
 
-    def _signal_arrived(self, signum: int) -> None:
-        """On the signal thread, at once."""
+    def _signal_arrived(self, signum: int) -> bool:
+        """Whether `signum`, read as soon as it arrived, asks again: a first signal sets the
+        request; one within `SAME_REQUEST_SECONDS` of its line is the same request (GNU `timeout`
+        signals the process, then its group), one later a second request."""
         if signum not in STOP_SIGNALS:
-            return
-        self._signals_seen += 1
-        if self._signals_seen == 1:
+            return False
+        if self._signum is None:
             self._first_signal(signum)
-        elif self._signals_seen == 2:  # unless the main thread stops within the grace, end the process
+            return False
+        with self._lock:
+            if self._second_signum is not None or self._asked_at is None or \
+                    time.monotonic() - self._asked_at < SAME_REQUEST_SECONDS:
+                return False
             self._second_signum = signum
-            if not self._main_thread_stops.wait(SECOND_SIGNAL_GRACE_SECONDS):
-                end = stopped_at_once(signum, self._kept)
-                _say(str(end), exit_code=end.exit_code)
+            return True
+
+    def _second_request(self, signum: int) -> None:
+        """On the signal thread: has Python's handler stop the loop, and unless the main thread
+        stops within the grace, ends the process."""
+        with self._lock:
+            if not self._raised:
+                _thread.interrupt_main(signum)
+        if not self._main_thread_stops.wait(SECOND_SIGNAL_GRACE_SECONDS):
+            end = stopped_at_once(signum, self._kept)
+            _say(str(end), exit_code=end.exit_code)
 
     def _handle_in_main_thread(self, signum, frame) -> None:
-        """Python's handler, once the main thread runs Python again: a second signal stops the loop
-        where it is."""
-        self._signals_handled += 1
-        self._first_signal(signum)
-        if self._signals_handled >= 2:
-            self._second_signum = signum
-            self._main_thread_stops.set()
-            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        """Python's handler, once the main thread runs Python again: a second request stops the
+        loop where it is."""
+        self._signal_thread.read_now()
+        with self._lock:
+            if self._second_signum is None or self._raised:
+                return
+            self._raised = True
+        self._main_thread_stops.set()
+        raise KeyboardInterrupt if self._second_signum == signal.SIGINT else Terminated(self._second_signum)
 
     def _stopping_line(self, signum: int) -> str:
         after = (f"after step {self._stop_after}" if self._alone else

@@ -9,23 +9,31 @@ lost epoch:
   costs the command only what it prints there, said once in one line on stderr where it still works.
 * `stops_in_one_line(...)`: during the work of a command that has nothing to save, a stop signal
   unwinds it (what it was writing is removed) and ends it with one line and status 128 + the
-  signal's number; train.py saves first, with `nin_jax.stopping`.
+  signal's number; train.py saves first, with `nin_jax.stopping`. A signal that arrives while JAX
+  discovers its plugins, as its first backend starts, unwinds the command once that is over
+  (`stop_handler`): JAX's bare `except:` there would swallow it.
 * `run(main)`: the process ends with `main`'s status, without the interpreter's shutdown after a
   failure, which can crash in the JAX runtime's threads.
 
 This module imports nothing of JAX's, so that `begin` comes before the imports it guards.
 """
 
+import _thread
 import contextlib
 import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable, Iterator, TextIO
 
 from nin_jax.runtime import platforms
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
+
+# Signals this close together are one request: GNU `timeout` signals the process, then its process
+# group, microseconds apart. A person who reads the first line and asks again takes longer.
+SAME_REQUEST_SECONDS = 1.0
 
 
 class Terminated(BaseException):
@@ -146,6 +154,44 @@ class _Forgiving:
         return getattr(self._stream, name)
 
 
+def stop_handler() -> Callable:
+    """A new signal handler that raises KeyboardInterrupt (SIGINT) or `Terminated` so that the
+    command unwinds: once per request (`SAME_REQUEST_SECONDS`), and never inside JAX's discovery
+    of its plugins, whose bare `except:` would swallow it, but as soon as that is over."""
+    state = {"raised_at": float("-inf"), "held": None}
+
+    def handle(signum, frame):
+        if time.monotonic() - state["raised_at"] < SAME_REQUEST_SECONDS:
+            return
+        if _in_plugin_discovery(frame):
+            if state["held"] is None:
+                state["held"] = signum
+                threading.Thread(target=_again_after_plugin_discovery, args=(signum,), daemon=True).start()
+            return
+        signum, state["held"], state["raised_at"] = state["held"] or signum, None, time.monotonic()
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+
+    return handle
+
+
+def _in_plugin_discovery(frame) -> bool:
+    """Whether `frame` runs within `jax._src.xla_bridge.discover_pjrt_plugins`."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "discover_pjrt_plugins" and code.co_filename.endswith("xla_bridge.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _again_after_plugin_discovery(signum: int) -> None:
+    """Hands `signum` to the main thread's handler again once JAX's discovery of plugins is over."""
+    main = threading.main_thread().ident
+    while _in_plugin_discovery(sys._current_frames().get(main)):
+        time.sleep(0.01)
+    _thread.interrupt_main(signum)
+
+
 @contextlib.contextmanager
 def stops_in_one_line(prog: str, note: str = "") -> Iterator[None]:
     """Within the block SIGINT raises KeyboardInterrupt and SIGTERM or SIGHUP `Terminated`,
@@ -154,10 +200,11 @@ def stops_in_one_line(prog: str, note: str = "") -> Iterator[None]:
     Python swallowed (one raised inside a garbage-collector callback is only reported) still ends
     the command, once the block is done."""
     caught: list[int] = []
+    raise_stop = stop_handler()
 
     def stop(signum, frame):
         caught.append(signum)
-        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
+        raise_stop(signum, frame)
 
     def unraisable(report, previous=sys.unraisablehook):
         if not isinstance(report.exc_value, (KeyboardInterrupt, Terminated)):
@@ -187,11 +234,12 @@ def _end(prog: str, signum: int, note: str = "") -> None:
 
 def run(main: Callable[[], int]) -> None:
     """Runs a command's `main` as the process and ends it with main's status. Within `main`,
-    Ctrl-C raises KeyboardInterrupt again, as in plain Python, and SIGTERM and SIGHUP keep `begin`'s
-    answer until the command installs its own; once `main` is done, `begin`'s answer is back."""
+    Ctrl-C raises KeyboardInterrupt again, as in plain Python (`stop_handler`), and SIGTERM and
+    SIGHUP keep `begin`'s answer until the command installs its own; once `main` is done,
+    `begin`'s answer is back."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     if in_main_thread:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, stop_handler())
     try:
         status = main()
     except SystemExit as end:

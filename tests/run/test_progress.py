@@ -1,8 +1,10 @@
 """What a run prints as it trains (nin_jax/run/progress.py): step lines and the bar."""
 
 import io
+import math
 import re
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -68,3 +70,38 @@ def test_a_bar_left_by_an_exception_leaves_its_line_to_the_message_that_follows(
     assert "epoch 1/10" in terminal.getvalue()  # the bar was drawn
     terminal.write("train.py: stopped by SIGINT after step 1\n")
     assert on_screen(terminal.getvalue())[-2:] == ["train.py: stopped by SIGINT after step 1", ""]
+
+
+class DeviceClock:
+    """A device that runs the steps dispatched to it one after another, `step_seconds` each, on a
+    clock of its own: the host's waits for a step move the clock on to the step's end."""
+
+    def __init__(self, step_seconds: float):
+        self.now, self.step_seconds, self._free_at = 0.0, step_seconds, 0.0
+
+    def dispatch(self) -> dict:
+        self._free_at = max(self._free_at, self.now) + self.step_seconds
+        count = mock.Mock(is_ready=lambda done_at=self._free_at: self.now >= done_at)
+        count.block_until_ready.side_effect = lambda done_at=self._free_at: setattr(self, "now", max(self.now, done_at))
+        return {"count": count}
+
+    def in_flight(self) -> int:
+        """How many steps dispatched are not done."""
+        return math.ceil(round((self._free_at - self.now) / self.step_seconds, 6))
+
+
+def test_steps_that_a_checkpoint_waited_for_leave_the_steps_in_flight_within_about_two_seconds(monkeypatch):
+    """Steps of 0.9 s and a checkpoint every 10 steps, which waits for the steps in flight: the bar
+    then found two steps done at once, took a step for 0 s and let 8 steps queue up, 7 s of them,
+    which a stop asked for then waited for before it saved."""
+    device = DeviceClock(0.9)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: device.now)
+    in_flight = []
+    with progress.StepProgress("epoch 1/1", 8 * 40, 8) as bar:
+        for step in range(1, 41):
+            totals = device.dispatch()
+            bar.update(totals)
+            in_flight.append(device.in_flight())
+            if step % 10 == 0:  # hooks.SaveOrStop
+                totals["count"].block_until_ready()
+    assert max(in_flight) <= 2, in_flight  # int(IN_FLIGHT_SECONDS / 0.9)
