@@ -179,8 +179,8 @@ def float64():
 # Commands in processes of their own.
 
 # A small job of `fake_data_train.py` or train.py: 2 steps of 8, evaluated on 8 examples.
-SMALL_JOB = ["--resize=67", "--batch_size=8", "--num_epochs=1", "--train_examples=16", "--eval_examples=8",
-             "--compile_cache=off"]
+# With the suite's compile cache (CPU_ENV's JAX_COMPILATION_CACHE_DIR): its steps compile once a test run.
+SMALL_JOB = ["--resize=67", "--batch_size=8", "--num_epochs=1", "--train_examples=16", "--eval_examples=8"]
 SMALL_JIT_JOB = [*SMALL_JOB, "--parallel=jit"]
 SMALL_JOB_EXAMPLES = 64  # per split of the fake data or data arrays that a small job reads
 ABSURD_SIZE = 2**28  # of a crafted file, made sparse: no disk is filled
@@ -505,7 +505,7 @@ def read_only_run(tmp_path):
     """A finished run's workdir on a filesystem then mounted read-only, as a shared results disk."""
     with mounted_tmpfs(tmp_path / "disk", "40M") as disk:
         result = fake_run("--resize=67", "--batch_size=32", "--num_epochs=1", "--eval_examples=32", "--parallel=jit",
-                          "--compile_cache=off", f"--workdir={disk / 'run'}", examples=256, text=True, timeout=120)
+                          f"--workdir={disk / 'run'}", examples=256, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         yield disk / "run"
@@ -636,6 +636,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    _slow_modules_first(items)
     accelerator_items = [item for item in items if "accelerator" in item.keywords]
     if not accelerator_items:
         return
@@ -646,3 +647,11 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="no accelerator: JAX finds only a CPU on this machine")
         for item in accelerator_items:
             item.add_marker(skip)
+
+
+def _slow_modules_first(items) -> None:
+    """The modules that hold `slow` tests run first, each kept whole and in its order: with `-n`,
+    the workers then start on the long tests and end on short ones, instead of one worker running
+    a long test alone at the end."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)

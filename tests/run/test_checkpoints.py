@@ -263,7 +263,7 @@ def test_crafted_checkpoint_metadata_is_called_damaged_in_one_line(finished_run,
 
 
 SMALL_RUN = ["--resize=67", "--batch_size=32", "--num_epochs=2", "--eval_examples=32", "--parallel=jit",
-             "--checkpoint_every_steps=2", "--compile_cache=off"]  # 8 steps an epoch on 256 examples
+             "--checkpoint_every_steps=2"]  # 8 steps an epoch on 256 examples
 
 
 def test_a_file_where_the_checkpoints_go_ends_the_run_before_training_in_one_line(tmp_path):
@@ -308,7 +308,7 @@ def test_a_save_that_fails_on_a_full_disk_ends_the_run_in_one_line_and_the_same_
 def test_predict_reads_a_live_workdir_whose_run_deletes_old_checkpoints_and_never_calls_them_damaged(tmp_path):
     workdir = tmp_path / "run"
     flags = ["--resize=67", "--batch_size=8", "--num_epochs=50", "--eval_examples=8", "--parallel=jit",
-             "--checkpoint_every_steps=1", "--keep_checkpoints=2", "--compile_cache=off", f"--workdir={workdir}"]
+             "--checkpoint_every_steps=1", "--keep_checkpoints=2", f"--workdir={workdir}"]
     log = tmp_path / "train.log"
     with open(log, "w") as out:
         training = subprocess.Popen([sys.executable, HELPER, "64",

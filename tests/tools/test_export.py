@@ -39,7 +39,7 @@ def trained_workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     result = subprocess.run([sys.executable, HELPER, str(EXPORT_EXAMPLES),
                              "--resize=67", "--batch_size=32", "--num_epochs=1", "--eval_examples=64", "--batch_norm",
-                             "--parallel=jit", "--compile_cache=off", f"--workdir={workdir}"],
+                             "--parallel=jit", f"--workdir={workdir}"],
                             capture_output=True, text=True, timeout=300, env=CPU_ENV)
     assert result.returncode == 0, result.stderr
     return workdir
