@@ -168,11 +168,10 @@ def test_plan_check_sets_the_measured_step_beside_its_plan(tmp_path):
                                               "memory 1,024 MiB against 1,024 MiB planned (1.00x)")
 
 
-def test_the_exercises_script_trains_times_and_tables_each_variant_of_a_question(tmp_path, arrays, monkeypatch):
+def test_the_exercises_script_trains_times_and_tables_each_variant_of_a_question(tmp_path, arrays):
     """benchmarks/exercises.py on one question, one seed and 16 examples, in this process (the book's
     recipe at 67 px, whose steps the suite has compiled): both variants trained in workdirs of their
     own, timed side by side, and the question's table written with the figures of exercises.json."""
-    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, "benchmarks"))
     exercises = load_benchmark("exercises")
     out = tmp_path / "exercises"
     assert exercises.main(["--questions", "max_head", "--seeds", "0", "--recipe", "reference", "--resize", "67",
@@ -192,8 +191,7 @@ def test_the_exercises_script_trains_times_and_tables_each_variant_of_a_question
     assert f"| head=max | 1,992,166 | {accuracy:.3f} | {accuracy:.3f} | " in table
 
 
-def test_the_exercises_resource_table_reads_the_plans(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(REPO_ROOT, "benchmarks"))
+def test_the_exercises_resource_table_reads_the_plans():
     exercises = load_benchmark("exercises")
     planned = lambda batch: {"compiled": True, "flops_per_image": 4.6e9, "eval_flops_per_image": 1.5e9,  # noqa: E731
                              "memory": {"total": batch * 2**20, "eval_total": batch * 2**19}}
