@@ -636,7 +636,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    _slow_modules_first(items)
     accelerator_items = [item for item in items if "accelerator" in item.keywords]
     if not accelerator_items:
         return
@@ -648,10 +647,3 @@ def pytest_collection_modifyitems(config, items):
         for item in accelerator_items:
             item.add_marker(skip)
 
-
-def _slow_modules_first(items) -> None:
-    """The modules that hold `slow` tests run first, each kept whole and in its order: with `-n`,
-    the workers then start on the long tests and end on short ones, instead of one worker running
-    a long test alone at the end."""
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
