@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Callable, Iterator, TextIO
 
-from nin_jax.runtime import platforms
+from nin_jax.runtime import limits, platforms
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
 
@@ -85,13 +85,13 @@ def begin() -> None:
 def _check_environment() -> None:
     """Leaves JAX_ENABLE_X64 off, whose float64 turned the inputs of steps compiled for the run's
     --dtype into others (a TypeError after the compile), and ends at once, in one line, where
-    JAX_PLATFORMS names a GPU or TPU that this machine lacks or the address space is too small for
-    JAX (which would abort with a C++ stack trace)."""
+    JAX_PLATFORMS names a GPU or TPU that this machine lacks, or a limit of the process leaves JAX
+    too little address space or too few threads (it would abort with a C++ stack trace)."""
     x64 = os.environ.get("JAX_ENABLE_X64", "")
     if x64.strip().lower() in ("1", "true", "t", "yes", "y", "on"):
         warn(f"JAX_ENABLE_X64={x64} is left off: nin_jax computes in its --dtype (float32 or bfloat16)")
         os.environ["JAX_ENABLE_X64"] = "0"
-    refusal = platforms.lacking() or platforms.address_space_too_small()
+    refusal = platforms.lacking() or limits.too_low()
     if refusal:
         sys.stderr.write(f"{program_name()}: error: {refusal}\n")
         exit_process(1)

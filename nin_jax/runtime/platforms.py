@@ -14,7 +14,6 @@ import glob
 import importlib.util
 import os
 import pathlib
-import resource
 import sys
 
 # platform: (its plugin's modules, what the user installed, what the plugin looks for)
@@ -91,20 +90,6 @@ def lacking() -> str:
 
 
 _NAME_OTHERS = "unset JAX_PLATFORMS, or name the platforms this machine has, such as cpu"
-
-# The address space that a small train.py run needs on a 2-core CPU (`ulimit -v`: 5.5 GB ran; at
-# 5 GB a thread could not start, at 4 GB an array could not be allocated, below 3.5 GB XLA aborted
-# with a C++ stack trace: docs/failure_behaviour.md). Machines with more cores need more.
-MIN_ADDRESS_SPACE_GIB = 6
-
-
-def address_space_too_small() -> str:
-    """Why the process's address-space limit is too small for JAX's runtime, or '' where it is not."""
-    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if limit == resource.RLIM_INFINITY or limit >= MIN_ADDRESS_SPACE_GIB * 2**30:
-        return ""
-    return (f"the address space is limited to {limit / 2**30:.1f} GiB (ulimit -v {limit // 1024}), and JAX's "
-            f"runtime needs at least {MIN_ADDRESS_SPACE_GIB} GiB of it: raise the limit (ulimit -v unlimited)")
 
 
 def backend_failure(error: BaseException) -> str:
