@@ -228,6 +228,16 @@ def run_script(*args, env=None, timeout=600):
                           env={**os.environ, "XLA_FLAGS": xla_flags(), **(env or {})})
 
 
+def limited_address_space() -> None:
+    """A `preexec_fn`: the least address space every command accepts (nin_jax/runtime/limits.py),
+    for a process that must refuse at once, so that a test of it that fails by allocating fails fast."""
+    import resource
+
+    from nin_jax.runtime.limits import MIN_ADDRESS_SPACE_GIB
+
+    resource.setrlimit(resource.RLIMIT_AS, (MIN_ADDRESS_SPACE_GIB * 2**30,) * 2)
+
+
 def run_on_cpu(args, timeout=60, **kwargs):
     """`python ARGS` in the repository, pinned to the CPU."""
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=CPU_ENV,

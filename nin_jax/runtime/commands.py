@@ -194,13 +194,16 @@ def _raise_swallowed_stop_again(report, report_others=sys.unraisablehook) -> Non
         return
     signum = getattr(stop, "signum", signal.SIGINT)
     _swallowed.append(signum)
-    threading.Thread(target=_signal_main_soon, args=(signum,), daemon=True).start()
+    threading.Thread(target=_signal_main_until_taken, args=(signum,), daemon=True).start()
 
 
-def _signal_main_soon(signum: int) -> None:
-    """The signal itself, which also wakes a main thread that sleeps or waits."""
-    time.sleep(0.05)  # the callback that swallowed the stop is over by then; if not, it is swallowed again
-    signal.pthread_kill(threading.main_thread().ident, signum)
+def _signal_main_until_taken(signum: int) -> None:
+    """The signal itself, which also wakes a main thread that sleeps or waits, sent again until
+    the handler has taken it: Python runs handlers between its instructions, so one that lands
+    just before a blocking call waits for that call to end."""
+    while signum in _swallowed:
+        time.sleep(0.05)  # the callback that swallowed the stop is over by then; if not, it is swallowed again
+        signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def _in_plugin_discovery(frame) -> bool:
