@@ -1,6 +1,7 @@
 """The suite runs on the CPU, whatever accelerator the machine has, with four fake CPU devices for
-the pmap and sharding tests, and a compilation cache shared by the test run and the training
-processes it starts; all must be set before JAX starts.
+the pmap and sharding tests, programs compiled without LLVM's optimizations, and a compilation
+cache shared by the test run and the training processes it starts; all must be set before JAX
+starts.
 
 Tests marked `accelerator` (tests/test_accelerator.py) run only where JAX finds a GPU or TPU; they
 run their checks in processes without the CPU pin.
@@ -15,8 +16,15 @@ import os
 import shutil
 import tempfile
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # a test may start processes with fewer
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+# LLVM's optimizations off: the suite checks what the programs compute, not how fast they run, and
+# NiN's steps compile about twice as fast on a CPU (a small train.py job from a cold cache: 36 s -> 20 s).
+QUICK_COMPILE = "--xla_backend_optimization_level=0"
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:  # a test may start processes with fewer
+    _flags += " --xla_force_host_platform_device_count=4"
+if "xla_backend_optimization_level" not in _flags:
+    _flags += f" {QUICK_COMPILE}"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ["JAX_PLATFORMS"] = "cpu"  # tests that expect '4 cpu devices' pass on a machine with a GPU too
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # each compile of NiN's steps takes seconds on a CPU
@@ -209,10 +217,25 @@ def load_benchmark(name):
     return module
 
 
+def xla_flags(devices: int = 1) -> str:
+    """The XLA_FLAGS of a process that a test starts with `devices` CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {QUICK_COMPILE}"
+
+
 def run_script(*args, env=None, timeout=600):
     """The command ARGS in the repository, on one CPU device."""
     return subprocess.run(list(args), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})})
+                          env={**os.environ, "XLA_FLAGS": xla_flags(), **(env or {})})
+
+
+def limited_address_space() -> None:
+    """A `preexec_fn`: the least address space every command accepts (nin_jax/runtime/limits.py),
+    for a process that must refuse at once, so that a test of it that fails by allocating fails fast."""
+    import resource
+
+    from nin_jax.runtime.limits import MIN_ADDRESS_SPACE_GIB
+
+    resource.setrlimit(resource.RLIMIT_AS, (MIN_ADDRESS_SPACE_GIB * 2**30,) * 2)
 
 
 def run_on_cpu(args, timeout=60, **kwargs):
@@ -351,7 +374,7 @@ def resume(workdir, parallel: str, fake_data, **changes):
 JOB_TIMEOUT_S = 240  # each job; the machine may be busy
 PEER_TIMEOUT_S = 6
 # Two processes of two fake CPU devices each.
-JOB_ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+JOB_ENV = {**os.environ, "XLA_FLAGS": xla_flags(2), "PYTHONUNBUFFERED": "1"}
 # 100 steps of 8 examples, checkpointed every 5: long enough to kill a process in the middle.
 JOB_FLAGS = ["--resize=67", "--batch_size=8", "--num_epochs=1", "--eval_examples=13", "--dropout_rate=0",
              "--parallel=pmap", "--checkpoint_every_steps=5", "--log_every_steps=1", "--num_processes=2",

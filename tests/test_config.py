@@ -4,7 +4,6 @@ process cannot pass on (a non-UTF-8 --workdir under a C locale), each in one lin
 
 import dataclasses
 import os
-import resource
 import time
 
 import pytest
@@ -12,7 +11,8 @@ import pytest
 import train
 from nin_jax.config import RECIPES, Config, ConfigError, parse_flags
 
-from conftest import HELPER, SMALL_JIT_JOB, SMALL_JOB, fake_run, module_run, one_line, run_on_cpu
+from conftest import (HELPER, SMALL_JIT_JOB, SMALL_JOB, fake_run, limited_address_space, module_run, one_line,
+                      run_on_cpu)
 
 
 def test_recipe_flag_sets_defaults_that_explicit_flags_override():
@@ -43,13 +43,6 @@ def test_impossible_recipe_values_are_refused(changes, message):
         dataclasses.replace(Config(), **changes).validate()
 
 
-MEMORY_LIMIT = 4 * 2**30  # address space of a process that must refuse at once: a test that fails fails fast
-
-
-def limited_memory():
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 @pytest.mark.parametrize("flag, value, message", [
     ("--devices", "1000000000", "--devices must be from 1 to 16 (the GPUs of one host), got 1000000000"),
     ("--batch_size", "1000000000", "--batch_size must be from 1 to 65,536, got 1000000000"),
@@ -57,7 +50,7 @@ def limited_memory():
 ])
 def test_a_count_that_would_fill_the_memory_is_refused_before_anything_is_allocated(flag, value, message):
     """`--target h100 --devices 1000000000` grew to 20 GB and was killed by the kernel, in silence."""
-    result = run_on_cpu(["-m", "nin_jax.plan", "--target", "h100", flag, value], preexec_fn=limited_memory)
+    result = run_on_cpu(["-m", "nin_jax.plan", "--target", "h100", flag, value], preexec_fn=limited_address_space)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr == f"python -m nin_jax.plan: error: {message} (see --help)\n"
 
@@ -78,7 +71,7 @@ def test_a_count_that_would_fill_the_memory_is_refused_before_anything_is_alloca
 ])
 def test_train_refuses_such_counts_and_a_malformed_coordinator_address_in_one_line(flags, message):
     start = time.monotonic()
-    result = run_on_cpu([HELPER, "64", *SMALL_JOB, *flags], preexec_fn=limited_memory)
+    result = run_on_cpu([HELPER, "64", *SMALL_JOB, *flags], preexec_fn=limited_address_space)
     assert time.monotonic() - start < 30
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"fake_data_train.py: error: {message} (see --help)\n"

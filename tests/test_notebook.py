@@ -11,19 +11,19 @@ import nbformat
 
 from nin_jax import models
 
-from conftest import NEEDS_SHARED_FASHION_MNIST, REPO_ROOT, SHARED_FASHION_MNIST
+from conftest import NEEDS_SHARED_FASHION_MNIST, REPO_ROOT, SHARED_FASHION_MNIST, xla_flags
 
 NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "nin.ipynb")
 
 
 
 @NEEDS_SHARED_FASHION_MNIST
-def test_notebook_runs_offline_at_a_small_budget(tmp_path, monkeypatch):
+def test_notebook_runs_offline_at_a_small_budget(tmp_path, monkeypatch, data_dir):
     monkeypatch.setenv("NIN_NOTEBOOK_BUDGET", "smoke")
     monkeypatch.setenv("NIN_MANUAL_DIR", os.path.abspath(SHARED_FASHION_MNIST))
-    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))  # tfds builds the dataset here, not in ~
+    monkeypatch.setenv("TFDS_DATA_DIR", data_dir)  # the suite's build of the dataset, not one in ~
     monkeypatch.setenv("PYTHONPATH", REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))  # this checkout's nin_jax
-    monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device, as on a reader's machine, not the tests' four
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())  # one CPU device, as on a reader's machine, not the tests' four
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

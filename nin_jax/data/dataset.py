@@ -73,8 +73,7 @@ def load_fashion_mnist(data_dir: Optional[str] = None, manual_dir: Optional[str]
             builder = tfds.builder(DATASET, data_dir=data_dir)
             if not builder.is_prepared():  # else another process has built it meanwhile
                 _build_from_files(tfds, builder, data_dir, manual_dir, download)
-    builder = tfds.builder(DATASET, data_dir=data_dir)
-    datasets = {split: _read_split(builder, split) for split in SPLITS}
+    datasets = _read_build(tfds.builder(DATASET, data_dir=data_dir), data_dir, dataset_dir)
     problem = data_arrays.what_is_wrong(datasets)
     if problem:
         raise DataError(f"the Fashion-MNIST that tfds built in {data_dir} is not what it should be: {problem}; "
@@ -187,6 +186,18 @@ def _build(builder, download_config) -> None:
             builder.download_and_prepare(download_config=download_config)
     except NonMatchingChecksumError as error:
         raise DataError(f"a downloaded Fashion-MNIST file is damaged: {' '.join(str(error).split())}") from error
+
+
+def _read_build(builder, data_dir: str, dataset_dir: str) -> dict[str, Split]:
+    """Both splits of the build; a damaged record (a full disk, a copy cut short) is a DataError
+    that says what to move away, not TensorFlow's traceback."""
+    tf = import_tensorflow()
+    try:
+        return {split: _read_split(builder, split) for split in SPLITS}
+    except tf.errors.OpError as error:
+        cause = " ".join(error.message.split())
+        raise DataError(f"the Fashion-MNIST that tfds built in {data_dir} cannot be read ({cause}); "
+                        f"move {dataset_dir} away and run again to build it anew") from error
 
 
 def _read_split(builder, split: str, chunk: int = 10_000) -> Split:

@@ -11,7 +11,8 @@ lost epoch:
   unwinds it (what it was writing is removed) and ends it with one line and status 128 + the
   signal's number; train.py saves first, with `nin_jax.stopping`. A signal that arrives while JAX
   discovers its plugins, as its first backend starts, unwinds the command once that is over
-  (`stop_handler`): JAX's bare `except:` there would swallow it.
+  (`stop_handler`): JAX's bare `except:` there would swallow it. A stop raised where Python can
+  only report it (a garbage collector's callback) is raised again at once.
 * `run(main)`: the process ends with `main`'s status, without the interpreter's shutdown after a
   failure, which can crash in the JAX runtime's threads.
 
@@ -27,7 +28,7 @@ import threading
 import time
 from typing import Callable, Iterator, TextIO
 
-from nin_jax.runtime import platforms
+from nin_jax.runtime import limits, platforms
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler's stop, a closed terminal
 
@@ -77,20 +78,22 @@ def begin() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, _stop_at_once)
+    sys.unraisablehook = _raise_swallowed_stop_again
     _check_environment()
 
 
 def _check_environment() -> None:
     """Leaves JAX_ENABLE_X64 off, whose float64 turned the inputs of steps compiled for the run's
     --dtype into others (a TypeError after the compile), and ends at once, in one line, where
-    JAX_PLATFORMS names a GPU or TPU that this machine lacks."""
+    JAX_PLATFORMS names a GPU or TPU that this machine lacks, or a limit of the process leaves JAX
+    too little address space or too few threads (it would abort with a C++ stack trace)."""
     x64 = os.environ.get("JAX_ENABLE_X64", "")
     if x64.strip().lower() in ("1", "true", "t", "yes", "y", "on"):
         warn(f"JAX_ENABLE_X64={x64} is left off: nin_jax computes in its --dtype (float32 or bfloat16)")
         os.environ["JAX_ENABLE_X64"] = "0"
-    lacking = platforms.lacking()
-    if lacking:
-        sys.stderr.write(f"{program_name()}: error: {lacking}\n")
+    refusal = platforms.lacking() or limits.too_low()
+    if refusal:
+        sys.stderr.write(f"{program_name()}: error: {refusal}\n")
         exit_process(1)
 
 
@@ -157,11 +160,14 @@ class _Forgiving:
 def stop_handler() -> Callable:
     """A new signal handler that raises KeyboardInterrupt (SIGINT) or `Terminated` so that the
     command unwinds: once per request (`SAME_REQUEST_SECONDS`), and never inside JAX's discovery
-    of its plugins, whose bare `except:` would swallow it, but as soon as that is over."""
+    of its plugins, whose bare `except:` would swallow it, but as soon as that is over; raised
+    again where Python swallowed it (`_raise_swallowed_stop_again`)."""
     state = {"raised_at": float("-inf"), "held": None}
 
     def handle(signum, frame):
-        if time.monotonic() - state["raised_at"] < SAME_REQUEST_SECONDS:
+        if signum in _swallowed:
+            _swallowed.remove(signum)
+        elif time.monotonic() - state["raised_at"] < SAME_REQUEST_SECONDS:
             return
         if _in_plugin_discovery(frame):
             if state["held"] is None:
@@ -172,6 +178,32 @@ def stop_handler() -> Callable:
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
 
     return handle
+
+
+_swallowed: list[int] = []  # the stops that Python swallowed, each to be raised once more
+
+
+def _raise_swallowed_stop_again(report, report_others=sys.unraisablehook) -> None:
+    """Python only reports an exception raised where it cannot propagate (a garbage collector's
+    callback, which JAX registers; a `__del__`), and goes on: a stop raised there is raised again
+    in the main thread, from another thread a moment later so that it lands after the callback,
+    instead of being lost, and nothing is reported."""
+    stop = report.exc_value
+    if not isinstance(stop, (KeyboardInterrupt, Terminated)):
+        report_others(report)
+        return
+    signum = getattr(stop, "signum", signal.SIGINT)
+    _swallowed.append(signum)
+    threading.Thread(target=_signal_main_until_taken, args=(signum,), daemon=True).start()
+
+
+def _signal_main_until_taken(signum: int) -> None:
+    """The signal itself, which also wakes a main thread that sleeps or waits, sent again until
+    the handler has taken it: Python runs handlers between its instructions, so one that lands
+    just before a blocking call waits for that call to end."""
+    while signum in _swallowed:
+        time.sleep(0.05)  # the callback that swallowed the stop is over by then; if not, it is swallowed again
+        signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def _in_plugin_discovery(frame) -> bool:
@@ -196,9 +228,7 @@ def _again_after_plugin_discovery(signum: int) -> None:
 def stops_in_one_line(prog: str, note: str = "") -> Iterator[None]:
     """Within the block SIGINT raises KeyboardInterrupt and SIGTERM or SIGHUP `Terminated`,
     so that what the block was writing is cleaned up; then the process ends with
-    `interrupted_line(prog, signum, note)` and status 128 + the signal's number. A signal whose exception
-    Python swallowed (one raised inside a garbage-collector callback is only reported) still ends
-    the command, once the block is done."""
+    `interrupted_line(prog, signum, note)` and status 128 + the signal's number."""
     caught: list[int] = []
     raise_stop = stop_handler()
 
@@ -206,23 +236,15 @@ def stops_in_one_line(prog: str, note: str = "") -> Iterator[None]:
         caught.append(signum)
         raise_stop(signum, frame)
 
-    def unraisable(report, previous=sys.unraisablehook):
-        if not isinstance(report.exc_value, (KeyboardInterrupt, Terminated)):
-            previous(report)
-
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
-    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         try:
             yield
         except (KeyboardInterrupt, Terminated):
             _end(prog, caught[0] if caught else signal.SIGINT, note)
-        if caught:
-            _end(prog, caught[0])
     finally:
-        sys.unraisablehook = hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -4,6 +4,7 @@ line, and the copy of tfds' arrays kept beside its build, read without TensorFlo
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -208,3 +209,19 @@ def test_the_copy_beside_the_build_holds_what_tfds_reads(data_dir, monkeypatch):
     for split in input_pipeline.SPLITS:
         for name in ("images", "labels"):
             np.testing.assert_array_equal(getattr(from_copy[split], name), getattr(from_tfds[split], name), strict=True)
+
+
+@NEEDS_SHARED_FASHION_MNIST
+def test_a_truncated_record_of_the_tfds_build_is_one_line_naming_the_folder_to_move_away(data_dir, tmp_path):
+    """A record cut short (a full disk or a copy that stopped) raised TensorFlow's DataLossError
+    with its traceback; it is a DataError, whose line names the folder and how to build it anew."""
+    shutil.copytree(os.path.join(data_dir, input_pipeline.DATASET), tmp_path / input_pipeline.DATASET,
+                    ignore=shutil.ignore_patterns(data_arrays.FILE_NAME))  # the copy would be read instead
+    (record,) = (tmp_path / input_pipeline.DATASET).glob("*/*-test.tfrecord-00000-of-00001")
+    os.truncate(record, record.stat().st_size - 1000)
+    dataset_dir = tmp_path / input_pipeline.DATASET
+    with pytest.raises(errors.DataError) as error:
+        dataset.load_fashion_mnist(data_dir=str(tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"the Fashion-MNIST that tfds built in {tmp_path} cannot be read (") and "\n" not in message
+    assert message.endswith(f"); move {dataset_dir} away and run again to build it anew")

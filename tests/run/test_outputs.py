@@ -15,7 +15,7 @@ from nin_jax.run import outputs, plots
 from nin_jax.runtime.errors import WorkdirError
 
 from conftest import (ABSURD_SIZE, REPO_ROOT, SMALL_JIT_JOB, SPECIAL_FILES, TRAINED_RUN_CONFIG, fake_run,
-                      make_special_file, module_run, one_line, returns_within)
+                      limited_address_space, make_special_file, module_run, one_line, returns_within)
 
 
 def test_curves_png_is_written(trained_run):
@@ -201,8 +201,7 @@ def test_a_config_json_of_absurd_size_is_refused_in_one_line_without_reading_it(
     with open(workdir / "config.json", "wb") as f:
         f.truncate(ABSURD_SIZE)
     result = module_run("nin_jax.export", f"--workdir={workdir}", f"--out={tmp_path / 'nin.jax_exported'}",
-                        preexec_fn=lambda: __import__("resource").setrlimit(
-                            __import__("resource").RLIMIT_AS, (4 * 2**30, 4 * 2**30)))
+                        preexec_fn=limited_address_space)
     assert result.returncode == 1, result.stderr.decode()[-3000:]
     assert one_line(result) == (f"python -m nin_jax.export: error: cannot read the run's flags from "
                                 f"{workdir / 'config.json'} (it is 268,435,456 bytes, more than any config.json); "

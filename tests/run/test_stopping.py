@@ -23,7 +23,7 @@ from nin_jax.runtime.commands import SAME_REQUEST_SECONDS, STOP_SIGNALS
 
 import train
 
-from conftest import (HELPER, JOB_TIMEOUT_S, NUM_EXAMPLES, TOTAL_STEPS, free_loopback_port, processes, resume_flags,
+from conftest import (HELPER, JOB_ENV, JOB_TIMEOUT_S, NUM_EXAMPLES, TOTAL_STEPS, free_loopback_port, processes, resume_flags,
                       saved_steps, training_process, wait_until)
 
 
@@ -148,12 +148,11 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
     two processes resuming is tests/runtime/test_distributed.py's killed-process test, resuming exactly under
     pmap tests/run/test_training_run.py's."""
     parallel = "sharding"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
     stopped, uninterrupted = tmp_path / "stopped", tmp_path / "uninterrupted"
     logs = {name: tmp_path / "logs" / name for name in ("stopped", "resumed", "uninterrupted")}
     for folder in logs.values():
         folder.mkdir(parents=True)
-    with processes(two_process_commands(stopped, parallel), env, logs["stopped"]) as running:
+    with processes(two_process_commands(stopped, parallel), JOB_ENV, logs["stopped"]) as running:
         wait_for_line(logs["stopped"] / "process0.log", "compiled the train and eval steps", running)
         running[1].send_signal(signal.SIGTERM)
         codes = [process.wait(timeout=JOB_TIMEOUT_S) for process in running]
@@ -170,7 +169,7 @@ def test_a_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_r
 
     # One job at a time: on a busy machine, two starting together can miss gloo's connect timeout.
     for name, workdir in (("resumed", stopped), ("uninterrupted", uninterrupted)):
-        with processes(two_process_commands(workdir, parallel), env, logs[name]) as running:
+        with processes(two_process_commands(workdir, parallel), JOB_ENV, logs[name]) as running:
             codes = [process.wait(timeout=JOB_TIMEOUT_S) for process in running]
         assert codes == [0, 0], (logs[name] / "process0.log").read_text()
     assert f"resuming from the checkpoint of step {step} " in (logs["resumed"] / "process0.log").read_text()

@@ -23,7 +23,7 @@ import train
 
 from conftest import (CPU_ENV, HELPER, NUM_EXAMPLES, SAVE_BOUND_S, SMALL_JIT_JOB, STEPS_PER_EPOCH, TIMEOUT_S,
                       TOTAL_STEPS, assert_same_state, deterministic, fake_run, resume, resume_config, resume_flags,
-                      saved_steps, training_process, uninterrupted_run, wait_until)
+                      saved_steps, training_process, uninterrupted_run, wait_until, xla_flags)
 
 
 def latest_checkpoint(workdir, **changes) -> steps.TrainState:
@@ -71,7 +71,7 @@ def test_deterministic_sets_xlas_flag_before_jax_starts_and_leaves_a_cpu_run_as_
         workdir = tmp_path / name
         result = subprocess.run([sys.executable, HELPER, str(NUM_EXAMPLES), *resume_flags(parallel="jit", num_epochs=1),
                                  f"--workdir={workdir}", *extra], capture_output=True, text=True, timeout=TIMEOUT_S,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+                                env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()})
         assert result.returncode == 0, result.stderr
         runs[name] = (latest_checkpoint(workdir, num_epochs=1), deterministic(outputs.read_metrics(str(workdir))))
     assert_same_state(runs["plain"][0], runs["deterministic"][0])

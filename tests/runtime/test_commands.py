@@ -177,3 +177,42 @@ def test_jax_enable_x64_is_left_off_by_every_command_which_then_computes_in_floa
     assert result.stdout == "float32 float32\n"
     assert result.stderr == ("-c: warning: JAX_ENABLE_X64=1 is left off: nin_jax computes in its --dtype "
                              "(float32 or bfloat16)\n")
+
+
+SIGNAL_IN_A_COLLECTION = """
+import gc, os, signal, sys, time
+from nin_jax.runtime import commands
+commands.begin()
+from nin_jax.run import stopping
+
+def signal_during_a_collection(phase, info):
+    if phase == "start" and not gc.callbacks.clear():  # once: the stop is raised in here and swallowed
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100_000))  # bytecode, where Python runs the handler
+
+def main():
+    gc.callbacks.append(signal_during_a_collection)
+    try:
+        with {block}:
+            gc.collect()
+            time.sleep(20)
+    except commands.Terminated:
+        sys.stderr.write("probe: interrupted by SIGTERM\\n")
+        return 143
+    print("went on")
+    return 0
+
+commands.run(main)
+"""
+
+
+@pytest.mark.parametrize("block", ["commands.stops_in_one_line('probe')", "stopping.signals_raise()"])
+def test_a_stop_raised_inside_a_garbage_collection_is_raised_again_at_once(block):
+    """Python only reports an exception raised in a collector's callback (JAX registers one) and
+    goes on: train.py printed that report and trained on, its stop lost (a draw of
+    tests/test_special_file_draws.py found it)."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", SIGNAL_IN_A_COLLECTION.format(block=block)], capture_output=True,
+                            text=True, timeout=120, env=CPU_ENV, cwd=REPO_ROOT)
+    assert (result.returncode, result.stderr, result.stdout) == (143, "probe: interrupted by SIGTERM\n", "")
+    assert time.monotonic() - start < 15  # not after the block's 20 s

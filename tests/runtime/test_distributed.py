@@ -3,7 +3,6 @@ fake CPU devices train like one process with four; a process whose peers never a
 unknown coordinator host, ends in one line; a killed process ends its peers in one line and the
 rerun resumes."""
 
-import os
 import signal
 import sys
 import time
@@ -18,7 +17,7 @@ from nin_jax.run import outputs
 from nin_jax.run.checkpoints import Checkpoints
 from nin_jax.runtime import peers
 
-from conftest import (HELPER, JOB_TIMEOUT_S, NUM_EXAMPLES, PEER_TIMEOUT_S, SMALL_JOB, Job, free_loopback_port,
+from conftest import (HELPER, JOB_ENV, JOB_TIMEOUT_S, NUM_EXAMPLES, PEER_TIMEOUT_S, SMALL_JOB, Job, free_loopback_port,
                       processes, run_on_cpu, saved_steps)
 
 
@@ -33,9 +32,8 @@ def test_two_processes_match_one_process_with_all_devices(fake_data, tmp_path, p
     flags = [f"--{name}={value}" for name, value in settings.items()] + [
         f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{free_loopback_port()}", "--num_processes=2"
     ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
     commands = [[sys.executable, HELPER, str(NUM_EXAMPLES), *flags, f"--process_id={rank}"] for rank in range(2)]
-    with processes(commands, env, tmp_path) as running:
+    with processes(commands, JOB_ENV, tmp_path) as running:
         codes = [process.wait(timeout=JOB_TIMEOUT_S) for process in running]
     logs = [(tmp_path / f"process{rank}.log").read_text() for rank in range(2)]
     assert codes == [0, 0], logs
