@@ -30,7 +30,7 @@ def _address_space() -> str:
 
 
 def _threads() -> str:
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
     needed = THREADS_BASE + THREADS_PER_CORE * cores
     room = min((room for room in (_room_under_ulimit(), *_rooms_under_cgroups()) if room is not None), default=None)
     if room is None or room >= needed:
@@ -40,9 +40,10 @@ def _threads() -> str:
 
 
 def _room_under_ulimit() -> Optional[int]:
-    """How many more threads `ulimit -u` lets this user start; None where it does not bind (root)."""
+    """How many more threads `ulimit -u` lets this user start; None where it does not bind (root)
+    or where there is no /proc to count them in (macOS)."""
     limit = resource.getrlimit(resource.RLIMIT_NPROC)[0]
-    if limit == resource.RLIM_INFINITY or os.geteuid() == 0:
+    if limit == resource.RLIM_INFINITY or os.geteuid() == 0 or not os.path.isdir("/proc"):
         return None
     return limit - sum(_threads_of(pid) for pid in os.listdir("/proc") if pid.isdigit() and _owner(pid) == os.getuid())
 
