@@ -669,4 +669,3 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="no accelerator: JAX finds only a CPU on this machine")
         for item in accelerator_items:
             item.add_marker(skip)
-

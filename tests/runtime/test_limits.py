@@ -4,20 +4,13 @@ threads too small for JAX's runtime is one line before JAX starts, instead of XL
 import contextlib
 import os
 import resource
-import subprocess
-import sys
 import uuid
 
 import pytest
 
-from conftest import CPU_ENV, REPO_ROOT, command_line, prog
+from conftest import command_line, prog, run_on_cpu
 
 PIDS_CGROUPS = "/sys/fs/cgroup/pids"  # the cgroup (v1) controller that bounds a group's tasks, threads included
-
-
-def run_limited(command: str, trained, arrays, tmp_path, preexec_fn) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *command_line(command, trained, tmp_path, arrays)], capture_output=True,
-                          text=True, timeout=120, env=CPU_ENV, cwd=REPO_ROOT, preexec_fn=preexec_fn)
 
 
 @pytest.mark.parametrize("command", ["train", "export", "predict"])
@@ -27,7 +20,7 @@ def test_an_address_space_too_small_for_jax_is_one_line_naming_the_figure_needed
     def limit_address_space():
         resource.setrlimit(resource.RLIMIT_AS, (3_000_000 * 1024, resource.RLIM_INFINITY))
 
-    result = run_limited(command, trained, arrays, tmp_path, limit_address_space)
+    result = run_on_cpu(command_line(command, trained, tmp_path, arrays), timeout=120, preexec_fn=limit_address_space)
     assert (result.returncode, result.stdout) == (1, ""), result.stderr
     assert result.stderr == (f"{prog(command)}: error: the address space is limited to 2.9 GiB (ulimit -v 3000000), "
                              f"and JAX's runtime needs at least 6 GiB of it: raise the limit (ulimit -v unlimited)\n")
@@ -59,7 +52,7 @@ def test_too_few_threads_for_jax_is_one_line_naming_the_number_needed(trained, a
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
                 procs.write(str(os.getpid()))
 
-        result = run_limited(command, trained, arrays, tmp_path, join_cgroup)
+        result = run_on_cpu(command_line(command, trained, tmp_path, arrays), timeout=120, preexec_fn=join_cgroup)
     cores = len(os.sched_getaffinity(0))
     assert (result.returncode, result.stdout) == (1, ""), result.stderr
     assert result.stderr == (f"{prog(command)}: error: this process may start only 19 more threads (ulimit -u, or its "
