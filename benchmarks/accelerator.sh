@@ -139,13 +139,14 @@ share() {  # share NAME SHARE_S: LIMIT becomes the part's time, to the end of it
   fi
 }
 
-run() {  # run NAME COMMAND...: COMMAND until LIMIT, its SIGKILL included; recorded
+run() {  # run NAME COMMAND...: COMMAND until a second before LIMIT, its SIGKILL included; recorded
   local name="$1" code=0 status=ok start seconds
   shift
   echo "== $name (at most ${LIMIT} s)"
   start=$(date +%s.%N)
-  timeout -k "$KILL_AFTER_S" "$(( LIMIT - KILL_AFTER_S ))" "$@" || code=$?
-  seconds=$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $start }")
+  # the second kept back covers the whole seconds that LIMIT counts in and the reaping after a SIGKILL
+  timeout -k "$KILL_AFTER_S" "$(( LIMIT - KILL_AFTER_S - 1 ))" "$@" || code=$?
+  seconds=$(awk "BEGIN { printf \"%.2f\", $(date +%s.%N) - $start }")
   if (( code == 124 || code == 137 )); then status="clipped: stopped at its deadline"; elif (( code )); then status=failed; fi
   [[ "$status" == ok ]] || FAILED=1
   echo "== $name: $status in ${seconds} s"
@@ -178,7 +179,7 @@ if [[ "$PLATFORM" == gpu ]]; then PYTORCH_STEPS="book tuned compiled"; elif [[ "
 share steps 225 && run steps env JAX_COMPILATION_CACHE_DIR="$SCRATCH/cache_steps" "$PYTHON" benchmarks/accelerator_steps.py \
   --out "$RESULTS/steps.jsonl" --profile_dir "$RESULTS/profile" --resize "$RESIZE" --batch_sizes $BATCH_SIZES \
   --pytorch $PYTORCH_STEPS --steps_per_window "$WINDOW_STEPS" --windows "$WINDOWS" --warmup "$WARMUP" \
-  --profile_steps "$PROFILE_STEPS" --min_group_s "$MIN_GROUP_S" --seconds $(( LIMIT - KILL_AFTER_S - 3 ))
+  --profile_steps "$PROFILE_STEPS" --min_group_s "$MIN_GROUP_S" --seconds $(( LIMIT - KILL_AFTER_S - 4 ))
 
 recipe recipe_reference reference float32 50 "$SCRATCH/cache_reference"
 

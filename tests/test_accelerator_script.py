@@ -39,14 +39,20 @@ def verdict_rows(summary_md: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_the_script_ends_within_a_budget_too_small_for_its_parts_and_says_what_it_clipped(tmp_path):
-    """A budget of 110 s for shares of 1,335 s (LIMIT_SCALE 3): the cold recipe runs, the
-    steps part gets what is left, the parts after it are clipped or skipped; the summary, its
-    verdict table and the archive are written all the same, and the script exits 1."""
-    data, out, budget = tmp_path / "arrays.npz", tmp_path / "results", 110
+    """A budget of 75 s for shares of 1,335 s (LIMIT_SCALE 3): the cold recipe runs, the parts
+    after it get what is left, then are clipped or skipped; the summary, its verdict table and
+    the archive are written all the same, and the script exits 1. The steps part hangs, deaf to
+    SIGTERM: it lasts until its SIGKILL, and still within its limit."""
+    data, out, budget = tmp_path / "arrays.npz", tmp_path / "results", 75
     random_arrays(data, 32, 16)
+    python = tmp_path / "python_whose_steps_part_hangs"
+    python.write_text("#!/bin/bash\nif [[ $1 == benchmarks/accelerator_steps.py ]]; then trap '' TERM; exec sleep 600; fi\n"
+                      f"exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
     start = time.monotonic()
     result = run_script("bash", "benchmarks/accelerator.sh", "--platform", "cpu", "--budget_s", str(budget), str(out),
-                        env={**STAND_IN, "DATA": str(data), "LIMIT_SCALE": "3"}, timeout=budget + 60)
+                        env={**STAND_IN, "PYTHON": str(python), "DATA": str(data), "LIMIT_SCALE": "3"},
+                        timeout=budget + 60)
     assert time.monotonic() - start <= budget, result.stdout
     assert result.returncode == 1, result.stdout + result.stderr
     parts = [json.loads(line) for line in (out / "parts.jsonl").read_text().splitlines()]
@@ -55,7 +61,8 @@ def test_the_script_ends_within_a_budget_too_small_for_its_parts_and_says_what_i
     assert status["recipe_strong_cold"] == "ok" and status["plan"] == "skipped: no accelerator to plan for"
     assert status["accelerator tests"].startswith("skipped: ") and status["accelerator tests"].endswith(
         " s left of its share")  # the budget's end came before its share
-    assert all(part["seconds"] <= part["limit_s"] for part in parts)
+    assert status["steps"] == "clipped: stopped at its deadline"
+    assert all(part["seconds"] <= part["limit_s"] for part in parts), parts
     assert json.loads((out / "environment.json").read_text())["backend"] == "cpu"
     phases = json.loads((out / "recipe_strong_cold.phases.json").read_text())
     assert all(phases["phases_s"][phase] > 0 for phase in ("start-up", "compile", "epochs", "evaluations",
