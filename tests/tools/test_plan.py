@@ -6,7 +6,7 @@ when its first backend starts, which in this process has happened long before. W
 compilers (`pip install -e '.[plan]'`) the tests fail rather than skip: CI installs them.
 """
 
-import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -21,7 +21,7 @@ from nin_jax.ops import choices
 from nin_jax.tools.plan import command, planning, programs, targets
 from nin_jax.config import Config
 
-from conftest import CPU_ENV, NEEDS_CUDA_PLUGIN, REPO_ROOT
+from conftest import CPU_ENV, NEEDS_CUDA_PLUGIN, REPO_ROOT, once_per_test_run
 
 NUM_PARAMS = 1_992_166
 SPATIAL_LAYERS = ("block1/conv/", "block2/conv/", "block3/conv/", "block4/conv/")
@@ -30,21 +30,26 @@ SPATIAL_LAYERS = ("block1/conv/", "block2/conv/", "block3/conv/", "block4/conv/"
 TPU_RESIZE = ("--resize", "96")
 
 
-@functools.cache
-def run_plan(*flags: str) -> list[dict]:
-    """The plans that `python -m nin_jax.plan FLAGS --json F` writes, once per set of flags."""
-    out = os.path.join(os.environ.get("PYTEST_PLAN_DIR", "/tmp"), f"nin_jax_plan_{os.getpid()}_{abs(hash(flags))}.json")
-    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-m", "nin_jax.plan", *flags, "--json", out], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    with open(out) as f:
-        plans = json.load(f)
-    os.remove(out)
+@pytest.fixture(scope="session")
+def run_plan(tmp_path_factory):
+    """The plans that `python -m nin_jax.plan FLAGS --json F` writes: each set of flags planned
+    once per test run, by whichever `-n` worker asks first (a GPU plan compiles for 20 to 50 s)."""
+
+    def plans(*flags: str) -> list[dict]:
+        key = "plan-" + hashlib.sha256("\0".join(flags).encode()).hexdigest()[:16]
+        with once_per_test_run(tmp_path_factory, key) as (folder, to_make):
+            out = folder / "plans.json"
+            if to_make:
+                env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
+                result = subprocess.run([sys.executable, "-m", "nin_jax.plan", *flags, "--json", str(out)],
+                                        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+                assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+            return json.loads(out.read_text())
+
     return plans
 
 
-def h100(*flags: str) -> dict:
+def h100(run_plan, *flags: str) -> dict:
     """The plan for one H100, of the reference recipe unless FLAGS name one: equal plans, one compile."""
     if "--recipe" not in flags:
         flags = ("--recipe", "reference", *flags)
@@ -71,8 +76,8 @@ def check_compiled_and_fits(result: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["reference", "strong"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_both_steps_compile_for_an_h100_and_fit_at_batch_128(recipe, dtype):
-    result = h100("--recipe", recipe, "--dtype", dtype)
+def test_both_steps_compile_for_an_h100_and_fit_at_batch_128(recipe, dtype, run_plan):
+    result = h100(run_plan, "--recipe", recipe, "--dtype", dtype)
     check_compiled_and_fits(result)
     assert (result["platform"], result["devices"], result["hosts"]) == ("gpu", 1, 1)
     assert result["kernels"]["cudnn"] >= 11 and not result["collectives"]
@@ -82,10 +87,10 @@ def test_both_steps_compile_for_an_h100_and_fit_at_batch_128(recipe, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["reference", "strong"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_every_spatial_convolution_and_its_gradients_are_cudnn_calls_on_the_gpu(recipe, dtype):
+def test_every_spatial_convolution_and_its_gradients_are_cudnn_calls_on_the_gpu(recipe, dtype, run_plan):
     """Forward, weight gradient and (past the stem, whose input is the image) input gradient of
     each k x k layer, and no convolution left for XLA's own GPU choices."""
-    result = h100("--recipe", recipe, "--dtype", dtype)
+    result = h100(run_plan, "--recipe", recipe, "--dtype", dtype)
     calls = spatial_cudnn_calls(result)
     for layer, kinds in calls.items():
         forward = [kind for kind in kinds if kind.startswith("convForward") or "Bias" in kind]
@@ -96,12 +101,12 @@ def test_every_spatial_convolution_and_its_gradients_are_cudnn_calls_on_the_gpu(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["reference", "strong"])
-def test_bfloat16_leaves_no_convolution_or_matrix_product_in_float32_on_the_gpu(recipe):
-    assert h100("--recipe", recipe, "--dtype", "bfloat16")["f32_compute"] == []
+def test_bfloat16_leaves_no_convolution_or_matrix_product_in_float32_on_the_gpu(recipe, run_plan):
+    assert h100(run_plan, "--recipe", recipe, "--dtype", "bfloat16")["f32_compute"] == []
 
 
 @pytest.mark.slow
-def test_the_largest_batch_is_compiled_and_fits_on_the_gpu():
+def test_the_largest_batch_is_compiled_and_fits_on_the_gpu(run_plan):
     (result,) = run_plan("--target", "h100", "--dtype", "bfloat16")
     largest = result["largest_batch"]
     assert largest["batch_size"] > 128 and largest["batch_size"] % result["devices"] == 0
@@ -112,10 +117,10 @@ def test_the_largest_batch_is_compiled_and_fits_on_the_gpu():
 
 
 @pytest.mark.slow
-def test_levers_compile_on_the_gpu_and_auto_is_the_measured_choice():
-    auto = h100("--dtype", "bfloat16")
-    plain_ops = h100("--dtype", "bfloat16", "--max_pool", "reduce_window")
-    lever_ops = h100("--dtype", "bfloat16", "--max_pool", "slices", "--conv1x1", "dot")
+def test_levers_compile_on_the_gpu_and_auto_is_the_measured_choice(run_plan):
+    auto = h100(run_plan, "--dtype", "bfloat16")
+    plain_ops = h100(run_plan, "--dtype", "bfloat16", "--max_pool", "reduce_window")
+    lever_ops = h100(run_plan, "--dtype", "bfloat16", "--max_pool", "slices", "--conv1x1", "dot")
     check_compiled_and_fits(lever_ops)
     assert (choices.resolve("max_pool", "auto", "gpu"), choices.resolve("conv1x1", "auto", "gpu")) == (
         "indexed", "conv")
@@ -131,11 +136,12 @@ def test_levers_compile_on_the_gpu_and_auto_is_the_measured_choice():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_every_convolution_has_its_bias_and_relu_fused_in_cudnn_on_the_gpu(dtype):
+def test_every_convolution_has_its_bias_and_relu_fused_in_cudnn_on_the_gpu(dtype, run_plan):
     """Forward, each convolution is one cuDNN conv-bias-activation call, with the ReLU inside,
     but for the last of each block before a pool, whose ReLU runs after the pool. The stem is a
     3x3 convolution over 16 channels (space-to-depth), the class block's on 16 channels."""
-    forward = {call["op_name"].split("NiN)/")[-1].rsplit("/", 1)[0]: call for call in h100("--dtype", dtype)["cudnn_calls"]
+    calls = h100(run_plan, "--dtype", dtype)["cudnn_calls"]
+    forward = {call["op_name"].split("NiN)/")[-1].rsplit("/", 1)[0]: call for call in calls
                if "transpose(" not in call["op_name"]}
     layers = [f"block{block}/{layer}" for block in range(1, 5) for layer in ("conv", "conv1x1_1", "conv1x1_2")]
     assert sorted(forward) == sorted(layers)
@@ -150,8 +156,8 @@ def test_every_convolution_has_its_bias_and_relu_fused_in_cudnn_on_the_gpu(dtype
 
 
 @pytest.mark.slow
-def test_the_pmap_steps_compile_for_the_gpu():
-    result = h100("--dtype", "bfloat16", "--parallel", "pmap")
+def test_the_pmap_steps_compile_for_the_gpu(run_plan):
+    result = h100(run_plan, "--dtype", "bfloat16", "--parallel", "pmap")
     check_compiled_and_fits(result)
     assert result["parallel"] == "pmap" and result["kernels"]["cudnn"] >= 11
 
@@ -172,7 +178,7 @@ def check_data_parallel(result: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["reference", "strong"])
-def test_both_steps_compile_for_a_multi_host_tpu_slice_split_over_its_devices(recipe):
+def test_both_steps_compile_for_a_multi_host_tpu_slice_split_over_its_devices(recipe, run_plan):
     (result,) = run_plan("--target", "tpu-v5e-8", "--no-largest_batch", "--recipe", recipe, "--dtype", "bfloat16",
                          *TPU_RESIZE)
     check_compiled_and_fits(result)
@@ -181,7 +187,7 @@ def test_both_steps_compile_for_a_multi_host_tpu_slice_split_over_its_devices(re
 
 
 @pytest.mark.slow
-def test_levers_and_pmap_compile_for_a_single_host_tpu_slice():
+def test_levers_and_pmap_compile_for_a_single_host_tpu_slice(run_plan):
     """The non-default levers under sharding, and the default steps under pmap, on 4 chips."""
     (lever_ops,) = run_plan("--target", "tpu-v5e-4", "--no-largest_batch", "--dtype", "bfloat16",
                             "--max_pool", "slices", "--conv1x1", "dot", *TPU_RESIZE)
