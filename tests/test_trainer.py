@@ -105,7 +105,7 @@ def test_sharding_trains_evaluates_and_resumes_like_jit(fake_data, tmp_path):
 
 @NEEDS_SHARED_FASHION_MNIST
 def test_real_data_short_run_beats_chance_by_far(real_data_run):
-    """64 SGD steps of the strong recipe at 131x131 (conftest's REAL_DATA_RUN_CONFIG, which the class
+    """64 SGD steps of the strong recipe at 131x131 (conftest's REAL_DATA_RUN_FLAGS, which the class
     maps' tests read too; the book's recipe needs twice as many to leave chance behind as clearly)."""
     (record,) = real_data_run["records"]
     assert record["train_examples"] == 2048 and record["test_examples"] == 1000
