@@ -17,6 +17,7 @@ killed while saving leaves the earlier checkpoints intact. With one process, the
 orbax's own bookkeeping run on a thread of their own, so training goes on meanwhile.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -320,6 +321,7 @@ class Checkpoints:
             except WorkdirError:
                 if not _vanishes(os.path.join(self.directory, str(step))):
                     raise
+            with contextlib.suppress(FileNotFoundError):  # orbax lists, then stats each: one went between
                 self._manager.reload()
         raise WorkdirError(f"the checkpoints in {self.directory} were deleted faster than they could be read "
                            f"({VANISHED_RETRIES} tries); try again once the run that writes them has finished")

@@ -77,6 +77,26 @@ def test_restores_the_latest_checkpoint_bit_for_bit_and_keeps_the_last_few(tmp_p
     assert_same(restore(tmp_path, config, initial_state), saved[-1])
 
 
+def test_a_checkpoint_deleted_while_the_checkpoints_are_listed_again_is_passed_over(tmp_path, initial_state, monkeypatch):
+    """A run deletes its oldest checkpoints as predict reads: orbax's listing stats each folder it
+    found, and one may go in between (seen in a test run: a FileNotFoundError traceback)."""
+    saved = [snapshot_at(initial_state, step) for step in (3, 4, 5)]
+    save(tmp_path, CONFIG, *saved)
+    with Checkpoints(str(tmp_path), CONFIG) as checkpoints:
+        shutil.rmtree(tmp_path / "checkpoints" / "5")  # after the listing: the latest is gone
+        reload, calls = checkpoints._manager.reload, []
+
+        def reload_raced_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "checkpoints" / "5"))
+            reload()
+
+        monkeypatch.setattr(checkpoints._manager, "reload", reload_raced_once)
+        assert_same(checkpoints.restore_latest(initial_state), saved[1])
+    assert len(calls) == 2
+
+
 def test_an_empty_workdir_has_nothing_to_resume(tmp_path, initial_state):
     assert restore(tmp_path / "new", CONFIG, initial_state) is None
 
