@@ -238,9 +238,9 @@ def limited_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (MIN_ADDRESS_SPACE_GIB * 2**30,) * 2)
 
 
-def run_on_cpu(args, timeout=60, **kwargs):
-    """`python ARGS` in the repository, pinned to the CPU."""
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=CPU_ENV,
+def run_on_cpu(args, timeout=60, env=CPU_ENV, **kwargs):
+    """`python ARGS` in the repository, pinned to the CPU (by CPU_ENV, or an ENV made from it)."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=REPO_ROOT, **kwargs)
 
 
@@ -583,10 +583,8 @@ def real_data_run(data_dir, tmp_path_factory):
 
     with once_per_test_run(tmp_path_factory, "real_data_run") as (workdir, to_make):
         if to_make:
-            result = subprocess.run([sys.executable, "train.py", *REAL_DATA_RUN_FLAGS, f"--data_dir={data_dir}",
-                                     f"--workdir={workdir}"], capture_output=True, text=True, timeout=600,
-                                    env={**CPU_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
-                                    cwd=REPO_ROOT)
+            result = run_on_cpu(["train.py", *REAL_DATA_RUN_FLAGS, f"--data_dir={data_dir}", f"--workdir={workdir}"],
+                                timeout=600, env={**CPU_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
             assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {"workdir": workdir, "records": records}
