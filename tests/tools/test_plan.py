@@ -25,9 +25,9 @@ from conftest import CPU_ENV, NEEDS_CUDA_PLUGIN, REPO_ROOT, once_per_test_run
 
 NUM_PARAMS = 1_992_166
 SPATIAL_LAYERS = ("block1/conv/", "block2/conv/", "block3/conv/", "block4/conv/")
-# TPU steps at 96 px, the size of the recipes' CPU runs: XLA's TPU compiler takes 20 s for them on a
-# 2-core CPU, and over 3 minutes at 224 px (docs/performance.md quotes the plans at 224).
-TPU_RESIZE = ("--resize", "96")
+# TPU steps at 67 px, the size the suite trains at: XLA's TPU compiler takes 15 s for them on a
+# 2-core CPU, 21 s at 96 px and over 3 minutes at 224 px (docs/performance.md quotes the plans at 224).
+TPU_RESIZE = ("--resize", "67")
 
 
 @pytest.fixture(scope="session")
