@@ -554,16 +554,54 @@ def once_per_test_run(tmp_path_factory, name: str):
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """tfds builds the dataset from the four files in ../shared once per test run (about 15 s
-    alone); the tests that use it are marked NEEDS_SHARED_FASHION_MNIST and only read it."""
-    from nin_jax.data import dataset
+def two_first_builds(tmp_path_factory):
+    """The suite's one build of Fashion-MNIST, from the four files in ../shared, as two users may
+    start it: two `python -m nin_jax.export_arrays` that find it unbuilt in one data dir, the second
+    started while the first builds (it waits, then reads what the first built). Made once per test
+    run (a build takes 45 s alone); its data dir, and each process's pid, exit status, output and
+    .npz (tests/runtime/test_locks.py checks them)."""
+    import json
 
-    with once_per_test_run(tmp_path_factory, "tfds") as (data_dir, to_make):
+    with once_per_test_run(tmp_path_factory, "tfds") as (folder, to_make):
         if to_make:
-            datasets = dataset.load_fashion_mnist(data_dir=str(data_dir), manual_dir=SHARED_FASHION_MNIST)
-            assert len(datasets["train"]) == 60_000 and len(datasets["test"]) == 10_000
-    return str(data_dir)
+            (folder / "builds.json").write_text(json.dumps(_race_to_build(folder)))
+    return json.loads((folder / "builds.json").read_text())
+
+
+def _race_to_build(folder) -> dict:
+    data_dir = folder / "tfds"
+    lock = data_dir / "fashion_mnist.lock"
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    outs = [str(folder / f"{name}.npz") for name in ("first", "second")]
+
+    def export(out: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "nin_jax.export_arrays", "--data_dir", str(data_dir),
+                   "--manual_dir", SHARED_FASHION_MNIST, "--out", out]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    exports = [export(outs[0])]
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text()):  # the first holds the lock: it is building
+            assert exports[0].poll() is None and time.monotonic() < deadline, exports[0].communicate()
+            time.sleep(0.05)
+        exports.append(export(outs[1]))
+        outputs = [process.communicate(timeout=300) for process in exports]
+    finally:
+        for process in exports:
+            process.kill()
+            process.wait()
+    return {"data_dir": str(data_dir),
+            "builds": [{"pid": process.pid, "returncode": process.returncode, "stdout": stdout, "stderr": stderr,
+                        "out": out} for process, (stdout, stderr), out in zip(exports, outputs, outs)]}
+
+
+@pytest.fixture(scope="session")
+def data_dir(two_first_builds):
+    """The data dir of the suite's one build; the tests that use it are marked
+    NEEDS_SHARED_FASHION_MNIST and only read it."""
+    assert [build["returncode"] for build in two_first_builds["builds"]] == [0, 0], two_first_builds["builds"]
+    return two_first_builds["data_dir"]
 
 
 # The one run on the real data: 64 SGD steps of the strong recipe at 131x131, the smallest size

@@ -17,8 +17,7 @@ from nin_jax.run.checkpoints import WorkdirError
 from nin_jax.runtime import locks
 from nin_jax.runtime.errors import DataError
 
-from conftest import (NEEDS_SHARED_FASHION_MNIST, PRECIOUS, REPO_ROOT, SHARED_FASHION_MNIST, Job, random_arrays,
-                      run_cli)
+from conftest import NEEDS_SHARED_FASHION_MNIST, PRECIOUS, REPO_ROOT, Job, random_arrays, run_cli
 
 
 LOCK_HOLDER = ("import sys, time; from nin_jax.runtime import locks\n"
@@ -91,8 +90,6 @@ def test_every_process_of_a_job_refuses_a_live_workdir(lock_holder, tmp_path):
     assert sorted(os.listdir(workdir)) == [locks.WORKDIR_LOCK]
 
 
-@pytest.mark.slow
-@NEEDS_SHARED_FASHION_MNIST
 def test_the_lock_file_is_removed_as_its_holder_ends_and_a_waiter_locks_the_file_then_there(tmp_path):
     """A waiter that had opened the file its holder then removed would hold a lock no one else sees:
     it locks the file at the path instead."""
@@ -127,44 +124,25 @@ def test_the_lock_file_is_removed_as_its_holder_ends_and_a_waiter_locks_the_file
     assert not os.path.exists(path)
 
 
-def test_two_first_builds_in_one_data_dir_build_once(tmp_path):
+@pytest.mark.slow
+@NEEDS_SHARED_FASHION_MNIST
+def test_two_first_builds_in_one_data_dir_build_once(two_first_builds):
     """Two exports find the dataset unbuilt: the second starts while the first builds, waits for it,
-    then reads what it built."""
-    data_dir = tmp_path / "tfds"
-    lock = data_dir / "fashion_mnist.lock"
-    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-
-    def export(name: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "nin_jax.export_arrays", "--data_dir", str(data_dir),
-                   "--manual_dir", SHARED_FASHION_MNIST, "--out", str(tmp_path / f"{name}.npz")]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-    exports = [export("first")]
-    try:
-        deadline = time.monotonic() + 120
-        while not (lock.is_file() and lock.read_text()):  # the first holds the lock: it is building
-            assert exports[0].poll() is None and time.monotonic() < deadline, exports[0].communicate()
-            time.sleep(0.05)
-        exports.append(export("second"))
-        outputs = [process.communicate(timeout=300) for process in exports]
-    finally:
-        for process in exports:
-            process.kill()
-            process.wait()
-    first, second = exports
-    assert [first.returncode, second.returncode] == [0, 0], outputs
-    waiting = (f"waiting for pid {first.pid} on host {socket.gethostname()}, which is building Fashion-MNIST "
+    then reads what it built (conftest's `two_first_builds`, the suite's build of the dataset)."""
+    data_dir, (first, second) = two_first_builds["data_dir"], two_first_builds["builds"]
+    assert [first["returncode"], second["returncode"]] == [0, 0], two_first_builds
+    waiting = (f"waiting for pid {first['pid']} on host {socket.gethostname()}, which is building Fashion-MNIST "
                f"in {data_dir}")
     # In a log, one line per phase of the build (tfds' bars, a hundred lines, and its 'Unknown size' stay out).
-    building, built = outputs[0][1].splitlines()
+    building, built = first["stderr"].splitlines()
     assert building == (f"python -m nin_jax.export_arrays: building Fashion-MNIST in {data_dir}/fashion_mnist (once, "
                         f"about 140 MB; --data_dir puts it elsewhere)")
-    assert re.fullmatch(r"python -m nin_jax.export_arrays: built Fashion-MNIST in \d+ s", built), outputs
-    assert outputs[1][1].splitlines() == [waiting] and "Unknown size" not in outputs[0][0]
+    assert re.fullmatch(r"python -m nin_jax.export_arrays: built Fashion-MNIST in \d+ s", built), first
+    assert second["stderr"].splitlines() == [waiting] and "Unknown size" not in first["stdout"]
     wrote = "wrote {}: 60,000 training and 10,000 test examples"
-    assert [out.splitlines()[-1] for out, _ in outputs] == [wrote.format(tmp_path / f"{name}.npz")
-                                                            for name in ("first", "second")]
-    with np.load(tmp_path / "first.npz") as built, np.load(tmp_path / "second.npz") as read:
+    assert [build["stdout"].splitlines()[-1] for build in (first, second)] == [wrote.format(build["out"])
+                                                                                for build in (first, second)]
+    with np.load(first["out"]) as built, np.load(second["out"]) as read:
         assert built.files == read.files and all(np.array_equal(built[name], read[name]) for name in built.files)
 
 
