@@ -20,8 +20,8 @@ STAND_IN = "NIN_JAX_ACCELERATOR_STAND_IN"
 
 def unpinned_env(**overrides: str) -> dict[str, str]:
     """This process's environment without the CPU pin and the fake CPU devices. Where the CPU stands
-    in, it compiles as the rest of the suite does (conftest's QUICK_COMPILE): these checks compile
-    four steps, which took 47 s with LLVM's optimizations on 2 cores."""
+    in, it compiles as the rest of the suite does (conftest's QUICK_COMPILE): with LLVM's
+    optimizations, compiling these checks' steps took most of their time (docs/performance.md)."""
     env = {name: value for name, value in os.environ.items() if name not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     if os.environ.get(STAND_IN) == "cpu":
         from conftest import QUICK_COMPILE
