@@ -122,8 +122,8 @@ def test_a_second_sigterm_during_training_stops_at_once_in_one_line_and_keeps_th
 
 
 STOP_SETTINGS = dict(resize=67, batch_size=8, num_epochs=2, eval_examples=8, dropout_rate=0.0, checkpoint_every_steps=0)
-STOP_EXAMPLES = 256  # 32 steps per epoch: more than progress.LAG_STEPS, so the stop lands within epoch 1
-STOP_STEPS_PER_EPOCH = 32
+STOP_EXAMPLES = 128  # 16 steps per epoch: more than progress.LAG_STEPS, so the stop lands within epoch 1
+STOP_STEPS_PER_EPOCH = 16
 
 
 def two_process_commands(workdir, parallel: str) -> list[list[str]]:
