@@ -691,9 +691,9 @@ def pytest_configure(config):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: a worker more than the cores. A worker often waits (on a process it started, on a
-    fixture another worker makes, on a deadline), and the spare one fills that core: on 2 cores the
-    suite ran in 1,271 s with 3 workers against 1,341 s with 2, the same CPU time (docs/performance.md)."""
+    """`-n auto`: a worker more than the cores, because a worker often waits (on a process it started,
+    on a fixture another worker makes, on a deadline) and the spare one fills that core
+    (docs/performance.md measures it)."""
     return (os.cpu_count() or 1) + 1
 
 

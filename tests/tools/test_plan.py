@@ -114,7 +114,7 @@ def test_bfloat16_leaves_no_convolution_or_matrix_product_in_float32_on_the_gpu(
 
 @pytest.mark.slow
 def test_the_largest_batch_is_compiled_and_fits_on_the_gpu(run_plan):
-    result = h100(run_plan, "--dtype", "bfloat16")
+    (result,) = run_plan(*DEFAULT_H100)
     largest = result["largest_batch"]
     assert largest["batch_size"] > 128 and largest["batch_size"] % result["devices"] == 0
     fitted = [check for check in largest["checks"] if check["batch_size"] == largest["batch_size"]]
