@@ -10,8 +10,9 @@ lost epoch:
 * `stops_in_one_line(...)`: during the work of a command that has nothing to save, a stop signal
   unwinds it (what it was writing is removed) and ends it with one line and status 128 + the
   signal's number; train.py saves first, with `nin_jax.stopping`. A signal that arrives while JAX
-  discovers its plugins, as its first backend starts, unwinds the command once that is over
-  (`stop_handler`): JAX's bare `except:` there would swallow it. A stop raised where Python can
+  discovers its plugins, as its first backend starts, or while a compiled module initializes,
+  unwinds the command once that is over (`stop_handler`): JAX's bare `except:` there would swallow
+  it, and a module's initialization turns it into an ImportError. A stop raised where Python can
   only report it (a garbage collector's callback) is raised again at once.
 * `run(main)`: the process ends with `main`'s status, without the interpreter's shutdown after a
   failure, which can crash in the JAX runtime's threads.
@@ -19,8 +20,8 @@ lost epoch:
 This module imports nothing of JAX's, so that `begin` comes before the imports it guards.
 """
 
-import _thread
 import contextlib
+import importlib.machinery
 import os
 import signal
 import sys
@@ -159,20 +160,21 @@ class _Forgiving:
 
 def stop_handler() -> Callable:
     """A new signal handler that raises KeyboardInterrupt (SIGINT) or `Terminated` so that the
-    command unwinds: once per request (`SAME_REQUEST_SECONDS`), and never inside JAX's discovery
-    of its plugins, whose bare `except:` would swallow it, but as soon as that is over; raised
-    again where Python swallowed it (`_raise_swallowed_stop_again`)."""
-    state = {"raised_at": float("-inf"), "held": None}
+    command unwinds: once per request (`SAME_REQUEST_SECONDS`), and never inside code that would
+    lose it (`_loses_a_stop`), but as soon as that is over; raised again where Python swallowed it
+    (`_raise_swallowed_stop_again`)."""
+    state = {"raised_at": float("-inf"), "held": None, "waiting": False}
 
     def handle(signum, frame):
         if signum in _swallowed:
             _swallowed.remove(signum)
         elif time.monotonic() - state["raised_at"] < SAME_REQUEST_SECONDS:
             return
-        if _in_plugin_discovery(frame):
-            if state["held"] is None:
-                state["held"] = signum
-                threading.Thread(target=_again_after_plugin_discovery, args=(signum,), daemon=True).start()
+        if _loses_a_stop(frame):
+            state["held"] = state["held"] or signum
+            if not state["waiting"]:
+                state["waiting"] = True
+                threading.Thread(target=_again_once_it_is_safe, args=(state,), daemon=True).start()
             return
         signum, state["held"], state["raised_at"] = state["held"] or signum, None, time.monotonic()
         raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
@@ -180,7 +182,7 @@ def stop_handler() -> Callable:
     return handle
 
 
-_swallowed: list[int] = []  # the stops that Python swallowed, each to be raised once more
+_swallowed: list[int] = []  # the stops that Python swallowed or that were held, each to be raised once more
 
 
 def _raise_swallowed_stop_again(report, report_others=sys.unraisablehook) -> None:
@@ -206,22 +208,33 @@ def _signal_main_until_taken(signum: int) -> None:
         signal.pthread_kill(threading.main_thread().ident, signum)
 
 
-def _in_plugin_discovery(frame) -> bool:
-    """Whether `frame` runs within `jax._src.xla_bridge.discover_pjrt_plugins`."""
+def _loses_a_stop(frame) -> bool:
+    """Whether `frame` runs within code that would lose a stop raised there: JAX's discovery of its
+    plugins (`jax._src.xla_bridge.discover_pjrt_plugins`), whose bare `except:` swallows it, or the
+    initialization of a compiled module (tensorstore's imports numpy), which turns it into an
+    ImportError or prints and drops it."""
     while frame is not None:
         code = frame.f_code
         if code.co_name == "discover_pjrt_plugins" and code.co_filename.endswith("xla_bridge.py"):
+            return True
+        if code.co_name in ("create_module", "exec_module") and isinstance(
+                frame.f_locals.get("self"), importlib.machinery.ExtensionFileLoader):
             return True
         frame = frame.f_back
     return False
 
 
-def _again_after_plugin_discovery(signum: int) -> None:
-    """Hands `signum` to the main thread's handler again once JAX's discovery of plugins is over."""
+def _again_once_it_is_safe(state: dict) -> None:
+    """Sends the stop that `stop_handler` held to the main thread again once it has left the code
+    that would lose it: the signal itself, which also ends a call that blocks (a sleep, a wait)."""
     main = threading.main_thread().ident
-    while _in_plugin_discovery(sys._current_frames().get(main)):
+    while _loses_a_stop(sys._current_frames().get(main)):
         time.sleep(0.01)
-    _thread.interrupt_main(signum)
+    state["waiting"] = False
+    signum = state["held"]
+    if signum is not None:  # not taken meanwhile by another signal's handler
+        _swallowed.append(signum)
+        _signal_main_until_taken(signum)
 
 
 @contextlib.contextmanager

@@ -166,6 +166,41 @@ def test_a_stop_signal_ends_a_command_with_one_line_and_its_status(trained, tmp_
     assert sorted(os.listdir(tmp_path)) in ([], ["run"])  # the export neither written nor left as a temporary
 
 
+# A command that signals itself as tensorstore's compiled module (which orbax imports) imports numpy
+# while it initializes, in a process that has not imported numpy yet.
+SIGNALLED_IN_AN_EXTENSIONS_INIT = """
+import os, signal, sys, time
+from nin_jax.runtime import commands
+
+def main():
+    assert "numpy" not in sys.modules
+    sent = []
+
+    def signal_at_numpys_import(event, args):
+        if event == "import" and args[0] == "numpy" and not sent:
+            sent.append(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sys.addaudithook(signal_at_numpys_import)
+    with commands.stops_in_one_line("probe"):
+        import tensorstore
+        time.sleep(30)
+    return 0
+
+commands.run(main)
+"""
+
+
+def test_a_stop_signal_while_a_compiled_module_initializes_ends_the_command_in_one_line():
+    """Found by tests/test_special_file_draws.py: a SIGHUP while orbax imported tensorstore became
+    tensorstore's `ImportError: initialization failed`, and train.py ended in a traceback."""
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", SIGNALLED_IN_AN_EXTENSIONS_INIT], capture_output=True, text=True,
+                            timeout=60, env=CPU_ENV, cwd=REPO_ROOT)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGTERM, "probe: interrupted by SIGTERM\n")
+    assert time.monotonic() - start < 20, "the stop waited for the sleep after the import"
+
+
 def test_jax_enable_x64_is_left_off_by_every_command_which_then_computes_in_float32():
     """JAX_ENABLE_X64=1 ended train.py in a TypeError after the steps had compiled for float32 (the
     whole run under JAX_ENABLE_X64=1 trains; this checks the edge every command starts through)."""
